@@ -1,0 +1,1 @@
+"""Entry points and Dask orchestration for cmrprep (all file I/O lives here)."""
