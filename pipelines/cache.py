@@ -1,0 +1,132 @@
+"""Per-case cache of preprocessed frames: content-hash keys, atomic files.
+
+Each processed case is kept as ``cache/<case_id>.npz`` (NumPy arrays, loaded
+with ``allow_pickle=False``) plus ``cache/<case_id>.json`` (records, counts,
+fingerprint and the key).  The JSON is written last and names the key, so a
+cache entry is valid only when both exist and the key matches: a build killed
+mid-write leaves at worst an orphan ``.tmp`` file that the next run ignores.
+
+The key hashes the input file contents, the plan and the cmrprep version, so
+an unchanged case is never preprocessed twice and any change is detected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import cmrprep
+
+CACHE_ARRAYS = ("images", "labels", "class_counts", "class_counts_raw", "slice_index",
+                "phase", "frame_local")
+
+
+def file_digest(path: str | Path, *, chunk: int = 1 << 22) -> str:
+    """BLAKE2b digest of a file (or of every file, sorted, in a DICOM directory)."""
+    p = Path(path)
+    h = hashlib.blake2b(digest_size=16)
+    files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+    return h.hexdigest()
+
+
+class DigestIndex:
+    """Remembers file digests by (path, size, mtime) so unchanged files are not re-read."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self._index: dict[str, list[Any]] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            self._index = {}
+
+    def digest(self, file: str) -> str:
+        """Content digest of ``file``, reusing the stored one when size and mtime match."""
+        st = os.stat(file)
+        stamp = [st.st_size, st.st_mtime_ns]
+        entry = self._index.get(file)
+        if entry and entry[:2] == stamp:
+            return entry[2]
+        d = file_digest(file)
+        self._index[file] = [*stamp, d]
+        return d
+
+    def save(self) -> None:
+        """Write the index atomically."""
+        atomic_write_text(self.path, json.dumps(self._index, sort_keys=True))
+
+
+def case_files(case: dict[str, Any]) -> list[str]:
+    """All input files of a case dict (images, labels, cine, metadata), sorted and unique."""
+    files = {case["cine"]} if case.get("cine") else set()
+    for f in case["frames"]:
+        files.add(f["image"])
+        if f.get("label"):
+            files.add(f["label"])
+    files.update(case.get("metadata", {}).get("_metadata_files", []))
+    return sorted(files)
+
+
+def case_key(case: dict[str, Any], digests: dict[str, str], plan_hash: str) -> str:
+    """Cache key of a case: its description, input contents, plan and code version."""
+    payload = {k: v for k, v in case.items() if k != "metadata"}
+    blob = json.dumps({"case": payload, "digests": digests, "plan": plan_hash,
+                       "version": cmrprep.__version__}, sort_keys=True)
+    return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
+
+
+def plan_hash(plan_dict: dict[str, Any]) -> str:
+    """Stable hash of a plan dict."""
+    blob = json.dumps(plan_dict, sort_keys=True)
+    return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text through a temporary file, fsync and rename (atomic on POSIX)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_entry(cache_dir: Path, case_id: str, arrays: dict[str, np.ndarray],
+                meta: dict[str, Any]) -> None:
+    """Atomically write one case's arrays then its JSON (the commit marker)."""
+    npz = cache_dir / f"{case_id}.npz"
+    tmp = cache_dir / f".{case_id}.{os.getpid()}.npz.tmp"
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **{k: arrays[k] for k in CACHE_ARRAYS})
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, npz)
+    atomic_write_text(cache_dir / f"{case_id}.json", json.dumps(meta, sort_keys=True))
+
+
+def read_meta(cache_dir: Path, case_id: str, key: str | None = None) -> dict[str, Any] | None:
+    """The cached JSON of a case, or ``None`` when absent, unreadable or stale."""
+    try:
+        meta = json.loads((cache_dir / f"{case_id}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if key is not None and meta.get("key") != key:
+        return None
+    if not (cache_dir / f"{case_id}.npz").exists():
+        return None
+    return meta
+
+
+def read_arrays(cache_dir: Path, case_id: str) -> dict[str, np.ndarray]:
+    """Load a case's cached arrays (no pickle)."""
+    with np.load(cache_dir / f"{case_id}.npz", allow_pickle=False) as z:
+        return {k: z[k] for k in CACHE_ARRAYS}

@@ -1,0 +1,57 @@
+"""``python -m pipelines.ingest RAW [--layout L] [--report FILE.json] ...``.
+
+Exit codes: 0 all cases valid, 3 some quarantined, 2 configuration error, 1 failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from cmrprep.plan import ConfigError
+from pipelines.ingest.layouts import LAYOUTS
+from pipelines.ingest.report import ingest
+
+log = logging.getLogger("pipelines.ingest")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipelines.ingest",
+                                description="Find and validate every case of a raw CMR dataset.")
+    p.add_argument("root", help="dataset folder, or one volume file / DICOM directory")
+    p.add_argument("--layout", choices=LAYOUTS, help="force the layout (default: auto-detect)")
+    p.add_argument("--image-glob", help="generic layout: glob of image files relative to RAW")
+    p.add_argument("--label-suffix", default="_gt", help="generic layout: X.nii.gz -> X<suffix>.nii.gz")
+    p.add_argument("--label-pattern", help="generic layout: label name format, e.g. '{stem}_seg{ext}'")
+    p.add_argument("--mnms-csv", help="M&Ms metadata CSV (default: searched next to RAW)")
+    p.add_argument("--report", help="write the JSON report here")
+    p.add_argument("--workers", type=int, default=1, help="cases validated concurrently")
+    p.add_argument("-v", "--verbose", action="store_true", help="log each problem")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # argparse usage errors -> 2, --help -> 0
+        return int(exc.code or 0)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = ingest(args.root, args.layout, image_glob=args.image_glob,
+                        label_suffix=args.label_suffix, label_pattern=args.label_pattern,
+                        mnms_csv=args.mnms_csv, workers=max(1, args.workers), report=args.report)
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        return 2
+    except Exception:  # noqa: BLE001 - last resort: report and exit 1
+        log.exception("ingest failed unexpectedly")
+        return 1
+    print(result.summary())
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

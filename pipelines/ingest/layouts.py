@@ -1,0 +1,279 @@
+"""Find cases on disk: ACDC, M&Ms, nnU-Net raw, generic globs and bare images.
+
+:func:`discover` only looks at names, small metadata files and (for bare 4D
+images) headers; pixel data is read later by :mod:`pipelines.ingest.validate`.
+A case that cannot even be described (e.g. ``Info.cfg`` without ``ED``)
+becomes a :class:`Problem` and the other cases go on.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cmrprep.cases import CaseError, CaseSpec, FrameSpec, Problem
+from cmrprep.plan import ConfigError
+from pipelines.ingest.nnunet import discover_nnunet
+from pipelines.ingest.readers import NIFTI_SUFFIXES, is_volume_path, read_header, volume_stem
+
+__all__ = ["LAYOUTS", "MNMS_LABEL_MAP", "Discovery", "discover", "detect_layout"]
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = ("acdc", "mnms", "nnunet", "generic", "images")
+#: M&Ms labels (1 LV, 2 MYO, 3 RV) -> project (1 RV, 2 MYO, 3 LV).
+MNMS_LABEL_MAP = ((0, 0), (1, 3), (2, 2), (3, 1))
+_ACDC_FRAME = re.compile(r"^(?P<case>.+)_frame(?P<n>\d+)$")
+
+
+@dataclass
+class Discovery:
+    """Result of :func:`discover`: cases sorted by id plus problems found on the way."""
+
+    layout: str
+    cases: list[CaseSpec] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+
+def _find_nifti(folder: Path, stem: str) -> Path | None:
+    for suffix in NIFTI_SUFFIXES:
+        if (folder / f"{stem}{suffix}").is_file():
+            return folder / f"{stem}{suffix}"
+    return None
+
+
+def detect_layout(root: Path, image_glob: str | None = None) -> str:
+    """Guess the layout of ``root`` from file names (see module docstring)."""
+    if root.is_file() or is_volume_path(root):
+        return "images"
+    if (root / "dataset.json").is_file() and any((root / d).is_dir() for d in ("imagesTr", "imagesTs")):
+        return "nnunet"
+    if image_glob is not None:
+        return "generic"
+    if next(root.rglob("Info.cfg"), None) or next(root.rglob("*_frame[0-9][0-9]*.nii*"), None):
+        return "acdc"
+    if next(root.rglob("*_sa.nii*"), None):
+        return "mnms"
+    return "generic"
+
+
+# -- ACDC ---------------------------------------------------------------------
+def _parse_info(path: Path) -> dict:
+    meta: dict = {"source": str(path)}
+    for line in path.read_text(errors="replace").splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            continue
+        value = value.strip()
+        try:
+            num = float(value)
+            meta[key.strip()] = int(num) if num.is_integer() else num
+        except ValueError:
+            meta[key.strip()] = value
+    return meta
+
+
+def _acdc_case(folder: Path) -> CaseSpec:
+    cid, info = folder.name, folder / "Info.cfg"
+    if not info.is_file():
+        raise CaseError(Problem(cid, str(info), "metadata", "Info.cfg is missing; add it with ED/ES."))
+    meta = _parse_info(info)
+    for key in ("ED", "ES"):
+        if not isinstance(meta.get(key), int) or meta[key] < 1:
+            raise CaseError(Problem(cid, str(info), "metadata",
+                                    f"{key} is {meta.get(key)!r}; Info.cfg needs '{key}: <1-based frame>'."))
+    phases = [("ED", meta["ED"])] + ([("ES", meta["ES"])] if meta["ES"] != meta["ED"] else [])
+    images = {ph: _find_nifti(folder, f"{cid}_frame{n:02d}") for ph, n in phases}
+    labels = {ph: _find_nifti(folder, f"{cid}_frame{n:02d}_gt") for ph, n in phases}
+    for ph, n in phases:
+        if images[ph] is None:
+            raise CaseError(Problem(cid, str(folder / f"{cid}_frame{n:02d}.nii.gz"), "missing_file",
+                                    f"{ph} frame {n} (Info.cfg) has no image file; restore it."))
+    if any(labels.values()) and not all(labels.values()):
+        ph = next(p for p, lab in labels.items() if lab is None)
+        raise CaseError(Problem(cid, str(images[ph]), "missing_file",
+                                f"{ph} label *_gt file missing while the other phase has one; restore it."))
+    frames = tuple(FrameSpec(ph, str(images[ph]), str(labels[ph]) if labels[ph] else None)
+                   for ph, _ in phases)
+    cine = _find_nifti(folder, f"{cid}_4d")
+    return CaseSpec(cid, "acdc", frames, str(cine) if cine else None, None, meta)
+
+
+def _discover_acdc(root: Path, **_) -> Discovery:
+    folders = {p.parent for p in root.rglob("Info.cfg")}
+    folders |= {p.parent for p in root.rglob("*_frame[0-9][0-9]*.nii*")}
+    return _collect("acdc", sorted(folders), _acdc_case)
+
+
+# -- M&Ms ---------------------------------------------------------------------
+def _find_mnms_csv(root: Path) -> Path:
+    for folder in (root, root.parent):
+        for path in sorted(folder.glob("*.csv")):
+            with open(path, newline="", errors="replace") as fh:
+                header = next(csv.reader(fh), [])
+            if {"External code", "ED", "ES"} <= {h.strip() for h in header}:
+                return path
+    raise ConfigError(f"no M&Ms CSV with columns 'External code', 'ED', 'ES' in {root} or its "
+                      "parent; pass mnms_csv=PATH.")
+
+
+def _read_mnms_csv(path: Path) -> dict[str, dict]:
+    with open(path, newline="", errors="replace") as fh:
+        rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in csv.DictReader(fh)]
+    return {r["External code"]: r for r in rows if r.get("External code")}
+
+
+def _mnms_case(sa: Path, rows: dict[str, dict], csv_path: Path) -> CaseSpec:
+    cid = volume_stem(sa)[: -len("_sa")]
+    row = rows.get(cid)
+    if row is None:
+        raise CaseError(Problem(cid, str(csv_path), "metadata",
+                                f"no row for {cid!r} in the M&Ms CSV; add ED/ES (0-based) for it."))
+    try:
+        ed, es = (int(float(row[k])) for k in ("ED", "ES"))
+    except (KeyError, ValueError):
+        raise CaseError(Problem(cid, str(csv_path), "metadata",
+                                f"ED/ES {row.get('ED')!r}/{row.get('ES')!r} are not frame indices; "
+                                "fix the CSV (0-based integers).")) from None
+    gt = _find_nifti(sa.parent, f"{cid}_sa_gt")
+    lab = str(gt) if gt else None
+    frames = (FrameSpec("ED", str(sa), lab, ed, ed if lab else None),
+              FrameSpec("ES", str(sa), lab, es, es if lab else None))
+    meta = {**row, "ED": ed, "ES": es, "source": str(csv_path)}
+    return CaseSpec(cid, "mnms", frames, str(sa), MNMS_LABEL_MAP, meta)
+
+
+def _discover_mnms(root: Path, mnms_csv=None, **_) -> Discovery:
+    csv_path = Path(mnms_csv) if mnms_csv else _find_mnms_csv(root)
+    if not csv_path.is_file():
+        raise ConfigError(f"M&Ms CSV {csv_path} does not exist; fix mnms_csv.")
+    rows = _read_mnms_csv(csv_path)
+    files = sorted(p for p in root.rglob("*_sa.nii*") if volume_stem(p).endswith("_sa"))
+    return _collect("mnms", files, lambda p: _mnms_case(p, rows, csv_path))
+
+
+# -- generic / images ---------------------------------------------------------
+def _label_for(image: Path, label_suffix: str, label_pattern: str | None) -> Path:
+    stem = volume_stem(image)
+    ext = image.name[len(stem):]
+    name = label_pattern.format(stem=stem, ext=ext) if label_pattern else f"{stem}{label_suffix}{ext}"
+    return image.parent / name
+
+
+def _candidates(root: Path, image_glob: str | None) -> list[Path]:
+    if root.is_file() or is_volume_path(root):
+        return [root]
+    paths = root.glob(image_glob) if image_glob else root.rglob("*")
+    return sorted(p for p in paths if not p.name.startswith(".") and is_volume_path(p))
+
+
+def _frames_of(image: Path, label: str | None, cid: str) -> tuple[tuple[FrameSpec, ...], str | None]:
+    """One frame per volume; a label-free 4D file becomes one frame per time point."""
+    if label is None and image.is_file():
+        try:
+            shape = read_header(image, case_id=cid).shape
+        except CaseError:
+            shape = ()  # reported when the frame is validated
+        if len(shape) == 4:
+            return tuple(FrameSpec(f"F{t:02d}", str(image), None, t) for t in range(shape[3])), str(image)
+    return (FrameSpec("F00", str(image), label),), None
+
+
+def _discover_files(root: Path, layout: str, image_glob=None, label_suffix="_gt",
+                    label_pattern=None, auto=False, **_) -> Discovery:
+    cands = _candidates(root, image_glob)
+    labels = {_label_for(p, label_suffix, label_pattern) for p in cands if p.is_file()}
+    images = [p for p in cands if p not in labels and not volume_stem(p).endswith(label_suffix)]
+    if auto and layout == "generic" and not any(lab.is_file() for lab in labels):
+        layout = "images"
+
+    def make(image: Path) -> CaseSpec:
+        lab = _label_for(image, label_suffix, label_pattern)
+        label = str(lab) if image.is_file() and lab.is_file() else None
+        frames, cine = _frames_of(image, label, volume_stem(image))
+        return CaseSpec(volume_stem(image), layout, frames, cine)
+
+    return _collect(layout, images, make)
+
+
+# -- dispatch -----------------------------------------------------------------
+def _collect(layout: str, items, make) -> Discovery:
+    """Build one CaseSpec per item; a CaseError becomes a Problem; duplicate ids are problems."""
+    found = Discovery(layout)
+    seen: set[str] = set()
+    for item in items:
+        try:
+            case = make(item)
+        except CaseError as exc:
+            found.problems.append(exc.problem)
+            continue
+        if case.case_id in seen:
+            found.problems.append(Problem(case.case_id, case.frames[0].image, "duplicate_id",
+                                          "case id seen twice; rename one of the inputs."))
+            continue
+        seen.add(case.case_id)
+        found.cases.append(case)
+    found.cases.sort(key=lambda c: c.case_id)
+    return found
+
+
+def discover(root: str | Path, layout: str | None = None, *, image_glob: str | None = None,
+             label_suffix: str = "_gt", label_pattern: str | None = None,
+             mnms_csv: str | Path | None = None) -> Discovery:
+    """Find every case under ``root``.
+
+    Parameters
+    ----------
+    root : str or Path
+        Dataset folder, or a single volume file / DICOM directory.
+    layout : {"acdc", "mnms", "nnunet", "generic", "images"}, optional
+        Forces the layout; auto-detected when ``None``.
+    image_glob : str, optional
+        Glob (relative to ``root``) of image files for the generic layout.
+    label_suffix : str
+        Generic layout: ``X.nii.gz`` pairs with ``X{label_suffix}.nii.gz``.
+    label_pattern : str, optional
+        Generic layout: label file name as a format string with ``{stem}`` and
+        ``{ext}`` (e.g. ``"{stem}_seg{ext}"``); overrides ``label_suffix``.
+    mnms_csv : str or Path, optional
+        M&Ms metadata CSV; searched in ``root`` and its parent when ``None``.
+
+    Returns
+    -------
+    Discovery
+
+    Raises
+    ------
+    ConfigError
+        Missing root, unknown layout, missing M&Ms CSV, unmappable nnU-Net labels.
+
+    Examples
+    --------
+    >>> found = discover("database/training")  # doctest: +SKIP
+    >>> found.layout, len(found.cases)  # doctest: +SKIP
+    ('acdc', 100)
+    """
+    root = Path(root)
+    if not root.exists():
+        raise ConfigError(f"input {root} does not exist; check the path.")
+    if layout is not None and layout not in LAYOUTS:
+        raise ConfigError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}.")
+    auto = layout is None
+    layout = layout or detect_layout(root, image_glob)
+    opts = dict(image_glob=image_glob, label_suffix=label_suffix, label_pattern=label_pattern,
+                mnms_csv=mnms_csv, auto=auto)
+    if layout == "acdc":
+        found = _discover_acdc(root)
+    elif layout == "mnms":
+        found = _discover_mnms(root, **opts)
+    elif layout == "nnunet":
+        cases, problems = discover_nnunet(root)
+        found = Discovery("nnunet", cases, problems)
+    else:
+        found = _discover_files(root, layout, **opts)
+    log.info("discovered %d %s cases (%d problems) in %s", len(found.cases), found.layout,
+             len(found.problems), root)
+    return found

@@ -1,0 +1,340 @@
+"""Read one volume (NIfTI via nibabel, DICOM/MHA/MHD/NRRD via SimpleITK) safely.
+
+Every reader looks at the header first and refuses absurd dimensions or
+spacing *before* any pixel buffer is allocated, so a corrupt header claiming
+10^11 voxels costs nothing.  Every failure is a :class:`~cmrprep.cases.CaseError`
+naming the case, the file and the underlying error.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cmrprep.cases import CaseError, Problem
+from cmrprep.geometry import Geometry, from_sitk
+
+__all__ = ["MAX_VOXELS", "INPLANE_SPACING_MM", "MAX_SLICE_SPACING_MM", "NIFTI_SUFFIXES",
+           "SITK_SUFFIXES", "Header", "read_header", "read_volume", "is_dicom_dir",
+           "is_volume_path", "volume_stem"]
+
+log = logging.getLogger(__name__)
+
+#: Largest number of voxels (all dimensions) a file may claim; larger is refused unread.
+MAX_VOXELS: int = 2_000_000_000
+#: Plausible in-plane spacing range in mm (inclusive).
+INPLANE_SPACING_MM: tuple[float, float] = (0.1, 10.0)
+#: Largest plausible slice spacing in mm.
+MAX_SLICE_SPACING_MM: float = 30.0
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+SITK_SUFFIXES = (".mha", ".mhd", ".nrrd")
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a file claims about itself, known without reading pixels.
+
+    ``shape`` is the full shape (3D or 4D); ``geometry`` describes the first
+    three axes.
+    """
+
+    shape: tuple[int, ...]
+    geometry: Geometry
+
+
+def _fail(case_id: str, path: str | Path, check: str, message: str) -> CaseError:
+    return CaseError(Problem(case_id, str(path), check, message))
+
+
+def volume_stem(path: str | Path) -> str:
+    """File name without a supported volume extension (``a.nii.gz`` -> ``a``)."""
+    name = Path(path).name
+    for suffix in NIFTI_SUFFIXES + SITK_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def is_dicom_dir(path: str | Path, probe: int = 4) -> bool:
+    """True when ``path`` is a directory holding DICOM files (``*.dcm`` or ``DICM`` magic)."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    files = [f for f in sorted(p.iterdir()) if f.is_file() and not f.name.startswith(".")]
+    if any(f.suffix.lower() == ".dcm" for f in files):
+        return True
+    for f in files[:probe]:
+        with open(f, "rb") as fh:
+            if fh.read(132)[128:132] == b"DICM":
+                return True
+    return False
+
+
+def is_volume_path(path: str | Path) -> bool:
+    """True for a supported volume file (NIfTI, MHA, MHD, NRRD) or a DICOM series directory."""
+    p = Path(path)
+    if p.is_dir():
+        return is_dicom_dir(p)
+    return p.name.lower().endswith(NIFTI_SUFFIXES + SITK_SUFFIXES)
+
+
+def _nifti_header(path: Path):
+    """Parse the raw NIfTI-1/2 header without nibabel's silent fixes (``check=False``)."""
+    import nibabel as nib
+    from nibabel.openers import ImageOpener
+
+    with ImageOpener(str(path)) as fh:
+        block = fh.read(540)
+    if len(block) < 348:
+        raise ValueError(f"file holds {len(block)} header bytes, a NIfTI header needs 348")
+    size_le, size_be = struct.unpack("<i", block[:4])[0], struct.unpack(">i", block[:4])[0]
+    if 540 in (size_le, size_be):
+        if len(block) < 540:
+            raise ValueError("truncated NIfTI-2 header")
+        return nib.Nifti2Header.from_fileobj(_Bytes(block), check=False)
+    if 348 in (size_le, size_be):
+        return nib.Nifti1Header.from_fileobj(_Bytes(block[:348]), check=False)
+    raise ValueError(f"sizeof_hdr is {size_le}, not 348 (NIfTI-1) or 540 (NIfTI-2): not a NIfTI file")
+
+
+class _Bytes:
+    """Minimal read-only file object over bytes (nibabel's ``from_fileobj`` needs ``read``)."""
+
+    def __init__(self, data: bytes):
+        self._data, self._pos = data, 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self._data) if n < 0 else self._pos + n
+        out, self._pos = self._data[self._pos:end], min(end, len(self._data))
+        return out
+
+
+def _check_dims(shape, case_id: str, path) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2 or any(s <= 0 for s in shape):
+        raise _fail(case_id, path, "dimensions",
+                    f"header claims shape {shape}; every dimension must be >= 1. "
+                    "The header is corrupt: re-export the volume.")
+    n = int(np.prod(np.asarray(shape, dtype=np.float64)))
+    if n > MAX_VOXELS:
+        raise _fail(case_id, path, "dimensions",
+                    f"header claims shape {shape} = {n:.3g} voxels, above the limit of "
+                    f"{MAX_VOXELS:.3g} (readers.MAX_VOXELS); refused without reading. "
+                    "The header is corrupt or the file is not a single cine.")
+    while len(shape) > 3 and shape[-1] == 1:  # trailing singleton axes (e.g. t=1)
+        shape = shape[:-1]
+    if len(shape) not in (3, 4):
+        raise _fail(case_id, path, "dimensions",
+                    f"shape {shape} is {len(shape)}D; expected a 3D volume or a 4D cine.")
+    return shape
+
+
+def _check_spacing(spacing, case_id: str, path, source: str) -> None:
+    sp = [float(s) for s in spacing]
+    lo, hi = INPLANE_SPACING_MM
+    bad = [f"axis {a}: {s!r}" for a, s in enumerate(sp) if not np.isfinite(s) or s <= 0]
+    bad += [f"in-plane axis {a}: {s:g} mm outside [{lo:g}, {hi:g}]"
+            for a, s in enumerate(sp[:2]) if np.isfinite(s) and s > 0 and not lo <= s <= hi]
+    if len(sp) > 2 and np.isfinite(sp[2]) and sp[2] > MAX_SLICE_SPACING_MM:
+        bad.append(f"slice axis: {sp[2]:g} mm above {MAX_SLICE_SPACING_MM:g}")
+    if bad:
+        raise _fail(case_id, path, "spacing",
+                    f"implausible {source} spacing {sp} ({'; '.join(bad)}). "
+                    "Fix pixdim / the affine in the header (spacing in mm, positive).")
+
+
+def _nifti_info(path: Path, case_id: str) -> Header:
+    try:
+        hdr = _nifti_header(path)
+        ndim = int(hdr["dim"][0])
+        if not 1 <= ndim <= 7:
+            raise ValueError(f"dim[0] = {ndim} is not in 1..7")
+        dims = [int(v) for v in hdr["dim"][1:ndim + 1]]
+    except (OSError, EOFError, ValueError) as exc:
+        raise _fail(case_id, path, "readable",
+                    f"cannot read the NIfTI header ({type(exc).__name__}: {exc}). "
+                    "Re-export or re-download the file.") from exc
+    shape = _check_dims(dims, case_id, path)
+    _check_spacing(hdr["pixdim"][1:4], case_id, path, "header pixdim")
+    affine = hdr.get_best_affine()
+    geom = Geometry.from_affine(affine, shape[:3])
+    _check_spacing(geom.spacing, case_id, path, "affine")
+    return Header(shape, geom)
+
+
+def _sitk_reader(path: Path, case_id: str):
+    """An information-read SimpleITK reader for a file, or a series reader for a DICOM dir."""
+    import SimpleITK as sitk
+
+    if path.is_dir():
+        ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+        if len(ids) != 1:
+            raise _fail(case_id, path, "readable",
+                        f"directory holds {len(ids)} DICOM series ({list(ids)[:4]}); "
+                        "point to a directory with exactly one series.")
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), ids[0])
+        info = sitk.ImageFileReader()
+        info.SetFileName(files[0])
+        info.ReadImageInformation()
+        return info, files
+    info = sitk.ImageFileReader()
+    info.SetFileName(str(path))
+    info.ReadImageInformation()
+    return info, None
+
+
+def _sitk_info(path: Path, case_id: str):
+    try:
+        info, files = _sitk_reader(path, case_id)
+    except CaseError:
+        raise
+    except RuntimeError as exc:
+        raise _fail(case_id, path, "readable",
+                    f"SimpleITK cannot read it ({str(exc).strip().splitlines()[-1][:300]}). "
+                    "Check the file format and that it is complete.") from exc
+    size = list(info.GetSize())
+    if files is not None:
+        size = size[:2] + [len(files)]
+    if info.GetNumberOfComponents() != 1:
+        raise _fail(case_id, path, "dimensions",
+                    f"{info.GetNumberOfComponents()} components per voxel; expected a scalar image.")
+    shape = _check_dims(size, case_id, path)
+    _check_spacing(info.GetSpacing()[: 2 if files is not None else 3], case_id, path, "header")
+    return info, files, shape
+
+
+def read_header(path: str | Path, *, case_id: str) -> Header:
+    """Shape and geometry of a volume from its header only (no pixel data read).
+
+    Raises
+    ------
+    CaseError
+        Unreadable header, absurd dimensions or implausible spacing.
+    """
+    p = Path(path)
+    _check_exists(p, case_id)
+    if p.name.lower().endswith(NIFTI_SUFFIXES):
+        return _nifti_info(p, case_id)
+    info, files, shape = _sitk_info(p, case_id)
+    if files is not None:  # slice spacing of a series is only known after reading it
+        _, geom = _read_sitk(p, case_id, None, shape)
+        return Header(shape, geom)
+    lps = np.eye(4)
+    d = np.asarray(info.GetDirection(), dtype=np.float64).reshape(len(info.GetSize()), -1)[:3, :3]
+    lps[:3, :3] = d * np.asarray(info.GetSpacing()[:3])
+    lps[:3, 3] = info.GetOrigin()[:3]
+    return Header(shape, Geometry.from_affine(np.diag([-1.0, -1, 1, 1]) @ lps, shape[:3]))
+
+
+def _check_exists(p: Path, case_id: str) -> None:
+    if not p.exists():
+        raise _fail(case_id, p, "readable", "file does not exist; check the path or the layout.")
+    if p.is_file() and p.stat().st_size == 0:
+        raise _fail(case_id, p, "readable", "file is empty (0 bytes); re-export or re-download it.")
+
+
+def _check_frame(shape: tuple[int, ...], frame: int | None, case_id: str, path) -> int | None:
+    if len(shape) == 3:
+        if frame not in (None, 0):
+            raise _fail(case_id, path, "frame",
+                        f"frame {frame} requested but the volume is 3D {shape}; "
+                        "check ED/ES (0-based for 4D files).")
+        return None
+    if frame is None:
+        raise _fail(case_id, path, "frame",
+                    f"volume is 4D {shape}; choose a frame (0-based time index).")
+    if not 0 <= int(frame) < shape[3]:
+        raise _fail(case_id, path, "frame",
+                    f"frame {frame} out of range for {shape[3]} time points (valid 0..{shape[3] - 1}); "
+                    "check ED/ES and whether they are 0- or 1-based.")
+    return int(frame)
+
+
+def _read_nifti(path: Path, case_id: str, frame: int | None) -> tuple[np.ndarray, Geometry]:
+    import nibabel as nib
+
+    header = _nifti_info(path, case_id)
+    t = _check_frame(header.shape, frame, case_id, path)
+    try:
+        proxy = nib.load(str(path)).dataobj
+        extra = (0,) * (len(proxy.shape) - len(header.shape))  # trailing singleton axes
+        index = (slice(None),) * 3 + ((t,) if t is not None else ()) + extra
+        data = np.asanyarray(proxy[index])
+    except Exception as exc:  # nibabel/gzip/zlib raise many types for corrupt data
+        raise _fail(case_id, path, "readable",
+                    f"cannot read the voxel data ({type(exc).__name__}: {exc}). "
+                    "The file is truncated or corrupt: re-export or re-download it.") from exc
+    return np.asarray(data), header.geometry
+
+
+def _read_sitk(path: Path, case_id: str, frame: int | None, shape=None) -> tuple[np.ndarray, Geometry]:
+    import SimpleITK as sitk
+
+    info, files, shape = _sitk_info(path, case_id) if shape is None else (None, None, shape)
+    t = _check_frame(shape, frame, case_id, path)
+    try:
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(
+                str(path), sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))[0]))
+        else:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            if t is not None:  # stream one frame of a 4D file
+                reader.SetExtractIndex([0, 0, 0, t])
+                reader.SetExtractSize(list(shape[:3]) + [0])
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise _fail(case_id, path, "readable",
+                    f"SimpleITK cannot read the voxel data ({str(exc).strip().splitlines()[-1][:300]}). "
+                    "The file is truncated or corrupt.") from exc
+    if image.GetDimension() == 4:  # 4D with a trailing singleton time axis
+        image = image[:, :, :, 0]
+    data, geom = from_sitk(image)
+    _check_spacing(geom.spacing, case_id, path, "image")
+    return data, geom
+
+
+def read_volume(path: str | Path, *, case_id: str,
+                frame: int | None = None) -> tuple[np.ndarray, Geometry]:
+    """Read one 3D volume (or one frame of a 4D file) and its geometry.
+
+    Parameters
+    ----------
+    path : str or Path
+        ``.nii``/``.nii.gz`` (NIfTI-1 or -2), ``.mha``, ``.mhd``, ``.nrrd`` or a
+        DICOM series directory.
+    case_id : str
+        Case named in error messages.
+    frame : int, optional
+        0-based time index; required for 4D files.
+
+    Returns
+    -------
+    data : ndarray
+        ``array[i, j, k]``; NIfTI scl_slope/scl_inter applied (unscaled integer
+        data keeps its integer dtype, so labels stay exact).
+    geometry : Geometry
+
+    Raises
+    ------
+    CaseError
+        Missing/empty/unreadable file, absurd header, implausible spacing, bad frame.
+
+    Examples
+    --------
+    >>> data, geom = read_volume("patient001_frame01.nii.gz", case_id="patient001")  # doctest: +SKIP
+    """
+    p = Path(path)
+    _check_exists(p, case_id)
+    if p.name.lower().endswith(NIFTI_SUFFIXES):
+        return _read_nifti(p, case_id, frame)
+    if p.is_dir() or p.name.lower().endswith(SITK_SUFFIXES):
+        return _read_sitk(p, case_id, frame)
+    raise _fail(case_id, p, "readable",
+                f"unsupported file type {p.name!r}; use .nii/.nii.gz/.mha/.mhd/.nrrd or a DICOM directory.")

@@ -1,0 +1,238 @@
+"""Load frames of a case and check them; every rule yields a named :class:`Problem`.
+
+Errors (``severity="error"``) quarantine the case; warnings are reported and
+the case is kept.  Each message names the case, the file and the offending
+value, and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cmrprep.cases import CLASSES, CaseError, CaseSpec, FrameSpec, Problem
+from cmrprep.geometry import Geometry
+from pipelines.ingest.readers import read_header, read_volume
+
+__all__ = ["AFFINE_TOL_MM", "LoadedFrame", "load_frame", "load_cine", "validate_case",
+           "check_intensities", "check_labels", "check_alignment", "check_metadata"]
+
+log = logging.getLogger(__name__)
+
+#: Largest tolerated absolute difference between image and label 4x4 affines (mm).
+AFFINE_TOL_MM: float = 1e-3
+_MAX_LABEL = len(CLASSES) - 1
+#: Layouts whose frames come from ED/ES metadata.
+_NEEDS_PHASES = ("acdc", "mnms")
+
+
+@dataclass(frozen=True)
+class LoadedFrame:
+    """One frame read from disk, checked and remapped to the project labels."""
+
+    image: np.ndarray
+    label: np.ndarray | None
+    geometry: Geometry
+    warnings: list[Problem] = field(default_factory=list)
+
+
+def _values(vals: np.ndarray, n: int = 8) -> str:
+    shown = ", ".join(f"{v:g}" for v in vals[:n])
+    return f"[{shown}{', ...' if len(vals) > n else ''}] ({len(vals)} distinct)"
+
+
+def check_intensities(image: np.ndarray, case_id: str, path: str) -> list[Problem]:
+    """Error when the image holds NaN or Inf voxels (reports their count)."""
+    if not np.issubdtype(image.dtype, np.floating):
+        return []
+    n_nan, n_inf = int(np.isnan(image).sum()), int(np.isinf(image).sum())
+    if n_nan or n_inf:
+        return [Problem(case_id, path, "intensity",
+                        f"{n_nan} NaN and {n_inf} Inf voxels out of {image.size}; "
+                        "re-export the image or mask the corrupt region.")]
+    return []
+
+
+def _remap(label: np.ndarray, label_map, case_id: str, path: str) -> np.ndarray:
+    """Apply ``label_map`` (source -> project); unmapped values are errors."""
+    values = np.unique(label)
+    if label_map is None:
+        bad = values[(values < 0) | (values > _MAX_LABEL)]
+        if bad.size:
+            raise CaseError(Problem(case_id, path, "label_values",
+                                    f"label values {_values(bad)} outside 0..{_MAX_LABEL} "
+                                    f"({', '.join(CLASSES)}); fix the label file or set a label_map."))
+        return label.astype(np.uint8)
+    src = np.array([a for a, _ in label_map], dtype=np.int64)
+    bad = values[~np.isin(values, src)]
+    if bad.size:
+        raise CaseError(Problem(case_id, path, "label_values",
+                                f"label values {_values(bad)} not in the layout's label map "
+                                f"{dict(label_map)}; fix the label file."))
+    lut = np.zeros(int(src.max()) + 1, dtype=np.uint8)
+    for a, b in label_map:
+        lut[a] = b
+    return lut[label.astype(np.int64)]
+
+
+def check_labels(label: np.ndarray, label_map, case_id: str,
+                 path: str) -> tuple[np.ndarray, list[Problem]]:
+    """Check a label volume is integral and in range; return it remapped as uint8.
+
+    Raises
+    ------
+    CaseError
+        Non-finite or non-integral values, or values outside the label set.
+    """
+    warnings: list[Problem] = []
+    if np.issubdtype(label.dtype, np.floating):
+        finite = np.isfinite(label)
+        if not finite.all():
+            raise CaseError(Problem(case_id, path, "label_values",
+                                    f"{int((~finite).sum())} NaN/Inf label voxels; fix the label file."))
+        frac = np.unique(label[label != np.round(label)])
+        if frac.size:
+            raise CaseError(Problem(case_id, path, "label_values",
+                                    f"non-integral label values {_values(frac)}; labels must be "
+                                    "integers (was the mask resampled with linear interpolation?)."))
+        warnings.append(Problem(case_id, path, "label_dtype",
+                                f"labels stored as {label.dtype} but integral; store them as uint8.",
+                                "warning"))
+    elif not np.issubdtype(label.dtype, np.integer):
+        raise CaseError(Problem(case_id, path, "label_values",
+                                f"label dtype {label.dtype} is not numeric; store labels as uint8."))
+    out = _remap(label, label_map, case_id, path)
+    if not out.any():
+        warnings.append(Problem(case_id, path, "empty_label",
+                                "label volume is all background; kept (check it is intended).",
+                                "warning"))
+    return out, warnings
+
+
+def check_alignment(image_geom: Geometry, label_geom: Geometry, case_id: str, path: str,
+                    tol: float = AFFINE_TOL_MM) -> list[Problem]:
+    """Errors when image and label shapes differ or their affines differ by more than ``tol``."""
+    if tuple(image_geom.shape) != tuple(label_geom.shape):
+        return [Problem(case_id, path, "shape",
+                        f"label shape {tuple(label_geom.shape)} != image shape "
+                        f"{tuple(image_geom.shape)}; the label belongs to another image or was cropped.")]
+    diff = image_geom.max_affine_difference(label_geom)
+    if not diff <= tol:
+        return [Problem(case_id, path, "affine",
+                        f"label affine differs from the image affine by up to {diff:.4g} mm "
+                        f"(tolerance {tol:g}); re-save the label with the image header.")]
+    return []
+
+
+def _pick_frame(case: CaseSpec, frame: FrameSpec | int | str) -> FrameSpec:
+    if isinstance(frame, FrameSpec):
+        return frame
+    if isinstance(frame, str):
+        for f in case.frames:
+            if f.phase == frame:
+                return f
+        raise KeyError(f"{case.case_id} has no frame with phase {frame!r}")
+    return case.frames[frame]
+
+
+def load_frame(case: CaseSpec, frame: FrameSpec | int | str) -> LoadedFrame:
+    """Read, validate and remap one frame of a case.
+
+    Parameters
+    ----------
+    case : CaseSpec
+    frame : FrameSpec, int or str
+        The frame itself, its index in ``case.frames`` or its phase (``"ED"``).
+
+    Returns
+    -------
+    LoadedFrame
+        ``image`` float32, ``label`` uint8 (project convention) or ``None``,
+        the geometry and non-quarantining warnings.
+
+    Raises
+    ------
+    CaseError
+        The first error found (unreadable file, NaN intensities, misaligned or
+        invalid labels, ...).
+    """
+    fr = _pick_frame(case, frame)
+    cid = case.case_id
+    image, geom = read_volume(fr.image, case_id=cid, frame=fr.image_frame)
+    errors = check_intensities(image, cid, fr.image)
+    if errors:
+        raise CaseError(errors[0])
+    if fr.label is None:
+        return LoadedFrame(image.astype(np.float32), None, geom, [])
+    label_hdr = read_header(fr.label, case_id=cid)
+    errors = check_alignment(geom, label_hdr.geometry, cid, fr.label)
+    if errors:
+        raise CaseError(errors[0])
+    label, _ = read_volume(fr.label, case_id=cid, frame=fr.label_frame)
+    label, warnings = check_labels(label, case.label_map, cid, fr.label)
+    return LoadedFrame(image.astype(np.float32), label, geom, warnings)
+
+
+def load_cine(case: CaseSpec) -> tuple[np.ndarray, Geometry] | None:
+    """The whole 4D cine of a case as float32 ``array[i, j, k, t]``, or ``None`` if it has none.
+
+    Raises
+    ------
+    CaseError
+        Unreadable cine, or one that is not 4D.
+    """
+    if case.cine is None:
+        return None
+    hdr = read_header(case.cine, case_id=case.case_id)
+    if len(hdr.shape) != 4:
+        raise CaseError(Problem(case.case_id, case.cine, "dimensions",
+                                f"cine has shape {hdr.shape}; expected 4D (x, y, slice, time)."))
+    frames = [read_volume(case.cine, case_id=case.case_id, frame=t)[0]
+              for t in range(hdr.shape[3])]
+    return np.stack(frames, axis=-1).astype(np.float32), hdr.geometry
+
+
+def check_metadata(case: CaseSpec) -> list[Problem]:
+    """Error when a layout that needs ED/ES lacks them in ``case.metadata``."""
+    if case.layout not in _NEEDS_PHASES:
+        return []
+    missing = [k for k in ("ED", "ES") if case.metadata.get(k) is None]
+    if missing:
+        return [Problem(case.case_id, case.metadata.get("source"), "metadata",
+                        f"missing {'/'.join(missing)} frame numbers; add them to the metadata file.")]
+    return []
+
+
+def _check_cine(case: CaseSpec) -> list[Problem]:
+    if case.cine is None or any(f.image == case.cine for f in case.frames):
+        return []  # a cine that is also a frame source is checked by reading the frames
+    try:
+        hdr = read_header(case.cine, case_id=case.case_id)
+    except CaseError as exc:
+        return [exc.problem]
+    if len(hdr.shape) != 4:
+        return [Problem(case.case_id, case.cine, "dimensions",
+                        f"cine has shape {hdr.shape}; expected 4D (x, y, slice, time).")]
+    return []
+
+
+def validate_case(case: CaseSpec) -> list[Problem]:
+    """Run every check on every frame of a case; never raises for data problems.
+
+    Returns
+    -------
+    list of Problem
+        Errors (quarantine the case) and warnings, in frame order.
+    """
+    problems = check_metadata(case) + _check_cine(case)
+    for fr in case.frames:
+        try:
+            problems.extend(load_frame(case, fr).warnings)
+        except CaseError as exc:
+            problems.append(exc.problem)
+    for p in problems:
+        log.log(logging.WARNING if p.severity == "error" else logging.INFO, "%s", p)
+    return problems

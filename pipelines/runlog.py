@@ -1,0 +1,24 @@
+"""Machine-readable run log: one JSON object per line, appended and flushed per event."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+class RunLog:
+    """Append JSON-lines events (``{"time", "pid", "event", ...}``) to ``path``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def event(self, name: str, **fields: Any) -> None:
+        """Write one event line and flush it to disk."""
+        rec = {"time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds"),
+               "pid": os.getpid(), "event": name, **fields}
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(rec, default=str) + "\n")

@@ -1,0 +1,113 @@
+"""Per-case task run on Dask workers: read, validate, preprocess, cache.
+
+The task takes and returns plain JSON-like dicts (so it crosses process
+boundaries without pickled custom objects) and writes its arrays to the
+per-case cache.  Data problems (:class:`~cmrprep.cases.CaseError`) come back
+as a quarantine record; ``OSError`` propagates so Dask can retry transient
+I/O failures.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cmrprep.cases import CaseError, CaseSpec, FrameSpec, Problem
+from cmrprep.plan import Plan
+from pipelines import cache as cache_mod
+from pipelines.store import phase_code
+
+log = logging.getLogger(__name__)
+
+
+def frame_rng(seed: int, case_id: str, frame_no: int) -> np.random.Generator:
+    """RNG for one frame: depends on the seed and the case, never on worker order."""
+    return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(case_id.encode()), frame_no]))
+
+
+def _fingerprint(image: np.ndarray, label: np.ndarray | None, geometry) -> dict[str, Any]:
+    sample = image[::2, ::2, :] if image.size > 2_000_000 else image
+    pct = np.percentile(sample, [0.5, 50.0, 99.5])
+    counts = (np.bincount(label.ravel(), minlength=4)[:4].tolist() if label is not None else None)
+    return {"spacing": list(geometry.spacing), "shape": list(geometry.shape),
+            "percentiles": {"p0.5": float(pct[0]), "p50": float(pct[1]), "p99.5": float(pct[2])},
+            "class_counts": counts, "dtype": str(image.dtype)}
+
+
+def _frame_block(case: CaseSpec, frame: FrameSpec, frame_no: int, plan: Plan):
+    from cmrprep.preprocess import preprocess_frame
+    from pipelines.ingest import load_frame
+
+    loaded = load_frame(case, frame)
+    prepared = preprocess_frame(loaded.image, loaded.label, loaded.geometry, plan,
+                                rng=frame_rng(plan.seed, case.case_id, frame_no))
+    s = prepared.images.shape[0]
+    arrays = {
+        "images": prepared.images, "labels": prepared.labels,
+        "class_counts": prepared.class_counts, "class_counts_raw": prepared.class_counts_raw,
+        "slice_index": np.arange(s, dtype=np.int32),
+        "phase": np.full(s, phase_code(frame.phase), dtype=np.int8),
+        "frame_local": np.full(s, frame_no, dtype=np.int32),
+    }
+    record = {"case_id": case.case_id, "phase": frame.phase, "image": frame.image,
+              "label": frame.label, "image_frame": frame.image_frame, **prepared.record}
+    return arrays, record, _fingerprint(loaded.image, loaded.label, loaded.geometry), loaded.warnings
+
+
+def select_frames(case: CaseSpec, plan: Plan) -> list[FrameSpec]:
+    """Frames of a case to build: those whose phase is in ``plan.phases``, else all."""
+    chosen = [f for f in case.frames if f.phase in plan.phases]
+    return chosen or list(case.frames)
+
+
+def process_case(case_dict: dict[str, Any], plan_dict: dict[str, Any], cache_dir: str,
+                 key: str) -> dict[str, Any]:
+    """Preprocess every frame of one case and write it to the cache.
+
+    Returns
+    -------
+    dict
+        ``{"case_id", "ok": True, "key", "n_slices", "frames", "fingerprint",
+        "warnings"}`` or ``{"case_id", "ok": False, "problem": {...}}``.
+    """
+    case = CaseSpec.from_dict(case_dict)
+    plan = Plan.from_dict(plan_dict)
+    try:
+        return _process(case, plan, Path(cache_dir), key)
+    except CaseError as exc:
+        return {"case_id": case.case_id, "ok": False, "problem": exc.problem.to_dict()}
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a bad case must never take down the run
+        log.debug("case %s failed:\n%s", case.case_id, traceback.format_exc())
+        problem = Problem(case.case_id, case.frames[0].image if case.frames else None,
+                          "processing", f"unexpected {type(exc).__name__}: {exc}")
+        return {"case_id": case.case_id, "ok": False, "problem": problem.to_dict()}
+
+
+def _process(case: CaseSpec, plan: Plan, cache_dir: Path, key: str) -> dict[str, Any]:
+    if not case.has_labels:
+        raise CaseError(Problem(case.case_id, None, "labels",
+                                "case has no label files; the build needs labels "
+                                "(use pipelines.predict for image-only inputs)"))
+    blocks, records, prints, warnings = [], [], [], []
+    for frame_no, frame in enumerate(select_frames(case, plan)):
+        arrays, record, fp, warn = _frame_block(case, frame, frame_no, plan)
+        blocks.append(arrays)
+        records.append(record)
+        prints.append({"phase": frame.phase, **fp})
+        warnings.extend(w.to_dict() for w in warn)
+    merged = {k: np.concatenate([b[k] for b in blocks]) for k in cache_mod.CACHE_ARRAYS}
+    meta = {"case_id": case.case_id, "key": key, "case": case.to_dict(), "frames": records,
+            "fingerprint": prints, "warnings": warnings,
+            "n_slices": int(merged["images"].shape[0]),
+            "class_counts": merged["class_counts"].tolist(),
+            "class_counts_raw": merged["class_counts_raw"].sum(axis=0).tolist()}
+    cache_mod.write_entry(cache_dir, case.case_id, merged, meta)
+    return {"case_id": case.case_id, "ok": True, "key": key, "n_slices": meta["n_slices"],
+            "warnings": warnings}

@@ -1,0 +1,136 @@
+"""Layout detection and case discovery (pipelines.ingest.layouts / nnunet)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from cmrprep.plan import ConfigError
+from pipelines.ingest import MNMS_LABEL_MAP, discover, load_frame
+
+
+def test_acdc_nested_discovery(acdc_root):
+    found = discover(acdc_root.parent.parent)  # .../database
+    assert found.layout == "acdc" and not found.problems
+    assert [c.case_id for c in found.cases] == ["patient001", "patient002", "patient003"]
+    case = found.cases[0]
+    assert [f.phase for f in case.frames] == ["ED", "ES"]
+    assert case.frames[0].image.endswith("patient001_frame01.nii.gz")
+    assert case.frames[1].label.endswith("patient001_frame03_gt.nii.gz")
+    assert case.cine.endswith("patient001_4d.nii.gz")
+    assert case.metadata["ED"] == 1 and case.metadata["Group"] == "NOR"
+
+
+def test_acdc_missing_ed_and_missing_frame_are_problems(acdc_root):
+    (acdc_root / "patient002" / "Info.cfg").write_text("ES: 3\nGroup: NOR\n")
+    (acdc_root / "patient003" / "patient003_frame03.nii.gz").unlink()
+    found = discover(acdc_root)
+    assert [c.case_id for c in found.cases] == ["patient001"]
+    checks = {p.case_id: p.check for p in found.problems}
+    assert checks == {"patient002": "metadata", "patient003": "missing_file"}
+    assert "ED" in found.problems[0].message
+
+
+def test_acdc_image_only(acdc_root):
+    for gt in acdc_root.rglob("*_gt.nii.gz"):
+        gt.unlink()
+    found = discover(acdc_root)
+    assert all(f.label is None for c in found.cases for f in c.frames)
+    assert load_frame(found.cases[0], "ED").label is None
+
+
+@pytest.fixture
+def mnms_root(tmp_path, write_nifti, tiny):
+    root = tmp_path / "OpenDataset" / "Training" / "Labeled"
+    cine = np.stack([tiny.image(t) for t in range(5)], axis=-1)
+    src = tiny.label()
+    mnms = np.choose(src, [0, 3, 2, 1]).astype(np.uint8)  # project -> M&Ms (1 LV, 2 MYO, 3 RV)
+    gt = np.zeros(cine.shape, np.uint8)
+    gt[..., 0] = gt[..., 3] = mnms
+    for code in ("A1B2C3", "Z9Y8X7"):
+        write_nifti(root / code / f"{code}_sa.nii.gz", cine)
+        write_nifti(root / code / f"{code}_sa_gt.nii.gz", gt)
+    (root.parent / "info.csv").write_text("External code,VendorName,ED,ES\nA1B2C3,Siemens,0,3\n"
+                                          "Z9Y8X7,Philips,0,3\n")
+    return root
+
+
+def test_mnms_discovery_and_remap(mnms_root, tiny):
+    found = discover(mnms_root)
+    assert found.layout == "mnms" and len(found.cases) == 2
+    case = found.cases[0]
+    assert case.label_map == MNMS_LABEL_MAP and case.cine == case.frames[0].image
+    assert [(f.phase, f.image_frame, f.label_frame) for f in case.frames] == [("ED", 0, 0), ("ES", 3, 3)]
+    loaded = load_frame(case, "ES")
+    np.testing.assert_array_equal(loaded.label, tiny.label())  # back in ACDC convention
+    np.testing.assert_array_equal(loaded.image, tiny.image(3).astype(np.float32))
+
+
+def test_mnms_csv_missing_or_given(mnms_root, tmp_path):
+    (mnms_root.parent / "info.csv").rename(tmp_path / "elsewhere.csv")
+    with pytest.raises(ConfigError, match="mnms_csv"):
+        discover(mnms_root, "mnms")
+    assert len(discover(mnms_root, mnms_csv=tmp_path / "elsewhere.csv").cases) == 2
+
+
+def _nnunet(root, write_nifti, tiny, labels, channels=1):
+    for i in range(2):
+        for c in range(channels):
+            write_nifti(root / "imagesTr" / f"heart_{i:03d}_{c:04d}.nii.gz", tiny.image(i))
+        write_nifti(root / "labelsTr" / f"heart_{i:03d}.nii.gz", tiny.label())
+    write_nifti(root / "imagesTs" / "heart_100_0000.nii.gz", tiny.image(9))
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "cineMRI"},
+                                                   "labels": labels, "file_ending": ".nii.gz"}))
+    return root
+
+
+def test_nnunet_label_names_mapped(tmp_path, write_nifti, tiny):
+    root = _nnunet(tmp_path / "Dataset001", write_nifti, tiny,
+                   {"background": 0, "left ventricle": 1, "LVM": 2, "RVC": 3})
+    found = discover(root)
+    assert found.layout == "nnunet"
+    assert [c.case_id for c in found.cases] == ["heart_000", "heart_001", "heart_100"]
+    assert found.cases[0].label_map == ((0, 0), (1, 3), (2, 2), (3, 1))
+    assert found.cases[2].frames[0].label is None  # imagesTs: image-only
+    acdc = _nnunet(tmp_path / "D27", write_nifti, tiny, {"0": "background", "1": "RV", "2": "MLV", "3": "LVC"})
+    assert discover(acdc).cases[0].label_map is None  # v1 style, identity
+
+
+def test_nnunet_unmappable_and_multichannel(tmp_path, write_nifti, tiny):
+    bad = _nnunet(tmp_path / "bad", write_nifti, tiny, {"background": 0, "aorta": 1})
+    with pytest.raises(ConfigError, match="aorta"):
+        discover(bad)
+    multi = _nnunet(tmp_path / "multi", write_nifti, tiny, {"background": 0, "RV": 1, "MYO": 2, "LV": 3}, 2)
+    found = discover(multi)
+    assert {p.check for p in found.problems} == {"channels"}
+    assert all(p.severity == "warning" for p in found.problems)
+
+
+def test_generic_suffix_and_pattern(tmp_path, write_nifti, tiny):
+    for name in ("a", "b"):
+        write_nifti(tmp_path / "img" / f"{name}.nii.gz", tiny.image())
+        write_nifti(tmp_path / "img" / f"{name}_mask.nii.gz", tiny.label())
+    found = discover(tmp_path, image_glob="img/*.nii.gz", label_suffix="_mask")
+    assert found.layout == "generic" and [c.case_id for c in found.cases] == ["a", "b"]
+    assert found.cases[0].frames[0].label.endswith("a_mask.nii.gz")
+    found = discover(tmp_path, image_glob="img/*.nii.gz", label_pattern="{stem}_mask{ext}")
+    assert all(c.has_labels for c in found.cases)
+
+
+def test_image_only_file_and_folder(tmp_path, write_nifti, tiny):
+    single = write_nifti(tmp_path / "one.nii.gz", tiny.image())
+    found = discover(single)
+    assert found.layout == "images" and found.cases[0].frames[0].label is None
+    cine = np.stack([tiny.image(t) for t in range(3)], axis=-1)
+    write_nifti(tmp_path / "cine.nii", cine)
+    found = discover(tmp_path)
+    assert found.layout == "images"
+    cine_case = next(c for c in found.cases if c.case_id == "cine")
+    assert [f.image_frame for f in cine_case.frames] == [0, 1, 2] and cine_case.cine
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        discover(tmp_path / "nope")
+    with pytest.raises(ConfigError, match="unknown layout"):
+        discover(tmp_path, "kaggle")

@@ -1,0 +1,174 @@
+"""read_volume / read_header: formats, scaling, header checks before allocation."""
+
+import gzip
+import tracemalloc
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from cmrprep.cases import CaseError
+from cmrprep.geometry import Geometry, to_sitk
+from pipelines.ingest import read_header, read_volume
+
+
+def _rot_affine():
+    c, s = np.cos(np.pi / 6), np.sin(np.pi / 6)
+    rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]])
+    aff = np.eye(4)
+    aff[:3, :3] = rot * [1.25, 1.25, 6.0]
+    aff[:3, 3] = [-30.0, 12.0, 4.0]
+    return aff
+
+
+def _raw_header(path, mutate):
+    raw = gzip.open(path).read()
+    hdr = nib.Nifti1Header.from_fileobj(__import__("io").BytesIO(raw[:348]), check=False)
+    mutate(hdr)
+    with gzip.open(path, "wb") as fh:
+        fh.write(hdr.binaryblock + raw[348:])
+
+
+def test_nifti2_round_trip(tmp_path, write_nifti, tiny):
+    path = write_nifti(tmp_path / "n2.nii.gz", tiny.image(), tiny.affine, nifti2=True)
+    assert nib.load(path).header.sizeof_hdr == 540
+    data, geom = read_volume(path, case_id="c")
+    np.testing.assert_array_equal(data, tiny.image())
+    np.testing.assert_allclose(geom.matrix, tiny.affine)
+    assert geom.spacing == (1.5, 1.5, 8.0)
+
+
+def test_scaled_image_and_exact_labels(tmp_path, write_nifti, tiny):
+    path = write_nifti(tmp_path / "s.nii.gz", tiny.image(), slope=2.0, inter=-5.0)
+    data, _ = read_volume(path, case_id="c")
+    np.testing.assert_allclose(data, tiny.image() * 2.0 - 5.0)
+    label, _ = read_volume(write_nifti(tmp_path / "l.nii", tiny.label()), case_id="c")
+    assert label.dtype == np.uint8
+    np.testing.assert_array_equal(label, tiny.label())
+
+
+def test_4d_frame_selection(tmp_path, write_nifti, tiny):
+    cine = np.stack([tiny.image(t) for t in range(4)], axis=-1)
+    path = write_nifti(tmp_path / "cine.nii.gz", cine)
+    data, geom = read_volume(path, case_id="c", frame=2)
+    np.testing.assert_array_equal(data, tiny.image(2))
+    assert geom.shape == tiny.shape
+    with pytest.raises(CaseError, match="choose a frame"):
+        read_volume(path, case_id="c")
+    with pytest.raises(CaseError, match=r"frame 4 out of range for 4 time points") as err:
+        read_volume(path, case_id="c", frame=4)
+    assert err.value.problem.check == "frame"
+
+
+def _write_dicom_series(folder, data, geom):
+    """One file per slice with position/orientation/spacing tags (SimpleITK example)."""
+    folder.mkdir()
+    vol = to_sitk(data, geom)
+    direction = vol.GetDirection()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    series_uid = "1.2.826.0.1.3680043.2.1125.1.42"
+    for k in range(vol.GetDepth()):
+        sl = vol[:, :, k]
+        tags = {"0008|0060": "MR", "0020|000d": "1.2.826.0.1.3680043.2.1125.1.41",
+                "0020|000e": series_uid, "0008|0018": f"{series_uid}.{k + 1}",
+                "0020|0013": str(k + 1),
+                "0020|0032": "\\".join(f"{v:.6f}" for v in vol.TransformIndexToPhysicalPoint((0, 0, k))),
+                "0020|0037": "\\".join(f"{v:.6f}" for v in direction[0:7:3] + direction[1:8:3]),
+                "0028|0030": f"{vol.GetSpacing()[1]:.6f}\\{vol.GetSpacing()[0]:.6f}",
+                "0018|0050": f"{vol.GetSpacing()[2]:.6f}"}
+        for tag, value in tags.items():
+            sl.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"IM{k:04d}.dcm"))
+        writer.Execute(sl)
+
+
+def test_dicom_series_geometry(tmp_path, tiny):
+    geom = Geometry.from_affine(_rot_affine(), tiny.shape)
+    _write_dicom_series(tmp_path / "series", tiny.image(), geom)
+    data, got = read_volume(tmp_path / "series", case_id="dcm")
+    np.testing.assert_array_equal(data, tiny.image())
+    np.testing.assert_allclose(got.matrix, geom.matrix, atol=1e-4)
+    assert read_header(tmp_path / "series", case_id="dcm").shape == tiny.shape
+
+
+@pytest.mark.parametrize("ext", [".mha", ".nrrd", ".mhd"])
+def test_sitk_formats_geometry(tmp_path, tiny, ext):
+    geom = Geometry.from_affine(_rot_affine(), tiny.shape)
+    path = tmp_path / f"vol{ext}"
+    sitk.WriteImage(to_sitk(tiny.image(), geom), str(path))
+    assert np.allclose(read_header(path, case_id="c").geometry.matrix, geom.matrix)
+    data, got = read_volume(path, case_id="c")
+    np.testing.assert_array_equal(data, tiny.image())
+    np.testing.assert_allclose(got.matrix, geom.matrix, atol=1e-6)
+
+
+def test_sitk_4d_frame(tmp_path, tiny):
+    cine = np.stack([tiny.image(t) for t in range(3)], axis=0)  # sitk order [t, k, j, i]
+    img = sitk.GetImageFromArray(np.transpose(cine, (0, 3, 2, 1)), isVector=False)
+    sitk.WriteImage(img, str(tmp_path / "c.mha"))
+    data, geom = read_volume(tmp_path / "c.mha", case_id="c", frame=1)
+    np.testing.assert_array_equal(data, tiny.image(1))
+    assert geom.shape == tiny.shape
+
+
+def test_header_bomb_refused_without_allocating(tmp_path, write_nifti, tiny):
+    path = write_nifti(tmp_path / "bomb.nii.gz", tiny.image())
+    _raw_header(path, lambda h: h["dim"].__setitem__(slice(0, 4), [3, 10_000, 10_000, 1_000]))
+    assert path.stat().st_size < 10_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(CaseError, match=r"1e\+11 voxels") as err:
+            read_volume(path, case_id="bomb")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert err.value.problem.check == "dimensions" and peak < 5_000_000
+
+
+def test_mhd_header_bomb(tmp_path):
+    (tmp_path / "b.raw").write_bytes(b"\0" * 64)
+    (tmp_path / "b.mhd").write_text("ObjectType = Image\nNDims = 3\nDimSize = 100000 100000 100\n"
+                                    "ElementSpacing = 1 1 8\nElementType = MET_SHORT\n"
+                                    "ElementDataFile = b.raw\n")
+    with pytest.raises(CaseError, match="voxels") as err:
+        read_volume(tmp_path / "b.mhd", case_id="b")
+    assert err.value.problem.check == "dimensions"
+
+
+def test_nonpositive_dim(tmp_path, write_nifti, tiny):
+    path = write_nifti(tmp_path / "d.nii.gz", tiny.image())
+    _raw_header(path, lambda h: h["dim"].__setitem__(2, 0))
+    with pytest.raises(CaseError, match=r"every dimension must be >= 1"):
+        read_volume(path, case_id="c")
+
+
+@pytest.mark.parametrize("pixdim, match", [((-1.5, 1.5, 8.0), "axis 0: -1.5"),
+                                           ((1.5, 0.0, 8.0), "axis 1: 0.0"),
+                                           ((np.nan, 1.5, 8.0), "axis 0: nan"),
+                                           ((12.0, 1.5, 8.0), "12 mm outside"),
+                                           ((1.5, 0.05, 8.0), "0.05 mm outside"),
+                                           ((1.5, 1.5, 40.0), "40 mm above 30")])
+def test_spacing_checks(tmp_path, write_nifti, tiny, pixdim, match):
+    path = write_nifti(tmp_path / "s.nii.gz", tiny.image())
+    _raw_header(path, lambda h: h["pixdim"].__setitem__(slice(1, 4), pixdim))
+    with pytest.raises(CaseError, match=match) as err:
+        read_volume(path, case_id="c")
+    assert err.value.problem.check == "spacing"
+
+
+def test_unreadable_files(tmp_path, write_nifti, tiny):
+    big = np.random.default_rng(0).normal(size=(40, 40, 8)).astype(np.float32)
+    trunc = write_nifti(tmp_path / "t.nii.gz", big)
+    trunc.write_bytes(trunc.read_bytes()[: trunc.stat().st_size // 2])
+    (tmp_path / "e.nii.gz").write_bytes(b"")
+    (tmp_path / "w.nii.gz").write_text("not a nifti\n")
+    (tmp_path / "w.mha").write_text("not an image\n")
+    for name, match in [("t.nii.gz", "truncated or corrupt"), ("e.nii.gz", "empty"),
+                        ("w.nii.gz", "cannot read the NIfTI header"), ("w.mha", "SimpleITK cannot"),
+                        ("missing.nii", "does not exist")]:
+        with pytest.raises(CaseError, match=match) as err:
+            read_volume(tmp_path / name, case_id="case7")
+        assert err.value.problem.check == "readable"
+        assert err.value.problem.file.endswith(name) and "case7" in str(err.value)
