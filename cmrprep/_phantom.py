@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 #: Tissue intensities before bias, noise and scaling (bright-blood SSFP).
-TISSUE = {"air": 0.0, "fat": 0.9, "muscle": 0.3, "mediastinum": 0.45, "lung": 0.05,
+TISSUE = {"air": 0.0, "fat": 0.9, "muscle": 0.3, "mediastinum": 0.38, "lung": 0.05,
           "liver": 0.42, "bone": 0.35, "marrow": 0.55, "csf": 0.85, "blood": 1.0,
           "myo": 0.27, "wall": 0.25}
 

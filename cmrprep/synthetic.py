@@ -133,12 +133,12 @@ def _draw_timing(rng: np.random.Generator, n_frames: int | None) -> tuple[int, i
 
 
 def _draw_matrix(rng: np.random.Generator) -> tuple[int, int, float]:
-    """In-plane matrix and spacing; the field of view stays 200-520 mm, 60k-170k mm2."""
+    """In-plane matrix and spacing; the field of view stays 200-520 mm, 70k-170k mm2."""
     while True:
         ni, nj = (int(x) for x in np.exp(rng.uniform(np.log(150), np.log(513), 2)))
         sp = float(rng.uniform(1.0, 2.0))
         fi, fj = ni * sp, nj * sp
-        if 200 <= min(fi, fj) and max(fi, fj) <= 520 and 6e4 <= fi * fj <= 1.7e5:
+        if 200 <= min(fi, fj) and max(fi, fj) <= 520 and 7e4 <= fi * fj <= 1.7e5:
             return ni, nj, round(sp, 4)
 
 
@@ -175,8 +175,8 @@ def _draw_heart(rng: np.random.Generator, group: str, apex: float, values: dict)
         ellipticity=rng.uniform(0.0, 0.08), angle=rng.uniform(0, np.pi),
         power=rng.uniform(2.0, 2.8), apex=apex, apex_wall=lv["wall"] * rng.uniform(0.6, 0.9),
         base=(0.0, descent), r_endo=(lv["r"], r_endo_es), r_epi=(r_epi, r_epi_es),
-        rv_angle=rv_angle, rv_offset=rng.uniform(0.55, 0.75),
-        rv_axes=(rng.uniform(1.3, 1.6) * rv_big, rng.uniform(0.8, 0.95) * rv_big),
+        rv_angle=rv_angle, rv_offset=rng.uniform(0.5, 0.7),
+        rv_axes=(rng.uniform(1.5, 1.85) * rv_big, rng.uniform(0.85, 1.0) * rv_big),
         rv_scale=(1.0, rng.uniform(0.72, 0.85) if group != "RV" else rng.uniform(0.85, 0.95)),
         rv_length=rng.uniform(0.7, 0.85), papillary=pap, pap_radius=(pr, pr * 1.35),
         fat=rng.uniform(1.0, 4.0), atria=atria, values=values)
@@ -196,8 +196,8 @@ def _draw_body(rng: np.random.Generator, values: dict, liver_top: float) -> ph.B
     ai, bi = a - fat - muscle, b - fat - muscle
     sv = -b + fat + muscle + rng.uniform(30, 40)
     j = lambda: rng.uniform(0.9, 1.1)  # noqa: E731
-    lungs = ((0.5 * ai * j(), -0.1 * bi, 0.42 * ai * j(), 0.75 * bi * j()),
-             (-0.5 * ai * j(), -0.1 * bi, 0.45 * ai * j(), 0.8 * bi * j()))
+    lungs = ((0.52 * ai * j(), -0.05 * bi, 0.5 * ai * j(), 0.85 * bi * j()),
+             (-0.5 * ai * j(), -0.05 * bi, 0.5 * ai * j(), 0.88 * bi * j()))
     return ph.Body(axes=(a, b), fat=fat, muscle=muscle, spine_v=sv,
                    aorta=(rng.uniform(15, 30), sv + rng.uniform(22, 32), rng.uniform(9, 13)),
                    lungs=lungs, liver=(-0.35 * ai, -0.05 * bi, 0.7 * ai * j(), 0.85 * bi * j()),

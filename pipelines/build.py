@@ -100,7 +100,7 @@ def _headers(cases: list[CaseSpec], digests: cache_mod.DigestIndex) -> tuple[lis
             hdr = read_header(case.frames[0].image, case_id=case.case_id)
             for f in cache_mod.case_files(case.to_dict()):
                 file_digests[f] = digests.digest(f)
-            ok.append({"case": case, "spacing": list(hdr.spacing)})
+            ok.append({"case": case, "spacing": list(hdr.geometry.spacing)})
         except CaseError as exc:
             problems.append(exc.problem)
         except OSError as exc:

@@ -38,18 +38,10 @@ def _rewrite_header(path: Path, mutate: Callable) -> None:
 
     with _open(path, "rb") as fh:
         raw = fh.read()
-    hdr = nib.Nifti1Header.from_fileobj(_BytesIO(raw[:348]), check=False)
+    hdr = nib.Nifti1Header(raw[:348], check=False)
     mutate(hdr)
     with _open(path, "wb") as fh:
         fh.write(hdr.binaryblock + raw[348:])
-
-
-class _BytesIO:
-    def __init__(self, data: bytes):
-        self._data = data
-
-    def read(self, n: int = -1) -> bytes:
-        return self._data if n < 0 else self._data[:n]
 
 
 def _resave(path: Path, transform: Callable, dtype=None) -> None:

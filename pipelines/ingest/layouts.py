@@ -83,8 +83,9 @@ def _acdc_case(folder: Path) -> CaseSpec:
     meta = _parse_info(info)
     for key in ("ED", "ES"):
         if not isinstance(meta.get(key), int) or meta[key] < 1:
+            found = "missing" if meta.get(key) is None else f"{meta[key]!r}"
             raise CaseError(Problem(cid, str(info), "metadata",
-                                    f"{key} is {meta.get(key)!r}; Info.cfg needs '{key}: <1-based frame>'."))
+                                    f"{key} is {found}; Info.cfg needs '{key}: <1-based frame>'."))
     phases = [("ED", meta["ED"])] + ([("ES", meta["ES"])] if meta["ES"] != meta["ED"] else [])
     images = {ph: _find_nifti(folder, f"{cid}_frame{n:02d}") for ph, n in phases}
     labels = {ph: _find_nifti(folder, f"{cid}_frame{n:02d}_gt") for ph, n in phases}
@@ -186,7 +187,8 @@ def _discover_files(root: Path, layout: str, image_glob=None, label_suffix="_gt"
                     label_pattern=None, auto=False, **_) -> Discovery:
     cands = _candidates(root, image_glob)
     labels = {_label_for(p, label_suffix, label_pattern) for p in cands if p.is_file()}
-    images = [p for p in cands if p not in labels and not volume_stem(p).endswith(label_suffix)]
+    images = [p for p in cands if p not in labels
+              and not (label_suffix and volume_stem(p).endswith(label_suffix))]
     if auto and layout == "generic" and not any(lab.is_file() for lab in labels):
         layout = "images"
 

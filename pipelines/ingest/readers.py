@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,22 +97,10 @@ def _nifti_header(path: Path):
     if 540 in (size_le, size_be):
         if len(block) < 540:
             raise ValueError("truncated NIfTI-2 header")
-        return nib.Nifti2Header.from_fileobj(_Bytes(block), check=False)
+        return nib.Nifti2Header(block[:540], check=False)
     if 348 in (size_le, size_be):
-        return nib.Nifti1Header.from_fileobj(_Bytes(block[:348]), check=False)
+        return nib.Nifti1Header(block[:348], check=False)
     raise ValueError(f"sizeof_hdr is {size_le}, not 348 (NIfTI-1) or 540 (NIfTI-2): not a NIfTI file")
-
-
-class _Bytes:
-    """Minimal read-only file object over bytes (nibabel's ``from_fileobj`` needs ``read``)."""
-
-    def __init__(self, data: bytes):
-        self._data, self._pos = data, 0
-
-    def read(self, n: int = -1) -> bytes:
-        end = len(self._data) if n < 0 else self._pos + n
-        out, self._pos = self._data[self._pos:end], min(end, len(self._data))
-        return out
 
 
 def _check_dims(shape, case_id: str, path) -> tuple[int, ...]:
@@ -155,7 +144,7 @@ def _nifti_info(path: Path, case_id: str) -> Header:
         if not 1 <= ndim <= 7:
             raise ValueError(f"dim[0] = {ndim} is not in 1..7")
         dims = [int(v) for v in hdr["dim"][1:ndim + 1]]
-    except (OSError, EOFError, ValueError) as exc:
+    except (OSError, EOFError, ValueError, zlib.error) as exc:
         raise _fail(case_id, path, "readable",
                     f"cannot read the NIfTI header ({type(exc).__name__}: {exc}). "
                     "Re-export or re-download the file.") from exc

@@ -113,7 +113,9 @@ def ingest(root: str | Path, layout: str | None = None, *, image_glob: str | Non
             continue
         accepted.append(case)
     n_cases = len({c.case_id for c in found.cases} | bad_ids)
-    result = IngestReport(found.layout, n_cases, accepted, errors, warnings)
+    by_case = (lambda p: p.case_id)  # stable: keeps frame order within a case
+    result = IngestReport(found.layout, n_cases, accepted, sorted(errors, key=by_case),
+                          sorted(warnings, key=by_case))
     if report is not None:
         Path(report).parent.mkdir(parents=True, exist_ok=True)
         Path(report).write_text(json.dumps(result.to_dict(), indent=2) + "\n")

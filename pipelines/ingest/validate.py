@@ -138,6 +138,31 @@ def _pick_frame(case: CaseSpec, frame: FrameSpec | int | str) -> FrameSpec:
     return case.frames[frame]
 
 
+def _inspect(case: CaseSpec, fr: FrameSpec) -> tuple[LoadedFrame | None, list[Problem]]:
+    """Read one frame and run every frame-level check; collect all problems found."""
+    cid, problems = case.case_id, []
+    image = geom = label = None
+    try:
+        image, geom = read_volume(fr.image, case_id=cid, frame=fr.image_frame)
+        problems += check_intensities(image, cid, fr.image)
+    except CaseError as exc:
+        problems.append(exc.problem)
+    if fr.label is not None:
+        try:
+            label_hdr = read_header(fr.label, case_id=cid)
+            if geom is not None:
+                problems += check_alignment(geom, label_hdr.geometry, cid, fr.label)
+            raw, _ = read_volume(fr.label, case_id=cid, frame=fr.label_frame)
+            label, warnings = check_labels(raw, case.label_map, cid, fr.label)
+            problems += warnings
+        except CaseError as exc:
+            problems.append(exc.problem)
+    if any(p.severity == "error" for p in problems):
+        return None, problems
+    warnings = [p for p in problems if p.severity != "error"]
+    return LoadedFrame(image.astype(np.float32), label, geom, warnings), problems
+
+
 def load_frame(case: CaseSpec, frame: FrameSpec | int | str) -> LoadedFrame:
     """Read, validate and remap one frame of a case.
 
@@ -157,23 +182,12 @@ def load_frame(case: CaseSpec, frame: FrameSpec | int | str) -> LoadedFrame:
     ------
     CaseError
         The first error found (unreadable file, NaN intensities, misaligned or
-        invalid labels, ...).
+        invalid labels, ...); :func:`validate_case` reports all of them.
     """
-    fr = _pick_frame(case, frame)
-    cid = case.case_id
-    image, geom = read_volume(fr.image, case_id=cid, frame=fr.image_frame)
-    errors = check_intensities(image, cid, fr.image)
-    if errors:
-        raise CaseError(errors[0])
-    if fr.label is None:
-        return LoadedFrame(image.astype(np.float32), None, geom, [])
-    label_hdr = read_header(fr.label, case_id=cid)
-    errors = check_alignment(geom, label_hdr.geometry, cid, fr.label)
-    if errors:
-        raise CaseError(errors[0])
-    label, _ = read_volume(fr.label, case_id=cid, frame=fr.label_frame)
-    label, warnings = check_labels(label, case.label_map, cid, fr.label)
-    return LoadedFrame(image.astype(np.float32), label, geom, warnings)
+    loaded, problems = _inspect(case, _pick_frame(case, frame))
+    if loaded is None:
+        raise CaseError(next(p for p in problems if p.severity == "error"))
+    return loaded
 
 
 def load_cine(case: CaseSpec) -> tuple[np.ndarray, Geometry] | None:
@@ -229,10 +243,7 @@ def validate_case(case: CaseSpec) -> list[Problem]:
     """
     problems = check_metadata(case) + _check_cine(case)
     for fr in case.frames:
-        try:
-            problems.extend(load_frame(case, fr).warnings)
-        except CaseError as exc:
-            problems.append(exc.problem)
+        problems += _inspect(case, fr)[1]
     for p in problems:
-        log.log(logging.WARNING if p.severity == "error" else logging.INFO, "%s", p)
+        log.info("%s", p)
     return problems

@@ -1,0 +1,196 @@
+"""Evaluate predictions in the original geometry: ``python -m pipelines.evaluate PRED GT``.
+
+For every ground-truth frame found in GT (any supported layout) the matching
+prediction is ``PRED/**/<image stem>_pred.nii.gz`` (what ``pipelines.predict``
+writes).  Reports per case, frame and class Dice and HD95 (mm); LV and RV
+end-diastolic/end-systolic volumes and ejection fraction with the error
+against ground truth when ED and ES are known.  Writes ``metrics.csv``,
+``clinical.csv`` and ``summary.md`` to ``--out`` (default ``PRED/evaluation``).
+
+A prediction whose shape or affine differs from its ground truth is an error
+naming both files.  Exit codes: 0 ok, 3 some frames could not be evaluated,
+2 configuration error, 1 failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cmrprep.cases import CLASSES, CaseError, Problem
+from cmrprep.metrics import ejection_fraction, per_class_metrics
+from cmrprep.plan import ConfigError
+
+log = logging.getLogger("pipelines.evaluate")
+AFFINE_TOL = 1e-3
+
+
+def prediction_name(image_path: str, frame: int | None = None) -> str:
+    """File name of the prediction for an input image (``X.nii.gz`` -> ``X_pred.nii.gz``)."""
+    from pipelines.ingest.readers import volume_stem
+
+    stem = volume_stem(image_path)
+    if frame is not None:
+        stem = f"{stem}_frame{frame + 1:02d}"
+    return f"{stem}_pred.nii.gz"
+
+
+def _index_predictions(pred: Path) -> dict[str, Path]:
+    return {p.name: p for p in pred.rglob("*_pred.nii.gz")}
+
+
+def _check_geometry(pred_geom, gt_geom, pred_file: Path, gt_file: str, case_id: str) -> None:
+    if tuple(pred_geom.shape) != tuple(gt_geom.shape):
+        raise CaseError(Problem(case_id, str(pred_file), "geometry",
+                                f"prediction shape {tuple(pred_geom.shape)} differs from ground truth "
+                                f"{gt_file} shape {tuple(gt_geom.shape)}"))
+    diff = pred_geom.max_affine_difference(gt_geom)
+    if diff > AFFINE_TOL:
+        raise CaseError(Problem(case_id, str(pred_file), "geometry",
+                                f"prediction affine differs from ground truth {gt_file} by up to "
+                                f"{diff:.4g} mm; predictions must be written in the input geometry"))
+
+
+def evaluate_frame(case, frame, pred_file: Path) -> list[dict[str, Any]]:
+    """Metric rows (one per foreground class) of one frame."""
+    from pipelines.ingest import load_frame, read_volume
+
+    gt = load_frame(case, frame)
+    pred, pred_geom = read_volume(pred_file, case_id=case.case_id)
+    _check_geometry(pred_geom, gt.geometry, pred_file, frame.label, case.case_id)
+    metrics = per_class_metrics(np.rint(pred).astype(np.int16), gt.label, gt.geometry.spacing)
+    return [{"case_id": case.case_id, "phase": frame.phase, "class": CLASSES[c],
+             "prediction": str(pred_file), **m} for c, m in metrics.items()]
+
+
+def clinical_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """LV/RV EDV, ESV, EF (prediction, ground truth, error) per case with ED and ES."""
+    by_case: dict[str, dict] = {}
+    for r in rows:
+        by_case.setdefault(r["case_id"], {})[(r["phase"], r["class"])] = r
+    out = []
+    for cid, d in sorted(by_case.items()):
+        for struct in ("LV", "RV"):
+            ed, es = d.get(("ED", struct)), d.get(("ES", struct))
+            if ed is None or es is None:
+                continue
+            rec = {"case_id": cid, "structure": struct}
+            for src in ("pred", "gt"):
+                edv, esv = ed[f"volume_{src}_ml"], es[f"volume_{src}_ml"]
+                rec.update({f"edv_{src}_ml": edv, f"esv_{src}_ml": esv,
+                            f"ef_{src}_pct": ejection_fraction(edv, esv)})
+            for q in ("edv", "esv"):
+                rec[f"{q}_error_ml"] = rec[f"{q}_pred_ml"] - rec[f"{q}_gt_ml"]
+            rec["ef_error_pct"] = rec["ef_pred_pct"] - rec["ef_gt_pct"]
+            out.append(rec)
+    return out
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Mean Dice and HD95 per class over frames (NaNs left out)."""
+    summary = {}
+    for name in CLASSES[1:]:
+        sel = [r for r in rows if r["class"] == name]
+        summary[name] = {k: _nanmean([r[k] for r in sel]) for k in ("dice", "hd95_mm")}
+    summary["mean_foreground"] = {k: _nanmean([summary[n][k] for n in CLASSES[1:]])
+                                  for k in ("dice", "hd95_mm")}
+    return summary
+
+
+def _nanmean(values: list[float]) -> float:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def evaluate(pred: str | Path, gt: str | Path, out: str | Path | None = None, *,
+             layout: str | None = None) -> dict[str, Any]:
+    """Evaluate every ground-truth frame with a matching prediction; write CSVs and a summary."""
+    from pipelines.ingest import discover
+
+    pred, gt = Path(pred), Path(gt)
+    for p, what in ((pred, "prediction"), (gt, "ground truth")):
+        if not p.exists():
+            raise ConfigError(f"{what} folder {p} does not exist")
+    out = Path(out) if out else pred / "evaluation"
+    out.mkdir(parents=True, exist_ok=True)
+    preds = _index_predictions(pred)
+    rows, problems = [], []
+    for case in discover(gt, layout).cases:
+        for frame in case.frames:
+            if frame.label is None:
+                continue
+            name = prediction_name(frame.image, frame.image_frame if _is_4d_source(case) else None)
+            if name not in preds:
+                problems.append(Problem(case.case_id, frame.image, "prediction",
+                                        f"no prediction {name} under {pred}").to_dict())
+                continue
+            try:
+                rows.extend(evaluate_frame(case, frame, preds[name]))
+            except CaseError as exc:
+                problems.append(exc.problem.to_dict())
+    clinical = clinical_rows(rows)
+    summary = summarize(rows)
+    _write_outputs(out, rows, clinical, summary, problems)
+    return {"rows": rows, "clinical": clinical, "summary": summary, "problems": problems, "out": str(out)}
+
+
+def _is_4d_source(case) -> bool:
+    return any(f.image_frame is not None for f in case.frames)
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        path.write_text("")
+        return
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _write_outputs(out: Path, rows, clinical, summary, problems) -> None:
+    _write_csv(out / "metrics.csv", rows)
+    _write_csv(out / "clinical.csv", clinical)
+    lines = ["# Evaluation", "", "| class | Dice | HD95 (mm) |", "|---|---|---|"]
+    for name, m in summary.items():
+        lines.append(f"| {name} | {m['dice']:.4f} | {m['hd95_mm']:.2f} |")
+    if clinical:
+        lines += ["", "| case | structure | EDV err (mL) | ESV err (mL) | EF err (%) |", "|---|---|---|---|---|"]
+        lines += [f"| {c['case_id']} | {c['structure']} | {c['edv_error_ml']:.1f} | "
+                  f"{c['esv_error_ml']:.1f} | {c['ef_error_pct']:.1f} |" for c in clinical]
+    if problems:
+        lines += ["", "## Not evaluated", ""] + [f"- {p['case_id']}: {p['message']} [{p['file']}]"
+                                                 for p in problems]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    p = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("pred", help="folder with *_pred.nii.gz files")
+    p.add_argument("gt", help="ground-truth folder in any supported layout")
+    p.add_argument("--out", help="output folder (default PRED/evaluation)")
+    p.add_argument("--layout", choices=["acdc", "mnms", "nnunet", "generic"])
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        res = evaluate(a.pred, a.gt, a.out, layout=a.layout)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    print(Path(res["out"], "summary.md").read_text())
+    for prob in res["problems"]:
+        print(f"ERROR {prob['case_id']}: {prob['message']} [{prob['file']}]")
+    return 3 if res["problems"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
