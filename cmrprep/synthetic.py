@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import logging
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import numpy as np
+from scipy.spatial.transform import Rotation
 
 from cmrprep import _phantom as ph
 from cmrprep.geometry import Geometry
@@ -124,7 +125,8 @@ def contraction(t: float, ed: int, es: int, n_frames: int) -> float:
 
 # ------------------------------------------------------------------ parameters
 def _draw_timing(rng: np.random.Generator, n_frames: int | None) -> tuple[int, int, int]:
-    n = int(rng.integers(20, 36)) if n_frames is None else int(n_frames)
+    drawn = int(rng.integers(20, 36))  # always drawn: n_frames must not shift the anatomy
+    n = drawn if n_frames is None else int(n_frames)
     if n < 4:
         raise ValueError(f"n_frames must be >= 4, got {n}")
     ed = 0 if rng.random() < 0.8 else int(rng.integers(1, 3))
@@ -132,13 +134,17 @@ def _draw_timing(rng: np.random.Generator, n_frames: int | None) -> tuple[int, i
     return n, ed, es
 
 
-def _draw_matrix(rng: np.random.Generator) -> tuple[int, int, float]:
-    """In-plane matrix and spacing; the field of view stays 200-520 mm, 70k-170k mm2."""
+def _draw_matrix(rng: np.random.Generator, heart: ph.Heart) -> tuple[int, int, float]:
+    """In-plane matrix and spacing; the field of view (200-520 mm) grows with the heart.
+
+    The area range keeps the foreground at 1-5 % of the voxels for every group.
+    """
+    k = max(1.0, (heart.r_epi[0] / 33.0) ** 2 * max(1.0, heart.rv_axes[0] / 1.7))
     while True:
         ni, nj = (int(x) for x in np.exp(rng.uniform(np.log(150), np.log(513), 2)))
         sp = float(rng.uniform(1.0, 2.0))
         fi, fj = ni * sp, nj * sp
-        if 200 <= min(fi, fj) and max(fi, fj) <= 520 and 7e4 <= fi * fj <= 1.7e5:
+        if 200 <= min(fi, fj) and max(fi, fj) <= 520 and 7e4 * k <= fi * fj <= 1.55e5 * k:
             return ni, nj, round(sp, 4)
 
 
@@ -219,11 +225,8 @@ def _draw_stack(rng: np.random.Generator, apex_epi: float) -> tuple[np.ndarray, 
 
 
 def _draw_affine(rng: np.random.Generator, sp: float, ss: float, shape) -> np.ndarray:
-    q = rng.normal(size=4)
-    w, x, y, z = q / np.linalg.norm(q)
-    rot = np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-                    [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-                    [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
+    """Oblique stack: uniformly random rotation, isotropic in-plane spacing."""
+    rot = Rotation.random(random_state=rng).as_matrix()
     if rng.random() < 0.5:  # left-handed, as many DICOM-derived NIfTIs
         rot[:, 0] *= -1
     aff = np.eye(4)
@@ -252,24 +255,19 @@ def _draw_plan(rng: np.random.Generator, group: str) -> _Plan:
     apex = rng.uniform(68, 88)
     heart = _draw_heart(rng, group, apex, values)
     depth, ss, apex_epi = _draw_stack(rng, apex + heart.apex_wall)
-    heart = _replace(heart, apex=min(apex, apex_epi - heart.apex_wall))
+    heart = replace(heart, apex=min(apex, apex_epi - heart.apex_wall))
     body = _draw_body(rng, values, apex - rng.uniform(5, 35))
-    ni, nj, sp = _draw_matrix(rng)
+    ni, nj, sp = _draw_matrix(rng, heart)
     ext = ph.heart_extent(heart)
     fov = np.array([ni, nj]) * sp
     lo, hi = np.minimum(ext, fov / 2), np.maximum(fov - ext, fov / 2)
     xy = np.clip(fov * rng.uniform(0.35, 0.65, 2), lo, hi)
     hu, hv = rng.uniform(15, 35), rng.uniform(-5, 15)
-    heart = _replace(heart, centre=(hu, hv))
+    heart = replace(heart, centre=(hu, hv))
     pose = (float(rng.integers(4) * np.pi / 2 + rng.uniform(-0.4, 0.4)), bool(rng.random() < 0.5))
     return _Plan(shape=(ni, nj, len(depth)), spacing=sp, depth=depth, body=body, heart=heart,
                  heart_xy=(float(xy[0]), float(xy[1])), pose=pose,
                  bias=rng.normal(0.0, 0.2, 6), noise=float(rng.uniform(1 / 40, 1 / 12)))
-
-
-def _replace(obj, **kw):
-    from dataclasses import replace
-    return replace(obj, **kw)
 
 
 def _body_coords(plan: _Plan) -> tuple[np.ndarray, np.ndarray]:
@@ -335,8 +333,9 @@ def _draw_storage(rng: np.random.Generator) -> tuple[float, str, float, float]:
         return scale, "float32", 1.0, 0.0
     if scale >= 300 and rng.random() < 0.6:
         return scale, "int16", 1.0, 0.0
-    slope = round(scale * 2.0 / 4000.0, 6)  # stored values reach ~4000
-    return scale, "int16", slope, round(float(rng.uniform(-0.05, 0.05)) * scale, 4)
+    # stored values reach ~4000; float32-exact so the NIfTI header holds the same numbers
+    slope = float(np.float32(scale * 2.0 / 4000.0))
+    return scale, "int16", slope, float(np.float32(rng.uniform(-0.05, 0.05) * scale))
 
 
 def _store(image: np.ndarray, storage: tuple[float, str, float, float]) -> np.ndarray:
@@ -380,7 +379,7 @@ def generate_case(seed: int, index: int, *, n_frames: int | None = None,
     storage = _draw_storage(rng)
     affine = _draw_affine(rng, plan.spacing, float(plan.depth[1] - plan.depth[0]), plan.shape)
     if rng.random() < 0.5:  # apex-first stacks: reverse the slice order
-        plan = _replace(plan, depth=plan.depth[::-1].copy())
+        plan = replace(plan, depth=plan.depth[::-1].copy())
     frames = tuple(range(n)) if full_cine else (
         tuple(range(max(ed, es) + 1)) if through_es else tuple(sorted({ed, es})))
     cine, labels = _render(plan, (seed, index), frames, (ed, es, n), storage)

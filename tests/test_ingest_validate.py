@@ -14,11 +14,11 @@ from pipelines.ingest.__main__ import main as ingest_main
 
 
 def _case(tmp_path, write_nifti, image, label=None, affine=None, label_affine=None, **kw):
-    from conftest import AFFINE
-    img = write_nifti(tmp_path / "img.nii.gz", image, AFFINE if affine is None else affine)
-    lab = None
-    if label is not None:
-        lab = write_nifti(tmp_path / "lab.nii.gz", label, AFFINE if label_affine is None else label_affine)
+    """One-frame CaseSpec over files written in ``tmp_path`` (default affine: conftest.AFFINE)."""
+    def save(name, data, aff):
+        return write_nifti(tmp_path / name, data) if aff is None else write_nifti(tmp_path / name, data, aff)
+    img = save("img.nii.gz", image, affine)
+    lab = save("lab.nii.gz", label, label_affine) if label is not None else None
     frame = FrameSpec("ED", str(img), str(lab) if lab else None, kw.pop("frame", None), kw.pop("lframe", None))
     return CaseSpec("c1", kw.pop("layout", "generic"), (frame,), **kw)
 

@@ -12,10 +12,10 @@ Public API (see ``docs/DESIGN.md``)::
 """
 
 from pipelines.ingest.layouts import LAYOUTS, MNMS_LABEL_MAP, Discovery, detect_layout, discover
-from pipelines.ingest.readers import MAX_VOXELS, Header, read_header, read_volume
+from pipelines.ingest.readers import MAX_VOXELS, Header, read_cine, read_header, read_volume
 from pipelines.ingest.report import IngestReport, ingest
 from pipelines.ingest.validate import AFFINE_TOL_MM, LoadedFrame, load_cine, load_frame, validate_case
 
 __all__ = ["LAYOUTS", "MNMS_LABEL_MAP", "Discovery", "detect_layout", "discover", "MAX_VOXELS",
-           "Header", "read_header", "read_volume", "IngestReport", "ingest", "AFFINE_TOL_MM",
+           "Header", "read_cine", "read_header", "read_volume", "IngestReport", "ingest", "AFFINE_TOL_MM",
            "LoadedFrame", "load_cine", "load_frame", "validate_case"]

@@ -20,7 +20,7 @@ from cmrprep.cases import CaseError, Problem
 from cmrprep.geometry import Geometry, from_sitk
 
 __all__ = ["MAX_VOXELS", "INPLANE_SPACING_MM", "MAX_SLICE_SPACING_MM", "NIFTI_SUFFIXES",
-           "SITK_SUFFIXES", "Header", "read_header", "read_volume", "is_dicom_dir",
+           "SITK_SUFFIXES", "Header", "read_header", "read_volume", "read_cine", "is_dicom_dir",
            "is_volume_path", "volume_stem"]
 
 log = logging.getLogger(__name__)
@@ -327,3 +327,29 @@ def read_volume(path: str | Path, *, case_id: str,
         return _read_sitk(p, case_id, frame)
     raise _fail(case_id, p, "readable",
                 f"unsupported file type {p.name!r}; use .nii/.nii.gz/.mha/.mhd/.nrrd or a DICOM directory.")
+
+
+def read_cine(path: str | Path, *, case_id: str) -> tuple[np.ndarray, Geometry]:
+    """Read a whole 4D cine ``array[i, j, k, t]`` in one pass (header checked first).
+
+    Raises
+    ------
+    CaseError
+        As :func:`read_volume`, or when the file is not 4D.
+    """
+    p = Path(path)
+    header = read_header(p, case_id=case_id)
+    if len(header.shape) != 4:
+        raise _fail(case_id, p, "dimensions",
+                    f"cine has shape {header.shape}; expected 4D (x, y, slice, time).")
+    try:
+        if p.name.lower().endswith(NIFTI_SUFFIXES):
+            import nibabel as nib
+            data = np.asanyarray(nib.load(str(p)).dataobj).reshape(header.shape)
+        else:
+            import SimpleITK as sitk
+            data = np.transpose(sitk.GetArrayFromImage(sitk.ReadImage(str(p))), (3, 2, 1, 0))
+    except Exception as exc:  # corrupt data: many exception types
+        raise _fail(case_id, p, "readable",
+                    f"cannot read the cine ({type(exc).__name__}: {exc}); re-export it.") from exc
+    return data, header.geometry

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from cmrprep.cases import CLASSES, CaseError, CaseSpec, FrameSpec, Problem
 from cmrprep.geometry import Geometry
-from pipelines.ingest.readers import read_header, read_volume
+from pipelines.ingest.readers import read_cine, read_header, read_volume
 
 __all__ = ["AFFINE_TOL_MM", "LoadedFrame", "load_frame", "load_cine", "validate_case",
            "check_intensities", "check_labels", "check_alignment", "check_metadata"]
@@ -200,13 +199,8 @@ def load_cine(case: CaseSpec) -> tuple[np.ndarray, Geometry] | None:
     """
     if case.cine is None:
         return None
-    hdr = read_header(case.cine, case_id=case.case_id)
-    if len(hdr.shape) != 4:
-        raise CaseError(Problem(case.case_id, case.cine, "dimensions",
-                                f"cine has shape {hdr.shape}; expected 4D (x, y, slice, time)."))
-    frames = [read_volume(case.cine, case_id=case.case_id, frame=t)[0]
-              for t in range(hdr.shape[3])]
-    return np.stack(frames, axis=-1).astype(np.float32), hdr.geometry
+    data, geom = read_cine(case.cine, case_id=case.case_id)
+    return data.astype(np.float32), geom
 
 
 def check_metadata(case: CaseSpec) -> list[Problem]:

@@ -1,0 +1,306 @@
+"""QC report of a build: label-overlay montage, class-frequency plot, summary files.
+
+:func:`write_report` writes into ``out_dir``:
+
+* ``montage.png``: seeded random slices after cropping, image windowed to its
+  1-99th percentiles, labels overlaid (RV red, MYO green, LV blue, alpha 0.4);
+* ``class_frequencies.png``: class voxel shares on a log axis, in three groups:
+  raw (after resampling, before crop), after crop, and expected under the
+  sampling weights;
+* ``summary.json`` (machine-readable) and ``summary.md`` (dataset counts, class
+  fractions, class weights of every scheme, sampling expectations,
+  quarantined cases with reasons, warnings);
+* ``index.html``: both PNGs and the summary tables on one page.
+
+Plots use matplotlib's object API (``Figure`` renders with Agg; no display and
+no pyplot global state).  Only the montage slices are read from ``images`` /
+``labels``, so Zarr arrays can be passed without loading them.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from cmrprep import sampling, stats
+from cmrprep import weights as weights_mod
+from cmrprep.cases import CLASSES
+
+__all__ = ["write_report", "CLASS_COLOURS"]
+
+log = logging.getLogger(__name__)
+
+#: RGB overlay colour per foreground class (index 1 RV, 2 MYO, 3 LV); background is not drawn.
+CLASS_COLOURS: dict[int, tuple[float, float, float]] = {1: (0.9, 0.15, 0.15), 2: (0.15, 0.8, 0.2),
+                                                        3: (0.2, 0.45, 1.0)}
+BAR_COLOURS = ("0.55", "#e62626", "#26cc33", "#3373ff")
+OVERLAY_ALPHA = 0.4
+_MAX_ARRAY_IN_JSON = 1000
+Table = tuple[list[str], list[list[str]]]
+
+
+def write_report(out_dir: str | Path, *, images: Any, labels: Any,
+                 slice_counts_raw: Sequence[Sequence[int]] | np.ndarray, slice_counts: np.ndarray,
+                 weights: np.ndarray, summary: dict[str, Any], quarantined: list[dict[str, Any]],
+                 warnings: list[dict[str, Any]], seed: int, n_montage: int = 24) -> dict[str, Path]:
+    """Write the QC report files into ``out_dir`` (created if needed).
+
+    Parameters
+    ----------
+    out_dir : path
+        Report folder, e.g. ``OUT/report``.
+    images, labels : array-like of shape (N, H, W)
+        Stored slices after cropping (NumPy or Zarr); only montage slices are read.
+    slice_counts_raw : array-like of shape (M, C) or (C,)
+        Class counts before cropping (per case, per slice or dataset totals).
+    slice_counts : ndarray of shape (N, C)
+        Per-slice class counts after cropping.
+    weights : ndarray of shape (N,)
+        Sampling weights of the slices.
+    summary : dict
+        Build information to include (e.g. plan, counts); copied into
+        ``summary.json`` under ``"build"``.  NumPy arrays longer than 1000
+        elements are replaced by their shape and dtype.  Optional keys used:
+        ``class_weights_all`` ({scheme: weights}) and ``class_weight_scheme``.
+    quarantined, warnings : list of dict
+        ``Problem.to_dict()`` records (``case_id``, ``file``, ``check``, ``message``).
+    seed : int
+        Seed of the montage slice choice.
+    n_montage : int
+        Number of montage slices (fewer if the dataset is smaller).
+
+    Returns
+    -------
+    dict of str to Path
+        ``montage``, ``class_frequencies``, ``summary_json``, ``summary_md``, ``index_html``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = np.asarray(slice_counts, dtype=np.int64).reshape(-1, len(CLASSES))
+    doc = _summary_document(counts, slice_counts_raw, weights, summary, quarantined, warnings, seed)
+    paths = {"montage": out / "montage.png", "class_frequencies": out / "class_frequencies.png",
+             "summary_json": out / "summary.json", "summary_md": out / "summary.md",
+             "index_html": out / "index.html"}
+    picked = _montage_indices(counts.shape[0], n_montage, seed)
+    _save_montage(paths["montage"], images, labels, picked)
+    fractions = {name: doc[key]["class_fractions"] for name, key in
+                 (("raw (resampled)", "raw"), ("after crop", "after_crop"))}
+    fractions["under sampling weights"] = doc["sampling"]["weighted"]["voxel_share"]
+    _save_frequency_plot(paths["class_frequencies"], fractions)
+    doc["montage_slices"] = [int(i) for i in picked]
+    paths["summary_json"].write_text(json.dumps(doc, indent=2, sort_keys=True, default=_json_default) + "\n")
+    sections = _sections(doc)
+    paths["summary_md"].write_text(_markdown(sections))
+    paths["index_html"].write_text(_html(sections, paths))
+    log.info("QC report written to %s (%d slices, %d quarantined)", out, counts.shape[0], len(quarantined))
+    return paths
+
+
+# -- summary document ------------------------------------------------------------
+def _summary_document(counts: np.ndarray, raw: Any, weights: np.ndarray, summary: dict[str, Any],
+                      quarantined: list[dict[str, Any]], warnings: list[dict[str, Any]],
+                      seed: int) -> dict[str, Any]:
+    raw_table = np.asarray(raw, dtype=np.int64).reshape(-1, counts.shape[1])
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (counts.shape[0],):
+        raise ValueError(f"weights has shape {w.shape}, expected ({counts.shape[0]},) like slice_counts")
+    scheme = summary.get("class_weight_scheme") or summary.get("weight_scheme") or "median_frequency"
+    class_weights = summary.get("class_weights_all")
+    if class_weights is None:
+        class_weights = weights_mod.compute_all(counts, scheme)["weights"] if counts.size else {}
+    natural = np.full(counts.shape[0], 1.0 / max(counts.shape[0], 1))
+    has_slices = counts.shape[0] > 0 and w.sum() > 0
+    return {
+        "seed": int(seed),
+        "classes": list(CLASSES),
+        "raw": stats.summarize(raw_table),
+        "after_crop": stats.summarize(counts),
+        "class_weights": {"default": scheme, "weights": _jsonable(class_weights)},
+        "sampling": {
+            "natural": sampling.expected_class_share(counts, natural) if has_slices else None,
+            "weighted": (sampling.expected_class_share(counts, w) if has_slices
+                         else {"voxel_share": [0.0] * counts.shape[1], "slice_presence": [0.0] * counts.shape[1],
+                               "foreground_slices": 0.0}),
+        },
+        "quarantined": [_jsonable(q) for q in quarantined],
+        "warnings": [_jsonable(x) for x in warnings],
+        "build": _jsonable(summary),
+    }
+
+
+def _jsonable(obj: Any) -> Any:
+    """Recursively turn NumPy values into JSON types; large arrays become a descriptor."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        if obj.size > _MAX_ARRAY_IN_JSON:
+            return {"array_shape": list(obj.shape), "dtype": str(obj.dtype)}
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _json_default(obj: Any) -> Any:
+    return str(obj)
+
+
+# -- plots -----------------------------------------------------------------------
+def _montage_indices(n_slices: int, n_montage: int, seed: int) -> np.ndarray:
+    n = min(max(int(n_montage), 0), n_slices)
+    return np.sort(np.random.default_rng(seed).choice(n_slices, size=n, replace=False))
+
+
+def _overlay_tile(image: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """Windowed grey image (1-99th percentile) with class colours blended at ``OVERLAY_ALPHA``."""
+    img = np.asarray(image, dtype=np.float64)
+    lo, hi = np.percentile(img, [1.0, 99.0]) if img.size else (0.0, 1.0)
+    grey = np.clip((img - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(img)
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    lab = np.asarray(label)
+    for cls, colour in CLASS_COLOURS.items():
+        mask = lab == cls
+        rgb[mask] = (1.0 - OVERLAY_ALPHA) * rgb[mask] + OVERLAY_ALPHA * np.asarray(colour)
+    return rgb
+
+
+def _save_montage(path: Path, images: Any, labels: Any, picked: np.ndarray) -> None:
+    """One mosaic image (a single ``imshow``: fast for any number of tiles)."""
+    fig = Figure(figsize=(8, 6), dpi=100)
+    ax = fig.add_axes((0.0, 0.06, 1.0, 0.94))
+    ax.set_axis_off()
+    if picked.size == 0:
+        ax.text(0.5, 0.5, "no slices", ha="center", va="center")
+        fig.savefig(path)
+        return
+    tiles = [_overlay_tile(np.asarray(images[int(i)]), np.asarray(labels[int(i)])) for i in picked]
+    h, w = tiles[0].shape[:2]
+    cols = min(len(tiles), 6 if len(tiles) <= 36 else 10)
+    rows = -(-len(tiles) // cols)
+    mosaic = np.ones((rows * h, cols * w, 3))
+    for n, (tile, idx) in enumerate(zip(tiles, picked)):
+        r, c = divmod(n, cols)
+        mosaic[r * h:r * h + tile.shape[0], c * w:c * w + tile.shape[1]] = tile[:h, :w]
+        ax.text(c * w + 2, r * h + 2, str(int(idx)), color="yellow", fontsize=7, va="top")
+    fig.set_size_inches(min(1.6 * cols, 16), min(1.6 * rows, 16) / 0.94)
+    ax.imshow(mosaic, interpolation="nearest")
+    handles = [Patch(color=CLASS_COLOURS[c], label=CLASSES[c]) for c in sorted(CLASS_COLOURS)]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.savefig(path)
+
+
+def _save_frequency_plot(path: Path, fractions: dict[str, list[float]]) -> None:
+    """Grouped bars: one group per stage, one bar per class, log y-axis."""
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.add_subplot()
+    groups = list(fractions)
+    n_cls = len(CLASSES)
+    width = 0.8 / n_cls
+    all_vals = [v for vals in fractions.values() for v in vals if v > 0]
+    floor = min(all_vals) / 3 if all_vals else 1e-6
+    for c in range(n_cls):
+        x = np.arange(len(groups)) + (c - (n_cls - 1) / 2) * width
+        vals = [fractions[g][c] if c < len(fractions[g]) else 0.0 for g in groups]
+        bars = ax.bar(x, [v if v > 0 else np.nan for v in vals], width, color=BAR_COLOURS[c],
+                      label=CLASSES[c])
+        for bar, v in zip(bars, vals):
+            ax.text(bar.get_x() + bar.get_width() / 2, max(v, floor), _pct(v), ha="center",
+                    va="bottom", fontsize=6)
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=floor, top=10.0)
+    ax.set_xticks(np.arange(len(groups)), groups)
+    ax.set_ylabel("voxel share (log)")
+    ax.set_title("Class frequencies")
+    ax.legend(fontsize=8, ncol=n_cls, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.3g}%"
+
+
+# -- text outputs ----------------------------------------------------------------
+def _sections(doc: dict[str, Any]) -> list[tuple[str, str | Table]]:
+    """(title, paragraph or table) pairs shared by the Markdown and HTML outputs."""
+    crop, raw = doc["after_crop"], doc["raw"]
+    weighted, natural = doc["sampling"]["weighted"], doc["sampling"]["natural"]
+    n_frames = doc["build"].get("n_frames", crop.get("n_frames"))
+    lines = [f"slices: {crop['n_slices']}", f"voxels after crop: {crop['n_voxels']}",
+             f"voxels before crop: {raw['n_voxels']}", f"quarantined cases: {len(doc['quarantined'])}",
+             f"warnings: {len(doc['warnings'])}", f"montage seed: {doc['seed']}"]
+    if n_frames is not None:
+        lines.insert(1, f"frames: {n_frames}")
+    fractions = (["class", "raw (resampled)", "after crop", "under sampling weights",
+                  "slices containing (after crop)", "slices containing (sampled)"],
+                 [[name, _pct(raw["class_fractions"][c]), _pct(crop["class_fractions"][c]),
+                   _pct(weighted["voxel_share"][c]), _pct(crop["slice_presence"][c]),
+                   _pct(weighted["slice_presence"][c])] for c, name in enumerate(doc["classes"])])
+    default = doc["class_weights"]["default"]
+    weights_rows = [[f"{name} (default)" if name == default else name] + [f"{v:.4g}" for v in vals]
+                    for name, vals in doc["class_weights"]["weights"].items()]
+    nat_fg = natural["foreground_slices"] if natural else 0.0
+    sampling_text = (f"Slices with foreground: {_pct(nat_fg)} of the dataset, {_pct(weighted['foreground_slices'])} "
+                     f"of drawn slices. Background-only slices: {_pct(crop['empty_slice_share'])} of the dataset.")
+    return [("Dataset", "; ".join(lines) + "."),
+            ("Class fractions", fractions),
+            ("Class weights (mean over classes = 1)", (["scheme"] + doc["classes"], weights_rows)),
+            ("Sampling expectations", sampling_text),
+            ("Quarantined cases", _problem_table(doc["quarantined"], "No case was quarantined.")),
+            ("Warnings", _problem_table(doc["warnings"], "No warnings."))]
+
+
+def _problem_table(records: list[dict[str, Any]], empty: str) -> str | Table:
+    if not records:
+        return empty
+    keys = ["case_id", "check", "file", "message"]
+    return keys, [[str(r.get(k) or "") for k in keys] for r in records]
+
+
+def _markdown(sections: list[tuple[str, str | Table]]) -> str:
+    out = ["# cmrprep QC report", ""]
+    for title, body in sections:
+        out += [f"## {title}", ""]
+        if isinstance(body, str):
+            out += [body, ""]
+            continue
+        header, rows = body
+        cell = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+        out.append("| " + " | ".join(cell(h) for h in header) + " |")
+        out.append("|" + "---|" * len(header))
+        out += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+        out.append("")
+    return "\n".join(out)
+
+
+def _html(sections: list[tuple[str, str | Table]], paths: dict[str, Path]) -> str:
+    esc = html.escape
+    parts = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'><title>cmrprep QC report</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}</style>",
+             "</head><body>", "<h1>cmrprep QC report</h1>"]
+    parts += [f"<h2>{t}</h2><img src='{esc(paths[k].name)}' alt='{t}' style='max-width:100%'>"
+              for t, k in (("Montage (labels overlaid)", "montage"), ("Class frequencies", "class_frequencies"))]
+    for title, body in sections:
+        parts.append(f"<h2>{esc(title)}</h2>")
+        if isinstance(body, str):
+            parts.append(f"<p>{esc(body)}</p>")
+            continue
+        header, rows = body
+        parts.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{esc(str(v))}</td>" for v in row) + "</tr>" for row in rows]
+        parts.append("</table>")
+    parts.append(f"<p><a href='{esc(paths['summary_json'].name)}'>summary.json</a></p></body></html>")
+    return "\n".join(parts) + "\n"

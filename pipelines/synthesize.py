@@ -1,0 +1,240 @@
+"""Write a synthetic cine-CMR dataset in the ACDC, M&Ms or nnU-Net raw layout.
+
+Usage::
+
+    python -m pipelines.synthesize OUT --cases N --seed S [--layout acdc|mnms|nnunet]
+                                   [--with-4d] [--overwrite]
+
+Layouts follow the real datasets:
+
+* ``acdc``: ``OUT/patientNNN/Info.cfg`` (1-based ``ED``/``ES``), ``patientNNN_frameFF.nii.gz``
+  and ``_gt`` for the ED and ES frames, ``patientNNN_4d.nii.gz`` with ``--with-4d``.
+* ``mnms``: ``OUT/CODE/CODE_sa.nii.gz`` and ``CODE_sa_gt.nii.gz`` (4D, labels 1 LV,
+  2 MYO, 3 RV at ED and ES only) and ``OUT/mnms_info.csv`` (0-based ``ED``/``ES``).
+  Without ``--with-4d`` the 4D files hold only frames ``0 .. max(ED, ES)`` (a shortened
+  cycle, for speed); the CSV keeps the true indices, which stay valid.
+* ``nnunet``: ``imagesTr/patientNNN_frameFF_0000.nii.gz``, ``labelsTr/patientNNN_frameFF.nii.gz``
+  and ``dataset.json`` (``--with-4d`` is ignored).
+
+``OUT/synthesize.json`` records the arguments; ``--overwrite`` only replaces a folder
+that holds it (a folder written by this tool).  Exit codes: 0 ok, 2 configuration error,
+1 failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from tqdm import tqdm
+
+from cmrprep import __version__
+from cmrprep.plan import ConfigError
+from cmrprep.synthetic import SyntheticCase, generate_case
+
+__all__ = ["synthesize", "main", "LAYOUTS", "write_nifti"]
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = ("acdc", "mnms", "nnunet")
+MARKER = "synthesize.json"
+MNMS_SWAP = np.array([0, 3, 2, 1], dtype=np.uint8)  # ACDC <-> M&Ms (1 LV, 2 MYO, 3 RV)
+MNMS_COLUMNS = ("External code", "VendorName", "Vendor", "Centre", "ED", "ES")
+NNUNET_LABELS = {"background": 0, "RV": 1, "MLV": 2, "LVC": 3}
+_FRAME_MS = 850.0  # nominal RR interval for the time zoom of 4D files
+
+
+def write_nifti(path: Path, data: np.ndarray, case: SyntheticCase, *,
+                scaled: bool = False) -> None:
+    """Write ``data`` as NIfTI-1 with the case affine in qform and sform.
+
+    ``scaled`` stores the case's ``scl_slope`` / ``scl_inter`` (image data only).
+    """
+    img = nib.Nifti1Image(data, case.affine)
+    hdr = img.header
+    hdr.set_data_dtype(data.dtype)
+    hdr.set_qform(case.affine, code=1)
+    hdr.set_sform(case.affine, code=1)
+    zooms = case.geometry.spacing
+    if data.ndim == 4:
+        zooms = zooms + (_FRAME_MS / case.n_frames,)
+    hdr.set_zooms(zooms)
+    hdr.set_xyzt_units("mm", "msec")
+    if scaled and (case.scl_slope != 1.0 or case.scl_inter != 0.0):
+        hdr.set_slope_inter(case.scl_slope, case.scl_inter)
+    nib.save(img, str(path))
+
+
+def _frame_name(case: SyntheticCase, t: int) -> str:
+    return f"{case.case_id}_frame{t + 1:02d}"
+
+
+def _write_acdc(out: Path, case: SyntheticCase, with_4d: bool) -> None:
+    folder = out / case.case_id
+    folder.mkdir(parents=True, exist_ok=True)
+    info = (f"ED: {case.ed + 1}\nES: {case.es + 1}\nGroup: {case.group}\n"
+            f"Height: {case.height:.1f}\nNbFrame: {case.n_frames}\nWeight: {case.weight:.1f}\n")
+    (folder / "Info.cfg").write_text(info)
+    for t in sorted({case.ed, case.es}):
+        name = _frame_name(case, t)
+        write_nifti(folder / f"{name}.nii.gz", case.frame(t), case, scaled=True)
+        write_nifti(folder / f"{name}_gt.nii.gz", case.labels[t], case)
+    if with_4d:
+        write_nifti(folder / f"{case.case_id}_4d.nii.gz", case.cine, case, scaled=True)
+
+
+def _write_mnms(out: Path, case: SyntheticCase, code: str) -> dict:
+    folder = out / code
+    folder.mkdir(parents=True, exist_ok=True)
+    write_nifti(folder / f"{code}_sa.nii.gz", case.cine, case, scaled=True)
+    gt = np.zeros(case.cine.shape, np.uint8)
+    for t, lab in case.labels.items():
+        gt[..., case.frames.index(t)] = MNMS_SWAP[lab]
+    write_nifti(folder / f"{code}_sa_gt.nii.gz", gt, case)
+    return {"External code": code, "VendorName": case.vendor_name, "Vendor": case.vendor,
+            "Centre": case.centre, "ED": case.ed, "ES": case.es}
+
+
+def _write_nnunet(out: Path, case: SyntheticCase) -> int:
+    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+    frames = sorted({case.ed, case.es})
+    for t in frames:
+        name = _frame_name(case, t)
+        write_nifti(out / "imagesTr" / f"{name}_0000.nii.gz", case.frame(t), case, scaled=True)
+        write_nifti(out / "labelsTr" / f"{name}.nii.gz", case.labels[t], case)
+    return len(frames)
+
+
+def _check_args(out: Path, cases: int, layout: str, overwrite: bool) -> None:
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout {layout!r} is unknown; use one of {', '.join(LAYOUTS)}")
+    if int(cases) < 1:
+        raise ConfigError(f"--cases must be >= 1, got {cases}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"OUT {out} exists and is not a folder; choose another path")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"OUT {out} is not empty; choose an empty folder or pass "
+                              f"--overwrite to replace a folder written by synthesize")
+        if not (out / MARKER).is_file():
+            raise ConfigError(f"OUT {out} is not empty and has no {MARKER}, so it was not "
+                              f"written by synthesize; refusing to delete it, choose another path")
+
+
+def _unique_code(code: str, used: set[str], index: int) -> str:
+    """Keep M&Ms codes unique (collisions are ~1e-9 likely, but be safe)."""
+    rng = np.random.default_rng(index)
+    while code in used:
+        code = "".join(rng.choice(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"), 6))
+    used.add(code)
+    return code
+
+
+def synthesize(out: str | Path, cases: int, seed: int, layout: str = "acdc",
+               with_4d: bool = False, overwrite: bool = False) -> list[str]:
+    """Generate ``cases`` synthetic cases from ``seed`` and write them under ``out``.
+
+    Returns
+    -------
+    list of str
+        Case ids written (``patientNNN``, or the M&Ms codes for ``layout="mnms"``).
+
+    Raises
+    ------
+    ConfigError
+        Unknown layout, ``cases < 1`` or a non-empty ``out`` without ``overwrite``.
+    """
+    out = Path(out)
+    _check_args(out, cases, layout, overwrite)
+    if out.is_dir() and any(out.iterdir()):
+        log.info("overwriting %s", out)
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if with_4d and layout == "nnunet":
+        log.warning("--with-4d is ignored for the nnunet layout (3D frames only)")
+    ids, rows, used, n_train = [], [], set(), 0
+    for i in tqdm(range(int(cases)), desc=f"synthesize {layout}", unit="case",
+                  disable=None):
+        case = generate_case(seed, i, full_cine=with_4d and layout != "nnunet",
+                             through_es=layout == "mnms")
+        if layout == "acdc":
+            _write_acdc(out, case, with_4d)
+            ids.append(case.case_id)
+        elif layout == "mnms":
+            rows.append(_write_mnms(out, case, _unique_code(case.code, used, i)))
+            ids.append(rows[-1]["External code"])
+        else:
+            n_train += _write_nnunet(out, case)
+            ids.append(case.case_id)
+    _write_index(out, layout, rows, n_train)
+    _write_marker(out, dict(cases=int(cases), seed=int(seed), layout=layout,
+                            with_4d=bool(with_4d), case_ids=ids))
+    return ids
+
+
+def _write_index(out: Path, layout: str, rows: list[dict], n_train: int) -> None:
+    if layout == "mnms":
+        with open(out / "mnms_info.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=MNMS_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+    elif layout == "nnunet":
+        meta = {"channel_names": {"0": "cineMRI"}, "labels": NNUNET_LABELS,
+                "numTraining": n_train, "file_ending": ".nii.gz", "name": "cmrprep_synthetic"}
+        (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _write_marker(out: Path, args: dict) -> None:
+    record = {"tool": "pipelines.synthesize", "cmrprep_version": __version__,
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **args}
+    (out / MARKER).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipelines.synthesize",
+                                description="Write a synthetic short-axis cine-CMR dataset.")
+    p.add_argument("out", help="output folder (must be empty unless --overwrite)")
+    p.add_argument("--cases", type=int, required=True, help="number of cases")
+    p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
+    p.add_argument("--layout", choices=LAYOUTS, default="acdc", help="folder layout (default acdc)")
+    p.add_argument("--with-4d", action="store_true", help="render and write the full cine")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an OUT folder previously written by this tool")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit code (0 ok, 2 configuration error, 1 failure)."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # argparse usage errors exit 2, --help exits 0
+        return int(exc.code or 0)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    start = time.perf_counter()
+    try:
+        ids = synthesize(args.out, args.cases, args.seed, layout=args.layout,
+                         with_4d=args.with_4d, overwrite=args.overwrite)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    except OSError as exc:
+        log.error("writing %s failed: %s", args.out, exc)
+        return 1
+    print(f"wrote {len(ids)} {args.layout} cases to {args.out} "
+          f"in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
