@@ -44,7 +44,7 @@ import logging
 import numpy as np
 import SimpleITK as sitk
 
-from cmrprep.geometry import Geometry, from_sitk, to_sitk
+from cmrprep.geometry import Geometry, to_sitk
 
 __all__ = ["target_geometry", "resample_inplane", "resample_cine_inplane",
            "resample_label_inplane", "resample_to_reference"]
@@ -100,29 +100,49 @@ def _same_grid(a: Geometry, b: Geometry) -> bool:
     return a.max_affine_difference(b) <= _SAME_RTOL * max(1.0, float(np.abs(a.matrix).max()))
 
 
-def _reference(ref: Geometry) -> sitk.Image:
-    img = to_sitk(np.zeros((1, 1, 1), dtype=np.uint8), ref.with_shape((1, 1, 1)))
-    out = sitk.Image([int(s) for s in ref.shape[:3]], sitk.sitkUInt8)
-    out.SetSpacing(img.GetSpacing())
-    out.SetDirection(img.GetDirection())
-    out.SetOrigin(img.GetOrigin())
-    return out
+def _world_frame(image: sitk.Image, geometry: Geometry) -> sitk.Image:
+    geo = to_sitk(np.zeros((1, 1, 1), dtype=np.uint8), geometry.with_shape((1, 1, 1)))
+    image.SetSpacing(geo.GetSpacing())
+    image.SetDirection(geo.GetDirection())
+    image.SetOrigin(geo.GetOrigin())
+    return image
+
+
+def _index_frame(geometry: Geometry, ref: Geometry) -> tuple[list[float], list[float]] | None:
+    """Spacing/origin of ``ref`` in the source's *index* space, if axis-aligned there.
+
+    The in-plane grids of this module share direction cosines and slice
+    positions with their source, so ref index -> source index is a per-axis
+    scale and shift.  ITK resamples such axis-aligned grids several times
+    faster than oblique ones, and the result is the same.
+    """
+    m = np.linalg.solve(geometry.matrix, ref.matrix)
+    diag = np.diag(m)[:3]
+    off = m[:3, :3] - np.diag(diag)
+    if np.abs(off).max() > 1e-9 * max(1.0, float(np.abs(diag).max())) or diag.min() <= 0:
+        return None
+    return [float(v) for v in diag], [float(v) for v in m[:3, 3]]
 
 
 def _resample_channels(channels: np.ndarray, geometry: Geometry, ref: Geometry,
                        interp: int) -> np.ndarray:
-    """Resample ``[i, j, k, c]`` float32 channels in one call -> ``[I, J, K, c]``."""
-    c = channels.shape[3]
-    data = np.ascontiguousarray(np.transpose(channels, (2, 1, 0, 3)), dtype=np.float32)
-    img = sitk.GetImageFromArray(data, isVector=True)
-    geo = to_sitk(np.zeros((1, 1, 1), dtype=np.uint8), geometry.with_shape((1, 1, 1)))
-    img.SetSpacing(geo.GetSpacing())
-    img.SetDirection(geo.GetDirection())
-    img.SetOrigin(geo.GetOrigin())
-    out = sitk.Resample(img, _reference(ref), sitk.Transform(), interp, 0.0,
-                        sitk.sitkVectorFloat32, True)
-    arr = sitk.GetArrayFromImage(out).reshape(*ref.shape[:3][::-1], c)
-    return np.transpose(arr, (2, 1, 0, 3))
+    """Resample ``[i, j, k, c]`` float32 channels -> ``[I, J, K, c]``, one 3D call per channel."""
+    frame = _index_frame(geometry, ref)
+    out_shape = [int(s) for s in ref.shape[:3]]
+    reference = sitk.Image(out_shape, sitk.sitkUInt8)
+    if frame is None:
+        reference = _world_frame(reference, ref)
+    else:
+        reference.SetSpacing(frame[0])
+        reference.SetOrigin(frame[1])
+    out = np.empty((*out_shape, channels.shape[3]), dtype=np.float32)
+    for c in range(channels.shape[3]):
+        img = sitk.GetImageFromArray(np.ascontiguousarray(channels[..., c].T, dtype=np.float32))
+        if frame is None:
+            img = _world_frame(img, geometry)
+        res = sitk.Resample(img, reference, sitk.Transform(), interp, 0.0, sitk.sitkFloat32, True)
+        out[..., c] = sitk.GetArrayViewFromImage(res).T
+    return out
 
 
 def _resample_values(array: np.ndarray, geometry: Geometry, ref: Geometry,
@@ -163,8 +183,27 @@ def resample_cine_inplane(cine: np.ndarray, geometry: Geometry,
     return _resample_values(cine, geometry, ref, interpolation), ref
 
 
-def _onehot(label: np.ndarray, num_classes: int) -> np.ndarray:
-    return (label[..., None] == np.arange(num_classes, dtype=label.dtype)).astype(np.float32)
+def _class_probabilities(label: np.ndarray, geometry: Geometry, ref: Geometry,
+                         num_classes: int) -> np.ndarray:
+    """Linearly resampled one-hot ``[I, J, K, C]``; absent classes get ``-1``.
+
+    Only foreground classes present somewhere are resampled; background is
+    ``1 - sum(foreground)`` (linear weights sum to one).
+    """
+    present = np.bincount(label.ravel(), minlength=num_classes)[:num_classes] > 0
+    fg = [c for c in range(1, num_classes) if present[c]]
+    prob = np.full((*ref.shape[:3], num_classes), -1.0, dtype=np.float32)
+    if fg:
+        onehot = np.stack([label == c for c in fg], axis=-1).astype(np.float32)
+        prob[..., fg] = _resample_channels(onehot, geometry, ref, sitk.sitkLinear)
+    prob[..., 0] = 1.0 - prob[..., fg].sum(axis=-1) if present[0] else -1.0
+    return prob
+
+
+def _nearest(label: np.ndarray, geometry: Geometry, ref: Geometry) -> np.ndarray:
+    out = _resample_channels(label[..., None].astype(np.float32), geometry, ref,
+                             sitk.sitkNearestNeighbor)
+    return out[..., 0].round().astype(np.uint8)
 
 
 def _check_label(label: np.ndarray, geometry: Geometry, num_classes: int) -> None:
@@ -176,22 +215,24 @@ def _check_label(label: np.ndarray, geometry: Geometry, num_classes: int) -> Non
                          f"got {int(label.min())}..{int(label.max())}")
 
 
-def _restore_lost(out: np.ndarray, prob: np.ndarray, near: np.ndarray,
-                  present_in: np.ndarray) -> int:
-    """Paint classes present in the input slice but missing in ``out`` (in place)."""
-    present_out = _presence(out, prob.shape[-1])
-    painted = 0
-    for k, c in zip(*np.nonzero(present_in & ~present_out)):
-        if c == 0:
-            continue
+def _restore_lost(out: np.ndarray, prob: np.ndarray, nearest, present_in: np.ndarray) -> int:
+    """Paint classes present in the input slice but missing in ``out`` (in place).
+
+    ``nearest`` is a zero-argument callable giving the nearest-neighbour
+    resampling; it is only computed when something was lost.
+    """
+    lost = present_in & ~_presence(out, prob.shape[-1])
+    lost[:, 0] = False
+    if not lost.any():
+        return 0
+    near = nearest()
+    for k, c in zip(*np.nonzero(lost)):
         mask = near[:, :, k] == c
         if not mask.any():
-            flat = int(np.argmax(prob[:, :, k, c]))
             mask = np.zeros(mask.shape, dtype=bool)
-            mask.flat[flat] = True
+            mask.flat[int(np.argmax(prob[:, :, k, c]))] = True
         out[:, :, k][mask] = c
-        painted += 1
-    return painted
+    return int(lost.sum())
 
 
 def _presence(label: np.ndarray, num_classes: int) -> np.ndarray:
@@ -231,18 +272,15 @@ def _resample_label(label: np.ndarray, geometry: Geometry, ref: Geometry, method
         raise ValueError(f"method must be 'onehot_linear' or 'nearest', got {method!r}")
     if _same_grid(geometry, ref):
         return label.astype(np.uint8, copy=True)
-    near = _resample_channels(label[..., None].astype(np.float32), geometry, ref,
-                              sitk.sitkNearestNeighbor)[..., 0].round().astype(np.uint8)
     if method == "nearest":
-        return near
-    prob = _resample_channels(_onehot(label, num_classes), geometry, ref, sitk.sitkLinear)
-    present_in = _presence(label, num_classes) if per_slice else \
-        np.broadcast_to(np.bincount(label.ravel(), minlength=num_classes)[:num_classes] > 0,
-                        (ref.shape[2], num_classes))
-    prob = np.where(present_in[None, None], prob, np.float32(-1.0))
+        return _nearest(label, geometry, ref)
+    prob = _class_probabilities(label, geometry, ref, num_classes)
+    if per_slice:
+        present_in = _presence(label, num_classes)
+        prob = np.where(present_in[None, None], prob, np.float32(-1.0))
     out = np.argmax(prob, axis=-1).astype(np.uint8)
     if per_slice:
-        painted = _restore_lost(out, prob, near, present_in)
+        painted = _restore_lost(out, prob, lambda: _nearest(label, geometry, ref), present_in)
         if painted:
             log.debug("restored %d (slice, class) pairs lost by one-hot resampling", painted)
     return out

@@ -209,6 +209,10 @@ def compute_all(slice_counts: np.ndarray, scheme: str, beta: float | None = None
     if table.ndim != 2:
         raise ValueError(f"slice_counts must be a (S, C) table, got shape {table.shape}")
     used_beta = default_beta(table) if beta is None else float(beta)
+    absent = np.flatnonzero(table.sum(axis=0) == 0).tolist()
+    if absent and len(absent) < table.shape[1]:
+        log.warning("class(es) %s have no voxel; every scheme gives them the largest weight of the "
+                    "present classes", absent)
     all_w = {
         "inverse_frequency": inverse_frequency(table),
         "median_frequency": median_frequency(table),
@@ -241,7 +245,7 @@ def _finish(raw: np.ndarray, present: np.ndarray) -> list[float]:
     w = raw.astype(np.float64, copy=True)
     if not present.all():
         absent = np.flatnonzero(~present).tolist()
-        log.warning("class(es) %s absent; they get the largest weight of the present classes", absent)
+        log.debug("class(es) %s absent; they get the largest weight of the present classes", absent)
         w[~present] = w[present].max()
     w = w * (len(w) / w.sum())
     return [float(v) for v in w]

@@ -243,6 +243,9 @@ def _sections(doc: dict[str, Any]) -> list[tuple[str, str | Table]]:
              f"warnings: {len(doc['warnings'])}", f"montage seed: {doc['seed']}"]
     if n_frames is not None:
         lines.insert(1, f"frames: {n_frames}")
+    for key in ("cases", "processed", "reused"):
+        if isinstance(doc["build"].get(key), int):
+            lines.insert(0 if key == "cases" else len(lines), f"{key}: {doc['build'][key]}")
     fractions = (["class", "raw (resampled)", "after crop", "under sampling weights",
                   "slices containing (after crop)", "slices containing (sampled)"],
                  [[name, _pct(raw["class_fractions"][c]), _pct(crop["class_fractions"][c]),

@@ -180,7 +180,8 @@ def test_cli_acdc_with_4d(tmp_path):
 def test_cli_mnms_layout_swaps_labels(tmp_path):
     out = tmp_path / "mnms"
     ids = synthesize(out, 2, 16, layout="mnms")  # seed 16: short 4D files, fast
-    rows = list(csv.DictReader(open(out / "mnms_info.csv")))
+    with open(out / "mnms_info.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
     assert list(rows[0]) == ["External code", "VendorName", "Vendor", "Centre", "ED", "ES"]
     assert [r["External code"] for r in rows] == ids
     case = generate_case(16, 1)

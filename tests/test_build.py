@@ -1,0 +1,136 @@
+"""The main job end to end on real synthetic NIfTI files and real Zarr stores."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from cmrprep.plan import ConfigError
+from pipelines.build import build, main
+from pipelines.synthesize import synthesize
+
+ARRAYS = ("images", "labels", "weights", "case_index", "frame_index", "slice_index", "phase",
+          "class_counts")
+VOLATILE = ("provenance",)
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("raw")
+    synthesize(root, 5, 11, layout="acdc")
+    return root
+
+
+@pytest.fixture(scope="module")
+def serial_build(raw, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("serial")
+    res = build(raw, out, workers=0, progress=False)
+    assert res.exit_code == 0
+    return out
+
+
+def _store(out: Path) -> zarr.Group:
+    return zarr.open_group(str(out / "store.zarr"), mode="r")
+
+
+def _same_store(a: Path, b: Path) -> None:
+    ga, gb = _store(a), _store(b)
+    for name in ARRAYS:
+        np.testing.assert_array_equal(ga[name][...], gb[name][...], err_msg=name)
+    attrs_a = {k: v for k, v in ga.attrs.items() if k not in VOLATILE}
+    attrs_b = {k: v for k, v in gb.attrs.items() if k not in VOLATILE}
+    assert json.dumps(attrs_a, sort_keys=True) == json.dumps(attrs_b, sort_keys=True)
+
+
+def test_store_schema(serial_build):
+    g = _store(serial_build)
+    n = g["images"].shape[0]
+    assert n > 0 and g["images"].shape[1:] == (128, 128)
+    assert g["images"].dtype == np.float32 and g["labels"].dtype == np.uint8
+    assert g["images"].chunks == (1, 128, 128) and g["images"].shards[0] == min(256, n)
+    for name in ARRAYS:
+        assert g[name].shape[0] == n, name
+    assert np.isclose(g["weights"][...].sum(), 1.0)
+    attrs = dict(g.attrs)
+    assert attrs["classes"] == ["background", "RV", "MYO", "LV"]
+    assert len(attrs["class_weights"]) == 4
+    assert set(attrs["class_weights_all"]) == {"inverse_frequency", "median_frequency", "enet",
+                                               "effective_number"}
+    counts = g["class_counts"][...]
+    assert attrs["class_counts"] == counts.sum(axis=0).tolist()
+    labels = g["labels"][...]
+    assert np.array_equal(np.stack([np.bincount(s.ravel(), minlength=4) for s in labels]), counts)
+    assert len(attrs["cases"]) == 5 and len(attrs["frames"]) == 10
+    frame = attrs["frames"][0]
+    for key in ("original_geometry", "reorientation", "resampled_geometry", "crop_box", "image", "label"):
+        assert key in frame, key
+    assert attrs["provenance"]["input_hashes"] and attrs["provenance"]["versions"]["zarr"]
+    assert set(np.unique(g["phase"][...])) == {0, 1}
+
+
+def test_every_foreground_voxel_is_inside_the_crop(serial_build):
+    frames = _store(serial_build).attrs["frames"]
+    assert all(f["foreground_outside_crop"] == 0 for f in frames)
+
+
+def test_report_is_written(serial_build):
+    rep = serial_build / "report"
+    for name in ("montage.png", "class_frequencies.png", "summary.json", "summary.md", "index.html"):
+        assert (rep / name).stat().st_size > 0, name
+
+
+def test_parallel_equals_serial(raw, serial_build, tmp_path):
+    res = build(raw, tmp_path / "par", workers=2, progress=False)
+    assert res.exit_code == 0
+    _same_store(serial_build, tmp_path / "par")
+
+
+def test_rerun_does_no_work_and_keeps_the_store(raw, serial_build, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(serial_build, out, symlinks=True)
+    before = os.readlink(out / "store.zarr")
+    res = build(raw, out, workers=0, progress=False)
+    assert res.processed == [] and len(res.reused) == 5 and not res.published
+    assert os.readlink(out / "store.zarr") == before
+
+
+def test_bad_case_is_quarantined_and_others_survive(raw, tmp_path):
+    bad_raw = tmp_path / "raw"
+    shutil.copytree(raw, bad_raw)
+    gt = bad_raw / "patient002" / "patient002_frame01_gt.nii.gz"
+    gt.write_bytes(gt.read_bytes()[:200])  # truncated gzip
+    res = build(bad_raw, tmp_path / "out", workers=0, progress=False)
+    assert res.exit_code == 3
+    assert [q["case_id"] for q in res.quarantined] == ["patient002"]
+    assert "patient002_frame01_gt" in json.dumps(res.quarantined)
+    cases = [c["case_id"] for c in _store(tmp_path / "out").attrs["cases"]]
+    assert cases == ["patient001", "patient003", "patient004", "patient005"]
+    summary = (tmp_path / "out" / "report" / "summary.md").read_text()
+    assert "patient002" in summary
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"weight_scheme": "focal"}, "unknown weight_scheme"),
+    ({"spacing": -1.0}, "target_spacing must be > 0"),
+    ({"crop_mm": 40.0}, "smaller than a heart"),
+])
+def test_configuration_errors_before_any_work(raw, tmp_path, kwargs, match):
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=match):
+        build(raw, out, workers=0, progress=False, **kwargs)
+    assert not (out / "store.zarr").exists()
+    assert not list((out / "cache").glob("*.npz")) if (out / "cache").exists() else True
+
+
+def test_cli_exit_code_for_configuration_error(raw, tmp_path, capsys):
+    assert main([str(raw), str(tmp_path / "o"), "--weight-scheme", "nope", "--workers", "0"]) == 2
+
+
+def test_unwritable_output_is_a_configuration_error(raw, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")   # works as root too: nothing can be created below a file
+    assert main([str(raw), str(blocker / "out"), "--workers", "0"]) == 2
