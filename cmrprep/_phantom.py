@@ -247,3 +247,21 @@ def heart_extent(heart: Heart) -> float:
     atria = max((np.hypot(du, dv) + rad + 3.0 for du, dv, rad, _ in heart.atria), default=0.0)
     tilt = float(np.hypot(*heart.tilt)) * heart.apex
     return float(max(r + heart.fat, rv, atria) + tilt + 2.0)
+
+
+# ------------------------------------------------------------------ acquisition
+def rician(image: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """Magnitude of complex Gaussian noise added to ``image`` (Rician statistics)."""
+    re = image + np.float32(sigma) * rng.standard_normal(image.shape, dtype=np.float32)
+    im = np.float32(sigma) * rng.standard_normal(image.shape, dtype=np.float32)
+    return np.sqrt(re * re + im * im)
+
+
+def store(image: np.ndarray, storage: tuple[float, str, float, float]) -> np.ndarray:
+    """Scale to the case intensity range and quantise to the storage dtype."""
+    scale, dtype, slope, inter = storage
+    value = image * np.float32(scale)
+    if dtype == "float32":
+        return value
+    raw = np.rint((value - np.float32(inter)) / np.float32(slope))
+    return np.clip(raw, -32768, 32767).astype(np.int16)

@@ -173,7 +173,9 @@ def _draw_heart(rng: np.random.Generator, group: str, apex: float, values: dict)
     pap = ((lateral - rng.uniform(0.7, 1.0), rng.uniform(0.8, 1.2)),
            (lateral + rng.uniform(0.7, 1.0), rng.uniform(0.8, 1.2)))
     pr = rng.uniform(3.0, 4.5)
-    atria = tuple((du + rng.uniform(-4, 4), dv + rng.uniform(-4, 4), r * rng.uniform(0.85, 1.15), top)
+    # LA, RA, aortic root, pulmonary trunk: (du, dv, radius, height above base), mm
+    atria = tuple((du + rng.uniform(-4, 4), dv + rng.uniform(-4, 4),
+                   r * rng.uniform(0.85, 1.15), top)
                   for du, dv, r, top in ((5, -28, 20, 45), (-38, -22, 19, 45),
                                          (-14, 2, 13, 60), (-26, 27, 12, 50)))
     return ph.Heart(
@@ -320,12 +322,6 @@ def _bias_field(plan: _Plan, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return field.astype(np.float32)
 
 
-def _rician(image: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
-    re = image + np.float32(sigma) * rng.standard_normal(image.shape, dtype=np.float32)
-    im = np.float32(sigma) * rng.standard_normal(image.shape, dtype=np.float32)
-    return np.sqrt(re * re + im * im)
-
-
 def _draw_storage(rng: np.random.Generator) -> tuple[float, str, float, float]:
     """Intensity scale, storage dtype and NIfTI scl_slope / scl_inter."""
     scale = float(10 ** rng.uniform(0.0, 3.6))
@@ -336,15 +332,6 @@ def _draw_storage(rng: np.random.Generator) -> tuple[float, str, float, float]:
     # stored values reach ~4000; float32-exact so the NIfTI header holds the same numbers
     slope = float(np.float32(scale * 2.0 / 4000.0))
     return scale, "int16", slope, float(np.float32(rng.uniform(-0.05, 0.05) * scale))
-
-
-def _store(image: np.ndarray, storage: tuple[float, str, float, float]) -> np.ndarray:
-    scale, dtype, slope, inter = storage
-    value = image * np.float32(scale)
-    if dtype == "float32":
-        return value
-    raw = np.rint((value - np.float32(inter)) / np.float32(slope))
-    return np.clip(raw, -32768, 32767).astype(np.int16)
 
 
 # ----------------------------------------------------------------- public API
@@ -367,6 +354,8 @@ def generate_case(seed: int, index: int, *, n_frames: int | None = None,
     -------
     SyntheticCase
     """
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed and index must be >= 0, got seed={seed}, index={index}")
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index, 0)))
     n, ed, es = _draw_timing(rng, n_frames)
     group = str(rng.choice(GROUPS))
@@ -390,19 +379,22 @@ def generate_case(seed: int, index: int, *, n_frames: int | None = None,
                          extra={"dtype": storage[1], "scale": storage[0]}, **meta)
 
 
-def _render(plan: _Plan, key: tuple[int, int], frames, timing, storage):
+def _render(plan: _Plan, key: tuple[int, int], frames: tuple[int, ...],
+            timing: tuple[int, int, int], storage: tuple) -> tuple[np.ndarray, dict]:
+    """Render ``frames``; the static background is shared, the heart box is redrawn."""
     u, v = _body_coords(plan)
     background = _background(plan, u, v)
     box = _heart_box(plan)
     uv = (u[box], v[box])
     bias = _bias_field(plan, u, v)
     ed, es, n = timing
-    cine = np.empty(plan.shape + (len(frames),), np.float32 if storage[1] == "float32" else np.int16)
+    dtype = np.float32 if storage[1] == "float32" else np.int16
+    cine = np.empty(plan.shape + (len(frames),), dtype)
     labels = {}
     for m, t in enumerate(frames):
         image, label = _render_frame(plan, background, box, uv, contraction(t, ed, es, n))
         noise = np.random.default_rng(np.random.SeedSequence(key[0], spawn_key=(key[1], 1, t)))
-        cine[..., m] = _store(_rician(image * bias, plan.noise, noise), storage)
+        cine[..., m] = ph.store(ph.rician(image * bias, plan.noise, noise), storage)
         if t in (ed, es):
             labels[t] = label
     return cine, labels

@@ -114,7 +114,9 @@ def _write_nnunet(out: Path, case: SyntheticCase) -> int:
     return len(frames)
 
 
-def _check_args(out: Path, cases: int, layout: str, overwrite: bool) -> None:
+def _check_args(out: Path, cases: int, seed: int, layout: str, overwrite: bool) -> None:
+    if int(seed) < 0:
+        raise ConfigError(f"--seed must be >= 0, got {seed}")
     if layout not in LAYOUTS:
         raise ConfigError(f"layout {layout!r} is unknown; use one of {', '.join(LAYOUTS)}")
     if int(cases) < 1:
@@ -154,7 +156,7 @@ def synthesize(out: str | Path, cases: int, seed: int, layout: str = "acdc",
         Unknown layout, ``cases < 1`` or a non-empty ``out`` without ``overwrite``.
     """
     out = Path(out)
-    _check_args(out, cases, layout, overwrite)
+    _check_args(out, cases, seed, layout, overwrite)
     if out.is_dir() and any(out.iterdir()):
         log.info("overwriting %s", out)
         shutil.rmtree(out)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from cmrprep.plan import ConfigError
 from cmrprep.synthetic import GROUPS, contraction, generate_case, generate_dataset
 from pipelines.synthesize import main, synthesize
-from cmrprep.plan import ConfigError
 
 N_CASES = 6
 
@@ -186,10 +186,12 @@ def test_cli_mnms_layout_swaps_labels(tmp_path):
     assert [r["External code"] for r in rows] == ids
     case = generate_case(16, 1)
     row = rows[1]
-    assert row["External code"] == case.code and (int(row["ED"]), int(row["ES"])) == (case.ed, case.es)
+    assert row["External code"] == case.code
+    assert (int(row["ED"]), int(row["ES"])) == (case.ed, case.es)  # 0-based
     image = nib.load(out / case.code / f"{case.code}_sa.nii.gz")
     gt = np.asanyarray(nib.load(out / case.code / f"{case.code}_sa_gt.nii.gz").dataobj)
-    assert image.ndim == 4 and image.shape[3] >= max(case.ed, case.es) + 1 and gt.shape == image.shape
+    assert image.ndim == 4 and gt.shape == image.shape
+    assert image.shape[3] >= max(case.ed, case.es) + 1
     np.testing.assert_allclose(image.affine, case.affine, atol=1e-4)
     swap = np.array([0, 3, 2, 1])
     for t in (case.ed, case.es):
@@ -234,5 +236,9 @@ def test_configuration_errors(tmp_path):
     assert main([str(tmp_path / "x")]) == 2
     with pytest.raises(ConfigError, match="cases"):
         synthesize(tmp_path / "y", 0, 1)
+    with pytest.raises(ConfigError, match="seed"):
+        synthesize(tmp_path / "y", 1, -1)
+    with pytest.raises(ValueError, match="seed"):
+        generate_case(-1, 0)
     with pytest.raises(ConfigError, match="layout"):
         synthesize(tmp_path / "y", 1, 1, layout="nifti")

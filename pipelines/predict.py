@@ -1,0 +1,249 @@
+"""Segment raw images with a trained run: ``python -m pipelines.predict RUN_DIR INPUT OUT``.
+
+INPUT is a folder in any supported layout (labels, if present, are ignored)
+or a single image file.  For every input frame the run's own plan
+(``RUN_DIR/plan.json``: reorientation, in-plane resampling, normalization,
+crop size) is applied exactly, the network segments the crop, and the result
+is put back through the inverse crop, resampling and reorientation into a
+label NIfTI with exactly the input's shape and affine, named after the input
+(``patient001_frame01.nii.gz`` -> ``OUT/patient001/patient001_frame01_pred.nii.gz``;
+a frame ``t`` of a 4D file gets ``_frameTT``), ACDC labels.
+
+Heart localisation without labels, in order:
+
+1. the temporal first harmonic of the 4D cine (:func:`cmrprep.localize.center_from_cine`)
+   when the case has one;
+2. otherwise a coarse pass of the network itself over the whole field of view
+   (sliding 50 %-overlapping windows over the middle slices at the plan
+   spacing); the centre is the centroid of predicted foreground probability.
+   If the network sees no foreground, the field-of-view centre is used (logged).
+
+The training crops were jittered by up to ``plan.crop_jitter_mm`` around the
+heart so the network tolerates the residual centre error.  Inputs are never
+overwritten; a failing case is reported and the others continue.
+Exit codes: 0 ok, 3 some cases failed, 2 configuration error, 1 failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cmrprep.cases import CaseError, CaseSpec, Problem
+from cmrprep.geometry import Geometry
+from cmrprep.plan import ConfigError, Plan
+
+log = logging.getLogger("pipelines.predict")
+
+
+@dataclass
+class PredictResult:
+    """Files written and cases that failed."""
+
+    written: list[str] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    centres: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return 3 if self.failed else 0
+
+
+def load_run(run_dir: str | Path):
+    """Load ``(model, plan)`` from a training run directory."""
+    import model  # noqa: F401 - sets the Keras backend before keras is imported
+    import keras
+
+    import model.losses  # noqa: F401 - registers custom objects
+
+    run = Path(run_dir)
+    ckpt = run / "best.keras"
+    if not ckpt.exists():
+        raise ConfigError(f"no trained model at {ckpt}; train with `python -m pipelines.train`")
+    plan_path = run / "plan.json"
+    if not plan_path.exists():
+        raise ConfigError(f"{plan_path} is missing; the run must carry the plan it was trained on")
+    plan = Plan.from_json(plan_path.read_text())
+    return keras.saving.load_model(ckpt, compile=False), plan
+
+
+def softmax_probs(net, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Class probabilities ``(N, H, W, C)`` for ``x`` of shape ``(N, H, W)``."""
+    out = np.asarray(net.predict(x[..., None].astype(np.float32), batch_size=batch_size, verbose=0))
+    if not np.allclose(out.sum(axis=-1)[:1], 1.0, atol=1e-3) or out.min() < 0:
+        out = out - out.max(axis=-1, keepdims=True)
+        out = np.exp(out)
+        out /= out.sum(axis=-1, keepdims=True)
+    return out
+
+
+def coarse_center(net, image: np.ndarray, geometry: Geometry, plan: Plan,
+                  batch_size: int = 32) -> np.ndarray | None:
+    """World (RAS mm) heart centre from a sliding-window pass over the whole field of view."""
+    from cmrprep.preprocess import preprocess_frame
+
+    spacing = plan.target_spacing
+    extent = [geometry.shape[a] * geometry.spacing[a] / spacing for a in (0, 1)]
+    win = plan.crop_shape
+    big = tuple(int(math.ceil(max(e, w) / (w // 2)) * (w // 2)) for e, w in zip(extent, win))
+    prepared = preprocess_frame(image, None, geometry, Plan.from_dict({**plan.to_dict(),
+                                                                       "crop_shape": list(big)}))
+    vol = prepared.images  # (S, H, W) covering the whole FOV, centred on it
+    s = vol.shape[0]
+    mid = vol[s // 3: max(s // 3 + 1, 2 * s // 3)]
+    fg = np.zeros(big, dtype=np.float64)
+    hits = np.zeros(big, dtype=np.float64)
+    for i0 in range(0, big[0] - win[0] + 1, win[0] // 2):
+        for j0 in range(0, big[1] - win[1] + 1, win[1] // 2):
+            p = softmax_probs(net, mid[:, i0:i0 + win[0], j0:j0 + win[1]], batch_size)
+            fg[i0:i0 + win[0], j0:j0 + win[1]] += (1.0 - p[..., 0]).sum(axis=0)
+            hits[i0:i0 + win[0], j0:j0 + win[1]] += len(mid)
+    fg = np.where(hits > 0, fg / np.maximum(hits, 1), 0)
+    fg = np.where(fg > 0.5, fg, 0)
+    if fg.sum() <= 0:
+        return None
+    ii, jj = np.indices(big)
+    ci, cj = (ii * fg).sum() / fg.sum(), (jj * fg).sum() / fg.sum()
+    box = prepared.record["crop_box"]["start"]
+    geo_r = Geometry.from_dict(prepared.record["resampled_geometry"])
+    return geo_r.voxel_to_world([ci + box[0], cj + box[1], (geo_r.shape[2] - 1) / 2])
+
+
+def _cine_center(case: CaseSpec) -> np.ndarray | None:
+    from cmrprep.localize import center_from_cine
+    from pipelines.ingest import load_cine
+
+    loaded = load_cine(case)
+    if loaded is None:
+        return None
+    cine, geom = loaded
+    ci, cj = center_from_cine(cine, geom)
+    return geom.voxel_to_world([ci, cj, (geom.shape[2] - 1) / 2])
+
+
+def segment_frame(net, image: np.ndarray, geometry: Geometry, plan: Plan,
+                  center: np.ndarray | None, batch_size: int = 32) -> tuple[np.ndarray, dict]:
+    """Label map in the input geometry, and the preprocessing record used."""
+    from cmrprep.preprocess import preprocess_frame, restore_prediction
+
+    prepared = preprocess_frame(image, None, geometry, plan, center=center)
+    probs = softmax_probs(net, prepared.images.astype(np.float32), batch_size)
+    pred = np.argmax(probs, axis=-1).astype(np.uint8)
+    return restore_prediction(pred, prepared.record), prepared.record
+
+
+def _write_label(path: Path, label: np.ndarray, source: str, geometry: Geometry) -> None:
+    import nibabel as nib
+
+    header = None
+    affine = geometry.matrix
+    if source.lower().endswith((".nii", ".nii.gz")):
+        src = nib.load(source)
+        header = src.header.copy()
+        affine = src.affine
+        header.set_data_shape(label.shape)
+    img = nib.Nifti1Image(label.astype(np.uint8), affine, header)
+    img.set_data_dtype(np.uint8)
+    img.header.set_slope_inter(1, 0)
+    tmp = path.with_name(path.name.replace(".nii.gz", ".tmp.nii.gz"))
+    nib.save(img, tmp)
+    tmp.replace(path)
+
+
+def predict_case(net, case: CaseSpec, plan: Plan, out: Path, inputs: set[str],
+                 batch_size: int = 32) -> tuple[list[str], dict[str, Any]]:
+    """Segment every frame of one case; returns written files and the centres used."""
+    from pipelines.evaluate import prediction_name
+    from pipelines.ingest import read_volume
+
+    center = _cine_center(case)
+    source = "cine_first_harmonic" if center is not None else None
+    written = []
+    for frame in case.frames:
+        image, geom = read_volume(frame.image, case_id=case.case_id, frame=frame.image_frame)
+        c = center
+        if c is None:
+            c = coarse_center(net, image, geom, plan, batch_size)
+            source = "coarse_network" if c is not None else "fov_centre"
+        label, _ = segment_frame(net, image, geom, plan, c, batch_size)
+        name = prediction_name(frame.image, frame.image_frame if _is_4d(frame) else None)
+        dest = out / case.case_id / name
+        if str(dest.resolve()) in inputs:
+            raise CaseError(Problem(case.case_id, str(dest), "output",
+                                    "refusing to overwrite an input file; choose another OUT"))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _write_label(dest, label, frame.image, geom)
+        written.append(str(dest))
+    return written, {"source": source, "world_mm": None if center is None else list(map(float, center))}
+
+
+def _is_4d(frame) -> bool:
+    return frame.image_frame is not None
+
+
+def predict(run_dir: str | Path, input_path: str | Path, out: str | Path, *,
+            layout: str | None = None, batch_size: int = 32, progress: bool = True) -> PredictResult:
+    """Segment every case under ``input_path`` into ``out`` (see the module docstring)."""
+    from tqdm.auto import tqdm
+
+    from pipelines.ingest import discover
+
+    net, plan = load_run(run_dir)
+    src, out = Path(input_path), Path(out)
+    if not src.exists():
+        raise ConfigError(f"input {src} does not exist")
+    disc = discover(src, layout)
+    out.mkdir(parents=True, exist_ok=True)
+    inputs = {str(Path(f.image).resolve()) for c in disc.cases for f in c.frames}
+    result = PredictResult(failed=[p.to_dict() for p in disc.problems])
+    for case in tqdm(disc.cases, desc="predict", unit="case", disable=not progress):
+        try:
+            files, centre = predict_case(net, case, plan, out, inputs, batch_size)
+            result.written.extend(files)
+            result.centres[case.case_id] = centre
+        except CaseError as exc:
+            result.failed.append(exc.problem.to_dict())
+        except Exception as exc:  # noqa: BLE001 - one bad case never stops the others
+            log.exception("case %s failed", case.case_id)
+            result.failed.append(Problem(case.case_id, None, "predict",
+                                         f"{type(exc).__name__}: {exc}").to_dict())
+    (out / "predict_report.json").write_text(json.dumps(
+        {"written": result.written, "failed": result.failed, "centres": result.centres}, indent=2))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    p = argparse.ArgumentParser(prog="python -m pipelines.predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir")
+    p.add_argument("input", help="folder in any supported layout, or one image file")
+    p.add_argument("out")
+    p.add_argument("--layout", choices=["acdc", "mnms", "nnunet", "generic"])
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        res = predict(a.run_dir, a.input, a.out, layout=a.layout, batch_size=a.batch_size,
+                      progress=not a.quiet)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    print(f"wrote {len(res.written)} label files to {a.out}; {len(res.failed)} failed")
+    for f in res.failed:
+        print(f"  FAILED {f['case_id']}: {f['message']}")
+    return res.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
