@@ -13,7 +13,7 @@ Two frames of reference are used:
   plane, ``z`` grows toward the apex.
 
 The parameter records are built (and randomised) in :mod:`cmrprep.synthetic`;
-this module draws nothing at random.
+this module draws nothing at random (the noise kernel takes a Generator).
 """
 
 from __future__ import annotations

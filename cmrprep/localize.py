@@ -17,12 +17,19 @@ MICCAI 2006; Kaggle DSB "Fourier-based tutorial"):
    voxels within ``refine_radius_mm`` (default 60 mm) of the current centre,
    which rejects far-away moving tissue (e.g. flow artefacts, bowel).
 
-:func:`center_fallback` for a single frame: the centre of the field of view,
-because short-axis stacks are planned around the heart (ACDC/M&Ms heart
-centres are usually within ~30 mm of it).  ``method="bright_blob"`` moves it to
-the weighted centroid of the brightest blurred tissue within 50 mm of the FOV
-centre (blood pool), which helps when the heart is off-centre but can be
-fooled by bright fat.  A coarse network pass is the intended replacement.
+:func:`center_fallback` for a single frame (no cine, no label):
+
+* ``method="bright_blob"`` (default): the weighted centroid of the brightest
+  10 % of the blurred image within 50 mm of the FOV centre over the middle
+  slices (the blood pools are the brightest large structures near the
+  centre of a short-axis stack); falls back to the FOV centre if empty.
+* ``method="fov_centre"``: the centre of the field of view (stacks are
+  planned around the heart).
+
+Measured on 8 cases of :mod:`cmrprep.synthetic` (off-centre hearts, bright
+fat): first harmonic 2-9 mm error, bright blob 6-78 mm (median ~17), FOV
+centre 32-67 mm.  Neither fallback is good enough for a 12 mm training
+jitter; a coarse network pass is the intended replacement.
 
 Both return ``(ci, cj)`` in the voxel coordinates of the array they are given
 (axes 0 and 1; axis 2 is the slice axis).
@@ -112,8 +119,9 @@ def center_from_cine(cine: np.ndarray, geometry: Geometry, *, sigma_mm: float = 
     Returns
     -------
     tuple of float
-        Voxel coordinates on axes 0 and 1 of ``cine``; the FOV centre (with a
-        warning) if nothing moves.
+        Voxel coordinates on axes 0 and 1 of ``cine``;
+        :func:`center_fallback` of the first frame (with a warning) if
+        nothing moves.
     """
     _check(cine, geometry, 4, "cine")
     if not (0 <= threshold < 1):
@@ -122,7 +130,7 @@ def center_from_cine(cine: np.ndarray, geometry: Geometry, *, sigma_mm: float = 
     h1 = _blur(first_harmonic(cine) / np.float32(scale), geometry, sigma_mm)
     peak = float(h1.max())
     if not peak > 0:
-        log.warning("cine has no temporal variation; using the field-of-view centre")
+        log.warning("cine has no temporal variation; using center_fallback")
         return center_fallback(cine[..., 0], geometry)
     h1 = np.where(h1 >= threshold * peak, h1, np.float32(0))
     slices = _mid_slices(cine.shape[2])
@@ -135,7 +143,7 @@ def center_from_cine(cine: np.ndarray, geometry: Geometry, *, sigma_mm: float = 
     return center
 
 
-def center_fallback(image: np.ndarray, geometry: Geometry, *, method: str = "fov_centre",
+def center_fallback(image: np.ndarray, geometry: Geometry, *, method: str = "bright_blob",
                     radius_mm: float = 50.0, sigma_mm: float = 5.0) -> tuple[float, float]:
     """Heart centre guess for a single 3D frame without labels or cine (see module doc).
 
@@ -143,9 +151,10 @@ def center_fallback(image: np.ndarray, geometry: Geometry, *, method: str = "fov
     ----------
     image : ndarray
         ``[i, j, k]`` image.
-    method : {"fov_centre", "bright_blob"}
-        FOV centre, or the centroid of the brightest (top 10 %) blurred voxels
-        within ``radius_mm`` of the FOV centre over the middle slices.
+    method : {"bright_blob", "fov_centre"}
+        Centroid of the brightest (top 10 %) blurred voxels within
+        ``radius_mm`` of the FOV centre over the middle slices, or the FOV
+        centre.
     """
     _check(image, geometry, 3, "image")
     fov = ((image.shape[0] - 1) / 2, (image.shape[1] - 1) / 2)

@@ -49,11 +49,12 @@ def test_first_harmonic_centre_error_below_10mm(scale, seed, centre):
 
 def test_fallbacks_and_static_cine():
     cine, geo, _ = _phantom(frames=4)
-    assert center_fallback(cine[..., 0], geo) == (47.5, 47.5)
-    ci, cj = center_fallback(cine[..., 0], geo, method="bright_blob")
+    assert center_fallback(cine[..., 0], geo, method="fov_centre") == (47.5, 47.5)
+    ci, cj = center_fallback(cine[..., 0], geo)
     assert 0 <= ci < 96 and 0 <= cj < 96
+    assert center_fallback(np.zeros((96, 96, 8)), geo) == (47.5, 47.5)  # nothing bright
     static = np.repeat(cine[..., :1], 4, axis=3)
-    assert center_from_cine(static, geo) == (47.5, 47.5)
+    assert center_from_cine(static, geo) == center_fallback(static[..., 0], geo)
 
 
 def test_first_harmonic_of_sinusoid():
