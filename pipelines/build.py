@@ -147,6 +147,8 @@ def _locked_build(raw, out, layout, plan_file, overrides, crop_mm, workers, memo
     disc = discover(raw, layout)
     result.quarantined.extend(p.to_dict() for p in disc.problems)
     (out / "cache").mkdir(exist_ok=True)
+    for leftover in (out / "cache").glob(".*.tmp"):  # from a killed build
+        leftover.unlink(missing_ok=True)
     digest_index = cache_mod.DigestIndex(out / "cache" / "digests.json")
     headers, problems, digests = _headers(disc.cases, digest_index)
     result.quarantined.extend(p.to_dict() for p in problems)
@@ -333,15 +335,29 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, PermissionError, outdir.BuildLocked) as exc:
         log.error("%s", exc)
         return EXIT_CONFIG
+    except OSError as exc:
+        log.error("build failed with an I/O error: %s (disk full, permissions or a vanished "
+                  "input?); the previous store version is intact", exc)
+        return EXIT_FAILURE
     except Exception:  # noqa: BLE001 - top-level failure, logged with traceback
         log.exception("build failed; the previous store version is intact")
         return EXIT_FAILURE
-    _print_summary(res)
+    _print_summary(res, dry_run=args.dry_run)
     return res.exit_code
 
 
-def _print_summary(res: BuildResult) -> None:
-    verb = "would process" if not res.published and res.processed and res.n_slices == 0 else "processed"
+def _print_summary(res: BuildResult, dry_run: bool = False) -> None:
+    if dry_run:
+        print(f"dry run: {res.n_cases} cases; would process {len(res.processed)}, reuse "
+              f"{len(res.reused)}, remove {len(res.removed)}"
+              + ("; the plan changed: full rebuild" if res.full_rebuild else ""))
+        for label, ids in (("process", res.processed), ("remove", res.removed)):
+            for cid in ids:
+                print(f"  {label} {cid}")
+        return
+    if res.full_rebuild:
+        print("the plan changed since the last build: every case was reprocessed")
+    verb = "processed"
     print(f"{res.n_cases} cases: {verb} {len(res.processed)}, reused {len(res.reused)}, "
           f"removed {len(res.removed)}, quarantined {len(res.quarantined)}; "
           f"{res.n_slices} slices in {res.out / 'store.zarr'} ({res.seconds:.1f} s)")
