@@ -1,0 +1,77 @@
+"""The build on a real multi-process Dask cluster (scheduler + 2 workers on loopback)."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from pipelines.build import build
+from pipelines.synthesize import synthesize
+
+ARRAYS = ("images", "labels", "weights", "case_index", "frame_index", "slice_index", "phase",
+          "class_counts")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_workers(address: str, n: int, timeout: float = 60.0) -> None:
+    from distributed import Client
+
+    with Client(address, timeout="30s") as client:
+        client.wait_for_workers(n, timeout=timeout)
+
+
+@pytest.fixture()
+def cluster(tmp_path):
+    """A scheduler and two single-threaded workers, each a separate OS process."""
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler",
+                               "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0",
+                               "--no-show"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    time.sleep(1.0)
+    for i in range(2):
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
+             "--nworkers", "1", "--no-dashboard", "--local-directory", str(tmp_path / f"w{i}")],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    try:
+        _wait_for_workers(address, 2)
+        yield address
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def test_scheduler_build_equals_local_build(cluster, tmp_path):
+    raw = tmp_path / "raw"
+    synthesize(raw, 4, 5, layout="acdc")
+    local = build(raw, tmp_path / "local", workers=0, progress=False)
+    dist = build(raw, tmp_path / "dist", scheduler=cluster, progress=False)
+    assert local.exit_code == dist.exit_code == 0
+    a = zarr.open_group(str(tmp_path / "local" / "store.zarr"), mode="r")
+    b = zarr.open_group(str(tmp_path / "dist" / "store.zarr"), mode="r")
+    for name in ARRAYS:
+        np.testing.assert_array_equal(a[name][...], b[name][...], err_msg=name)
+    strip = lambda g: json.dumps({k: v for k, v in g.attrs.items() if k != "provenance"}, sort_keys=True)
+    assert strip(a) == strip(b)
+    logs = [json.loads(l) for l in (tmp_path / "dist" / "logs" / "build.jsonl").read_text().splitlines()]
+    assert sum(1 for e in logs if e["event"] == "case" and e["ok"]) == 4
