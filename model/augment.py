@@ -32,6 +32,7 @@ Examples
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 
 import albumentations as A
@@ -100,8 +101,23 @@ class Augmenter:
         lo, hi = self.config.z_range
         if not lo < hi:
             raise ConfigError(f"z_range must be (low, high) with low < high, got {(lo, hi)}")
-        # strict=True: an obsolete 1.x keyword raises instead of silently using defaults.
-        self.compose = A.Compose(_transforms(self.config), strict=True, seed=0)
+        self._local = threading.local()
+        self._compose()  # build once now so configuration errors surface here
+
+    def _compose(self) -> A.Compose:
+        """This thread's pipeline: seeding then applying must not interleave across threads."""
+        compose = getattr(self._local, "compose", None)
+        if compose is None:
+            # strict=True: an obsolete 1.x keyword raises instead of silently using defaults.
+            compose = A.Compose(_transforms(self.config), strict=True, seed=0)
+            self._local.compose = compose
+        return compose
+
+    def __getstate__(self) -> dict:
+        return {"config": self.config}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["config"])
 
     def __call__(self, image: np.ndarray, label: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """Augment one slice.
@@ -123,8 +139,9 @@ class Augmenter:
             Augmented labels (nearest interpolation: no new values).
         """
         unit, lo, span = self._to_unit(image)
-        self.compose.set_random_seed(int(seed))
-        out = self.compose(image=unit, mask=np.ascontiguousarray(label, dtype=np.uint8))
+        compose = self._compose()
+        compose.set_random_seed(int(seed))
+        out = compose(image=unit, mask=np.ascontiguousarray(label, dtype=np.uint8))
         result = self._from_unit(np.asarray(out["image"], dtype=np.float32), lo, span)
         return result, np.asarray(out["mask"], dtype=np.uint8)
 

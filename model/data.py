@@ -141,7 +141,8 @@ class ShardStore:
         for shard in np.unique(idx // self.shard_len):
             sel = np.flatnonzero(idx // self.shard_len == shard)
             img, lab = self._shard(int(shard))
-            images[sel], labels[sel] = img[idx[sel] - shard * self.shard_len], lab[idx[sel] - shard * self.shard_len]
+            local = idx[sel] - shard * self.shard_len
+            images[sel], labels[sel] = img[local], lab[local]
         return images, labels
 
     def _shard(self, shard: int) -> tuple[np.ndarray, np.ndarray]:

@@ -194,8 +194,9 @@ def _model_and_epoch(run_dir: Path, resume: bool, build: dict, loss, optimizer) 
 
 
 def _callbacks(run_dir: Path, train_ds: SliceDataset, val_ds: ValidationDataset, from_logits: bool,
-               deadline: float | None, best: float | None, resume: bool, patience: int) -> list:
-    guard = CollapseGuard(patience=patience, run_dir=run_dir,
+               deadline: float | None, best: float | None, resume: bool, patience: int,
+               min_dice: float) -> list:
+    guard = CollapseGuard(patience=patience, min_dice=min_dice, run_dir=run_dir,
                           fg_pixel_share=train_ds.foreground_pixel_share())
     checkpoint = keras.callbacks.ModelCheckpoint(
         run_dir / "best.keras", monitor="val_dice_mean", mode="max", save_best_only=True,
@@ -203,3 +204,108 @@ def _callbacks(run_dir: Path, train_ds: SliceDataset, val_ds: ValidationDataset,
     return [_EpochSync(train_ds), TimeLimit(deadline), ValidationDice(val_ds, from_logits),
             checkpoint, _SaveLast(run_dir / "last.keras"),
             keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resume), guard]
+
+
+def _finish(run_dir: Path, net: keras.Model, callbacks: list, start: float,
+            epochs_done: int) -> TrainResult:
+    """Save last/best, curves and ``result.json``; return the :class:`TrainResult`."""
+    net.save(run_dir / "last.keras")
+    if not (run_dir / "best.keras").exists():
+        log.warning("no validation Dice to select a best model: best.keras = last.keras")
+        net.save(run_dir / "best.keras")
+    plot_curves(run_dir)
+    guard = next(c for c in callbacks if isinstance(c, CollapseGuard))
+    timer = next(c for c in callbacks if isinstance(c, TimeLimit))
+    reason = "collapse" if guard.collapsed else "max_minutes" if timer.triggered else "completed"
+    rows = read_history(run_dir)
+    scored = [r for r in rows if math.isfinite(r.get("val_dice_mean", math.nan))]
+    best_row = max(scored, key=lambda r: r["val_dice_mean"]) if scored else None
+    best = ({k[len("val_dice_"):]: r for k, r in best_row.items() if k.startswith("val_dice_")}
+            if best_row else {})
+    result = TrainResult(str(run_dir), reason, len(rows) or epochs_done,
+                         int(best_row["epoch"]) + 1 if best_row else None, best,
+                         round(time.monotonic() - start, 2), guard.diagnosis)
+    _write_json(run_dir / "result.json", asdict(result))
+    log.info("training %s after %d epoch(s); best epoch %s Dice %s", reason,
+             result.epochs_completed, result.best_epoch, best)
+    return result
+
+
+def train(store_path: str | Path, run_dir: str | Path, *, epochs: int = 50,
+          max_minutes: float | None = None, batch_size: int = 16, loss: str = "dice_ce",
+          lr: float = 1e-3, seed: int = 0, val_fraction: float = 0.2,
+          steps_per_epoch: int | None = None, filters: Sequence[int] = (16, 32, 64, 128, 256),
+          batch_norm: bool = False, augment: bool = True, optimizer: str = "adam",
+          resume: bool = False, collapse_patience: int = 5, collapse_min_dice: float = 0.02,
+          use_sampling: bool = True,
+          class_weights: Any = "store", output: str = "logits", from_logits: bool | None = None,
+          memory_budget: int = 4 * 1024**3, workers: int = 1, verbose: int | None = None,
+          ) -> TrainResult:
+    """Train a U-Net on ``store_path`` and write the run directory (see module docstring).
+
+    Parameters
+    ----------
+    store_path : path
+        Build output folder containing ``store.zarr``, or the store itself.
+    run_dir : path
+        Output folder (created); with ``resume=True`` an existing run.
+    epochs, batch_size, lr, seed, steps_per_epoch
+        Usual meaning; ``steps_per_epoch`` defaults to one pass over the
+        training slices.  ``epochs`` counts the resumed ones.
+    max_minutes : float, optional
+        Wall-clock budget; stops at a batch boundary (``stopped_reason``
+        ``"max_minutes"``), keeping the best checkpoint.
+    loss : {"dice_ce", "ce", "dice"}
+        See :func:`model.losses.make_loss`.
+    val_fraction : float
+        Share of cases held out (split by case, never by slice).
+    filters, batch_norm, output
+        U-Net options (:func:`model.unet.build_unet`).
+    augment, use_sampling : bool
+        Augmentation; weighted slice sampling (else uniform shuffling).
+    optimizer : {"adam", "sgd", "rmsprop"}
+        SGD is plain (momentum 0), as in the seed-style setup.
+    resume : bool
+        Continue from ``last.keras`` and the epoch count of ``history.csv``.
+    collapse_patience, collapse_min_dice
+        Stop after this many epochs of validation mean foreground Dice below
+        ``collapse_min_dice`` (or no foreground predicted); patience 0 disables.
+    class_weights : "store", None or sequence
+        CE class weights: the store's default scheme, none, or explicit.
+    from_logits : bool, optional
+        Defaults to ``output == "logits"``; a mismatch is refused.
+    memory_budget, workers, verbose
+        Store RAM budget (bytes); PyDataset workers; Keras verbosity
+        (default 1 on a terminal, else 2).
+
+    Returns
+    -------
+    TrainResult
+    """
+    start = time.monotonic()
+    config = {k: v for k, v in locals().items() if k != "start"}
+    keras.utils.set_random_seed(seed)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    store = ShardStore(store_path, memory_budget=memory_budget)
+    train_idx, val_idx = split_by_patient(store, val_fraction, seed)
+    from_logits = output == "logits" if from_logits is None else from_logits
+    loss_fn = make_loss(loss, _class_weights(class_weights, store), from_logits=from_logits)
+    build = dict(input_shape=(*store.slice_shape, 1), filters=tuple(filters),
+                 batch_norm=batch_norm, output=output)
+    net, initial_epoch, best = _model_and_epoch(run_dir, resume, build,
+                                                loss_fn, _make_optimizer(optimizer, lr))
+    train_ds = SliceDataset(store, train_idx, batch_size, seed=seed,
+                            augment=Augmenter() if augment else None, use_sampling=use_sampling,
+                            steps_per_epoch=steps_per_epoch, workers=workers)
+    check_wiring(net, net.loss if resume else loss_fn, train_ds[0][1], store.check_attrs())
+    train_ds.set_epoch(initial_epoch)
+    val_ds = ValidationDataset(store, val_idx, batch_size)
+    _write_metadata(run_dir, {**config, "store_path": str(store.path)}, store, train_idx, val_idx)
+    deadline = start + 60.0 * max_minutes if max_minutes is not None else None
+    callbacks = _callbacks(run_dir, train_ds, val_ds, from_logits, deadline, best, resume,
+                           collapse_patience, collapse_min_dice)
+    if initial_epoch < epochs:
+        net.fit(train_ds, epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks,
+                verbose=verbose if verbose is not None else (1 if sys.stdout.isatty() else 2))
+    return _finish(run_dir, net, callbacks, start, initial_epoch)

@@ -63,7 +63,7 @@ def _conv_block(x, n_filters: int, batch_norm: bool, name: str):
 
 
 def _upsample(x, n_filters: int, mode: str, name: str):
-    """Double the spatial size: bilinear-free nearest upsampling + 2x2 conv, or transposed conv."""
+    """Double the spatial size: nearest-neighbour upsampling + 2x2 conv, or a transposed conv."""
     if mode == "transpose":
         return layers.Conv2DTranspose(n_filters, 2, strides=2, padding="same",
                                       kernel_initializer="he_normal", name=f"{name}_up")(x)

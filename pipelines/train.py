@@ -1,0 +1,90 @@
+"""Train the bundled U-Net on a built store.
+
+Usage::
+
+    python -m pipelines.train SHARDS RUN_DIR [--epochs N] [--max-minutes M]
+        [--batch-size B] [--loss dice_ce|ce|dice] [--lr LR] [--seed S]
+        [--steps-per-epoch K] [--resume] [--no-augment]
+
+``SHARDS`` is the build output folder holding ``store.zarr`` (or the store
+itself).  Exit codes: 0 success, 2 configuration or mis-wiring error (also
+usage errors), 4 training collapsed (see ``RUN_DIR/diagnosis.txt``),
+1 any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_COLLAPSE = 0, 1, 2, 4
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__.split("\n")[0])
+    p.add_argument("shards", help="build output folder containing store.zarr (or the store)")
+    p.add_argument("run_dir", help="output folder of the run")
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--loss", choices=("dice_ce", "ce", "dice"), default="dice_ce")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps-per-epoch", type=int, default=None)
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of cases held out")
+    p.add_argument("--filters", type=int, nargs="+", default=[16, 32, 64, 128, 256])
+    p.add_argument("--batch-norm", action="store_true")
+    p.add_argument("--optimizer", choices=("adam", "sgd", "rmsprop"), default="adam")
+    p.add_argument("--output", choices=("logits", "softmax"), default="logits")
+    p.add_argument("--no-sampling", action="store_true", help="uniform shuffling, ignore weights")
+    p.add_argument("--no-class-weights", action="store_true", help="unweighted cross-entropy")
+    p.add_argument("--collapse-patience", type=int, default=5, help="0 disables the guard")
+    p.add_argument("--collapse-min-dice", type=float, default=0.02,
+                   help="validation foreground Dice below this counts as collapsed")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.keras")
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--workers", type=int, default=1, help="loader threads")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, train, print a summary; return the exit code."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # argparse: usage error (2) or --help (0)
+        return int(exc.code or 0)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from cmrprep.plan import ConfigError
+    from model.train import train
+    try:
+        result = train(
+            args.shards, args.run_dir, epochs=args.epochs, max_minutes=args.max_minutes,
+            batch_size=args.batch_size, loss=args.loss, lr=args.lr, seed=args.seed,
+            val_fraction=args.val_fraction, steps_per_epoch=args.steps_per_epoch,
+            filters=tuple(args.filters), batch_norm=args.batch_norm, augment=not args.no_augment,
+            optimizer=args.optimizer, resume=args.resume, collapse_patience=args.collapse_patience,
+            collapse_min_dice=args.collapse_min_dice,
+            use_sampling=not args.no_sampling, output=args.output,
+            class_weights=None if args.no_class_weights else "store", workers=args.workers)
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        return EXIT_CONFIG
+    except Exception:  # noqa: BLE001 - a CLI reports any failure with its traceback
+        log.exception("training failed")
+        return EXIT_FAILURE
+    print(f"{result.stopped_reason}: {result.epochs_completed} epoch(s), best epoch "
+          f"{result.best_epoch}, validation Dice {result.best_dice} -> {result.run_dir}")
+    if result.collapsed:
+        print(result.diagnosis, file=sys.stderr)
+        return EXIT_COLLAPSE
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""U-Net construction, sparse losses and numpy Dice metrics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import model  # noqa: F401  (KERAS_BACKEND)
+import keras
+
+from cmrprep.plan import ConfigError
+from model.losses import DiceCE, SoftDice, WeightedCrossEntropy, make_loss
+from model.metrics import DiceAccumulator, confusion_counts, dice_from_confusion, mean_dice
+from model.unet import build_unet
+
+
+def _labels(shape=(2, 8, 8), seed=0):
+    return np.random.default_rng(seed).integers(0, 4, size=shape).astype(np.int32)
+
+
+def test_unet_shapes_and_logits_layer():
+    net = build_unet((32, 32, 1), filters=(8, 16, 32))
+    assert net.output_shape == (None, 32, 32, 4)
+    assert net.layers[-1].name == "logits"
+    assert net.layers[-1].activation.__name__ == "linear"
+    deep = build_unet((32, 32, 1), filters=(8, 16, 32, 64), filter_scale=0.5, depth=3,
+                      upsampling="transpose", batch_norm=True)
+    assert deep.get_layer("bottleneck_conv1").filters == 16
+
+
+def test_unet_softmax_output_sums_to_one():
+    net = build_unet((16, 16, 1), filters=(4, 8), output="softmax")
+    out = net.predict_on_batch(np.random.default_rng(0).normal(size=(2, 16, 16, 1)).astype("float32"))
+    np.testing.assert_allclose(out.sum(-1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"input_shape": (30, 30, 1)}, "divisible"),
+    ({"output": "sigmoid"}, "output"),
+    ({"depth": 9}, "depth"),
+])
+def test_unet_config_errors(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        build_unet(**{"input_shape": (32, 32, 1), "filters": (8, 16, 32), **kwargs})
+
+
+def test_ce_of_uniform_prediction_is_ln4_whatever_the_weights():
+    y = _labels()
+    logits = np.zeros((2, 8, 8, 4), np.float32)
+    for w in (None, [0.1, 1, 2, 3]):
+        value = float(WeightedCrossEntropy(w)(y, logits))
+        assert value == pytest.approx(math.log(4), rel=1e-5)
+    probs = np.full((2, 8, 8, 4), 0.25, np.float32)
+    assert float(WeightedCrossEntropy(from_logits=False)(y, probs)) == pytest.approx(math.log(4))
+
+
+def test_weighted_ce_uses_pixel_class_weights():
+    y = np.array([[[0, 1]]], np.int32)
+    logits = np.zeros((1, 1, 2, 4), np.float32)
+    logits[0, 0, 0, 0] = 10.0  # background pixel right, RV pixel uniform
+    nll_rv = math.log(4)
+    unweighted = float(WeightedCrossEntropy()(y, logits))
+    weighted = float(WeightedCrossEntropy([0.0, 1, 1, 1])(y, logits))
+    assert unweighted == pytest.approx(nll_rv / 2, rel=1e-3)
+    assert weighted == pytest.approx(nll_rv, rel=1e-4)
+
+
+def test_soft_dice_perfect_and_wrong():
+    y = _labels((2, 8, 8, 1))  # a trailing 1 is accepted
+    perfect = np.eye(4, dtype=np.float32)[y[..., 0]] * 20.0
+    assert float(SoftDice()(y, perfect)) == pytest.approx(0.0, abs=1e-3)
+    wrong = np.eye(4, dtype=np.float32)[(y[..., 0] + 1) % 4] * 20.0
+    assert float(SoftDice()(y, wrong)) == pytest.approx(1.0, abs=1e-3)
+    assert float(DiceCE()(y, perfect)) < 0.01
+
+
+def test_make_loss_names_and_serialization():
+    assert isinstance(make_loss("dice_ce", [0.1, 1, 1, 1]), DiceCE)
+    assert make_loss("ce", None, from_logits=False).from_logits is False
+    with pytest.raises(ConfigError, match="unknown loss"):
+        make_loss("focal")
+    with pytest.raises(ConfigError, match="class_weights"):
+        make_loss("ce", [1, 1])
+    loss = make_loss("dice_ce", [0.1, 1, 1, 1])
+    again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss))
+    assert isinstance(again, DiceCE) and again.class_weights == [0.1, 1.0, 1.0, 1.0]
+
+
+def test_dice_from_confusion_handles_empty_classes():
+    y = np.array([0, 1, 1, 2, 0])
+    p = np.array([0, 1, 0, 2, 2])
+    cm = confusion_counts(y, p, 4)
+    d = dice_from_confusion(cm)
+    assert d[0] == pytest.approx(2 / 3) and d[1] == pytest.approx(2 / 3) and np.isnan(d[2])
+    assert mean_dice(d) == pytest.approx(2 / 3)
+    assert np.isnan(mean_dice(np.array([np.nan])))
+
+
+def test_accumulator_pred_fg_and_ce():
+    acc = DiceAccumulator()
+    y = np.zeros((1, 4, 4), np.int32)
+    acc.update(y, np.zeros((1, 4, 4, 4)), from_logits=True)
+    r = acc.result()
+    assert r["pred_fg"] == 0.0 and r["ce"] == pytest.approx(math.log(4))
+    assert all(np.isnan(r[k]) for k in ("dice_rv", "dice_myo", "dice_lv"))

@@ -1,0 +1,76 @@
+"""End-to-end training on the tiny synthetic store (tiny U-Net, 32x32)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import model  # noqa: F401  (KERAS_BACKEND)
+import keras
+
+from model.train import read_history, train
+from pipelines.train import main
+from storefixture import write_store
+
+# Keras' torch backend emits thousands of NumPy 2 "copy keyword" DeprecationWarnings.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+TINY = dict(filters=(8, 16, 32), batch_size=8, verbose=0)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    write_store(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(shards, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    return run, train(shards, run, epochs=8, steps_per_epoch=10, lr=3e-3, **TINY)
+
+
+def test_tiny_model_learns(trained):
+    run, result = trained
+    assert result.stopped_reason == "completed" and result.epochs_completed == 8
+    assert result.best_dice["mean"] > 0.5
+    for name in ("best.keras", "last.keras", "history.csv", "curves.png", "train_config.json",
+                 "plan.json", "result.json"):
+        assert (run / name).exists(), name
+    rows = read_history(run)
+    assert {"val_dice_rv", "val_dice_myo", "val_dice_lv", "val_dice_mean"} <= set(rows[0])
+    config = json.loads((run / "train_config.json").read_text())
+    assert set(config["split"]["train_cases"]).isdisjoint(config["split"]["val_cases"])
+    assert json.loads((run / "plan.json").read_text())["crop_shape"] == [32, 32]
+
+
+def test_resume_continues_epoch_count(trained, shards):
+    run, _ = trained
+    result = train(shards, run, epochs=9, steps_per_epoch=2, lr=3e-3, resume=True, **TINY)
+    assert result.epochs_completed == 9
+    assert [int(r["epoch"]) for r in read_history(run)] == list(range(9))
+
+
+def test_max_minutes_stops_cleanly(shards, tmp_path):
+    result = train(shards, tmp_path, epochs=50, max_minutes=0.0001, **TINY)
+    assert result.stopped_reason == "max_minutes" and result.epochs_completed == 1
+    assert json.loads((tmp_path / "result.json").read_text())["stopped_reason"] == "max_minutes"
+    net = keras.saving.load_model(tmp_path / "best.keras")
+    assert net.output_shape == (None, 32, 32, 4)
+
+
+def test_cli_exit_codes(shards, tmp_path):
+    no_weights = tmp_path / "bad"
+    write_store(no_weights, with_weights=False)
+    assert main([str(no_weights), str(tmp_path / "r1"), "--epochs", "1"]) == 2
+    assert main([str(shards / "store.zarr"), str(tmp_path / "r2"), "--epochs", "1",
+                 "--steps-per-epoch", "1", "--filters", "8", "16", "--output", "softmax",
+                 "--resume"]) == 2
+    collapse = ["--epochs", "3", "--steps-per-epoch", "1", "--filters", "8", "16", "--lr", "0",
+                "--optimizer", "sgd", "--collapse-patience", "1", "--collapse-min-dice", "1.01"]
+    assert main([str(shards), str(tmp_path / "r3"), *collapse]) == 4
+    assert (tmp_path / "r3" / "diagnosis.txt").exists()
+    assert main([str(shards), str(tmp_path / "r4"), "--epochs", "1", "--steps-per-epoch", "1",
+                 "--filters", "8", "16", "--no-augment"]) == 0
