@@ -26,20 +26,135 @@ Examples
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-__all__ = ["normalize_intensity", "robust_percentiles"]
+__all__ = ["IntensityStats", "intensity_statistics", "apply_normalization", "normalize_intensity",
+           "robust_percentiles"]
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class IntensityStats:
+    """Clip range and z-score parameters of one volume (see :func:`intensity_statistics`).
+
+    ``low``/``high`` are the clip percentiles, ``median`` the 50th percentile
+    of the raw values, ``mean``/``std`` those of the clipped values (``std``
+    floored), ``samples`` how many voxels they were computed on.
+    """
+
+    percentiles: tuple[float, float]
+    low: float
+    high: float
+    median: float
+    mean: float
+    std: float
+    samples: int
+
+    @property
+    def constant(self) -> bool:
+        """True when the clip range is empty (the volume normalises to zeros)."""
+        return not self.high > self.low
+
+    @property
+    def normalized_low(self) -> float:
+        """Normalised value of the clipped dark tail (the darkest output value)."""
+        return 0.0 if self.constant else (self.low - self.mean) / self.std
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        return {"percentiles": list(self.percentiles), "low": self.low, "high": self.high,
+                "median": self.median, "mean": self.mean, "std": self.std,
+                "samples": self.samples}
+
+
+def _check_percentiles(percentiles) -> tuple[float, float]:
+    lo_p, hi_p = (float(p) for p in percentiles)
+    if not (0 <= lo_p < hi_p <= 100):
+        raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {percentiles!r}")
+    return lo_p, hi_p
+
+
+def _subsample(values: np.ndarray, max_samples: int) -> np.ndarray:
+    """Deterministic strided subsample: every ``ceil(size / max_samples)``-th value in C order.
+
+    Defined on logical indices, so the result does not depend on the memory
+    layout (a Fortran-ordered array from nibabel is sampled exactly like its
+    C-ordered copy), and without copying the whole array.
+    """
+    values = np.asarray(values)
+    if values.size <= max_samples:
+        return values.ravel()
+    step = int(np.ceil(values.size / max_samples))
+    if values.flags.c_contiguous:
+        return values.reshape(-1)[::step]
+    flat_idx = np.arange(0, values.size, step, dtype=np.intp)
+    return values[np.unravel_index(flat_idx, values.shape)]
+
+
+def intensity_statistics(image: np.ndarray, *, percentiles: tuple[float, float] = (0.5, 99.5),
+                         mask: np.ndarray | None = None,
+                         max_samples: int = 1_000_000) -> IntensityStats:
+    """Clip percentiles, median and clipped mean/std of ``image`` (see the module doc).
+
+    All statistics come from the same deterministic strided subsample of at
+    most ``max_samples`` voxels (of ``image[mask]`` with a mask), so
+    computing them is cheap and repeatable.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> s = intensity_statistics(np.arange(1000.0).reshape(10, 10, 10), percentiles=(1, 99))
+    >>> round(s.low, 2), round(s.high, 2), s.median, s.samples
+    (9.99, 989.01, 499.5, 1000)
+    """
+    image = np.asarray(image)
+    lo_p, hi_p = _check_percentiles(percentiles)
+    if image.size == 0:
+        raise ValueError("image is empty")
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != image.shape:
+            raise ValueError(f"mask shape {mask.shape} differs from image shape {image.shape}")
+        if not mask.any():
+            raise ValueError("mask selects no voxel; pass mask=None to use the whole image")
+        values = image[mask]
+    else:
+        values = image
+    sample = _subsample(values, max_samples).astype(np.float64)
+    lo, med, hi = (float(v) for v in np.percentile(sample, [lo_p, 50.0, hi_p]))
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError(f"image has non-finite values (percentiles {lo}, {hi})")
+    if hi <= lo:
+        return IntensityStats((lo_p, hi_p), lo, hi, med, lo, 1.0, int(sample.size))
+    clipped = np.clip(sample, lo, hi)
+    mean = float(clipped.mean())
+    std = max(float(clipped.std()), 1e-6 * (hi - lo))
+    return IntensityStats((lo_p, hi_p), lo, hi, med, mean, std, int(sample.size))
+
+
+def apply_normalization(image: np.ndarray, stats: IntensityStats) -> np.ndarray:
+    """Clip ``image`` to ``[stats.low, stats.high]`` and z-score it -> new float32 array.
+
+    All zeros when ``stats.constant``.
+    """
+    image = np.asarray(image)
+    if stats.constant:
+        log.debug("constant image (value %g): normalised to zeros", stats.low)
+        return np.zeros(image.shape, dtype=np.float32)
+    out = np.clip(image, stats.low, stats.high).astype(np.float32)
+    out -= np.float32(stats.mean)
+    out *= np.float32(1.0 / stats.std)
+    return out
+
+
 def robust_percentiles(values: np.ndarray, percentiles: tuple[float, float],
                        max_samples: int = 1_000_000) -> tuple[float, float]:
-    """Low/high percentiles of ``values`` (flattened), on a strided subsample if large."""
-    flat = np.asarray(values).ravel()
-    if flat.size > max_samples:
-        flat = flat[:: int(np.ceil(flat.size / max_samples))]
+    """Low/high percentiles of ``values``, on a deterministic strided subsample if large."""
+    flat = _subsample(np.asarray(values), max_samples)
     lo, hi = np.percentile(flat.astype(np.float64, copy=False), percentiles)
     return float(lo), float(hi)
 
@@ -58,36 +173,15 @@ def normalize_intensity(image: np.ndarray, *, percentiles: tuple[float, float] =
     mask : ndarray of bool, optional
         Same shape as ``image``; voxels used for the statistics.
     max_samples : int
-        Percentiles are computed on at most this many voxels.
+        Statistics are computed on at most this many voxels.
 
     Returns
     -------
     ndarray
-        float32, zero mean and unit std over the (masked) clipped voxels;
-        all zeros for a constant image.
+        float32, zero mean and unit std over the (masked) clipped voxels (exact
+        when they number at most ``max_samples``); all zeros for a constant
+        image.
     """
-    image = np.asarray(image)
-    lo_p, hi_p = (float(p) for p in percentiles)
-    if not (0 <= lo_p < hi_p <= 100):
-        raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {percentiles!r}")
-    if image.size == 0:
-        raise ValueError("image is empty")
-    values = image
-    if mask is not None:
-        mask = np.asarray(mask, dtype=bool)
-        if mask.shape != image.shape:
-            raise ValueError(f"mask shape {mask.shape} differs from image shape {image.shape}")
-        if not mask.any():
-            raise ValueError("mask selects no voxel; pass mask=None to use the whole image")
-        values = image[mask]
-    lo, hi = robust_percentiles(values, (lo_p, hi_p), max_samples)
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        raise ValueError(f"image has non-finite values (percentiles {lo}, {hi})")
-    if hi <= lo:
-        log.debug("constant image (value %g): normalised to zeros", lo)
-        return np.zeros(image.shape, dtype=np.float32)
-    clipped = np.clip(image.astype(np.float64), lo, hi)
-    stats = clipped[mask] if mask is not None else clipped
-    mean = float(stats.mean())
-    std = max(float(stats.std()), 1e-6 * (hi - lo))
-    return ((clipped - mean) / std).astype(np.float32)
+    stats = intensity_statistics(image, percentiles=percentiles, mask=mask,
+                                 max_samples=max_samples)
+    return apply_normalization(image, stats)

@@ -1,9 +1,30 @@
 """Compose the stages for one frame, and invert them for predictions.
 
-Order (:func:`preprocess_frame`): reorient -> resample in-plane to
-``plan.target_spacing`` -> normalise the whole resampled volume -> choose the
-centre -> crop to ``plan.crop_shape`` -> slices ``vol[:, :, k]`` stacked as
+Order (:func:`preprocess_frame`): intensity statistics of the input volume
+-> reorient -> resample the label in-plane to ``plan.target_spacing`` ->
+choose the centre -> crop to ``plan.crop_shape`` -> resample and normalise
+the image *inside the crop box only* -> slices ``vol[:, :, k]`` stacked as
 ``(S, H, W)`` with ``S = K``.
+
+Only what is stored is computed (this is what makes the build fast; the
+result equals resampling the whole field of view and cropping, up to float
+rounding):
+
+* the label is resampled on the window of the target grid that holds all of
+  its foreground (:func:`cmrprep.resample.resample_label_inplane_support`);
+  outside it the full-FOV result is 0, so the centre, jitter clamp, counts
+  before the crop (``class_counts_raw``) and foreground-outside check are
+  exactly those of the full-FOV label;
+* the image is resampled on the part of the crop box inside the target grid
+  (:func:`cmrprep.resample.resample_inplane_window`).
+
+Normalisation: percentile clip (``plan.clip_percentiles``) and z-score with
+statistics of the **input volume** (original resolution, a deterministic
+strided subsample of at most :data:`STAT_SAMPLES` voxels; see
+:func:`cmrprep.normalize.intensity_statistics`), applied to the resampled
+values.  Linear resampling barely changes the intensity distribution, so the
+output is zero-mean, unit-variance to within a few percent; the statistics
+are recorded (``record["intensity"]``) and reused by the build fingerprint.
 
 Centre, by priority:
 
@@ -14,7 +35,9 @@ Centre, by priority:
    and 1 of the *input* array (as :func:`cmrprep.localize.center_from_cine`
    returns for the input cine), taken at the middle slice, or a world point
    ``(x, y, z)`` in RAS mm;
-3. :func:`cmrprep.localize.center_fallback` on the resampled volume.
+3. :func:`cmrprep.localize.center_fallback` on the whole resampled,
+   normalised volume (the only case where the full field of view is
+   resampled).
 
 Padding outside the image uses the lowest normalised value (the clipped dark
 tail), which looks like air.  A heart larger than the crop is not an error
@@ -52,16 +75,20 @@ import numpy as np
 from cmrprep import crop as crop_mod
 from cmrprep.geometry import Geometry
 from cmrprep.localize import center_fallback
-from cmrprep.normalize import normalize_intensity
+from cmrprep.normalize import apply_normalization, intensity_statistics
 from cmrprep.plan import ConfigError, Plan
 from cmrprep.reorient import Reorientation, apply_reorientation, reorient, undo_reorientation
-from cmrprep.resample import resample_inplane, resample_label_inplane, resample_to_reference
+from cmrprep.resample import (resample_inplane, resample_inplane_window, resample_label_inplane_support,
+                              resample_to_reference, target_geometry)
 
 __all__ = ["PreparedFrame", "preprocess_frame", "restore_prediction", "RECORD_VERSION"]
 
 log = logging.getLogger(__name__)
 
 RECORD_VERSION = 1
+
+#: Voxels (deterministic strided subsample) the intensity statistics are computed on.
+STAT_SAMPLES = 200_000
 
 
 @dataclass(frozen=True, eq=False)
@@ -118,20 +145,50 @@ def _given_center(center: Sequence[float], original: Geometry, resampled: Geomet
     return float(v[0]), float(v[1])
 
 
-def _choose_center(label_r, image_r, geometry_r, geometry, plan, center, rng):
-    """Return ``(centre, source, jitter)``; see the module doc for the priority."""
-    if label_r is not None and np.any(label_r > 0):
-        base = crop_mod.center_from_label(label_r)
+def _choose_center(fg_window, image_r, geometry_r, geometry, plan, center, rng):
+    """Return ``(centre, source, jitter)``; see the module doc for the priority.
+
+    ``fg_window`` is ``(label window, (i0, j0))`` when the resampled label has
+    foreground (all of it inside the window), else ``None``.  ``image_r`` is a
+    zero-argument callable giving the full normalised resampled image (only
+    needed for the fallback).
+    """
+    if fg_window is not None:
+        win, (i0, j0) = fg_window
+        ci, cj = crop_mod.center_from_label(win)
+        base = (ci + i0, cj + j0)
         if rng is None or plan.crop_jitter_mm == 0:
             return base, "label", (0.0, 0.0)
-        jit = crop_mod.jittered_center(base, label_r, plan.crop_shape,
+        jit = crop_mod.jittered_center((ci, cj), win, plan.crop_shape,
                                        plan.crop_jitter_mm / plan.target_spacing, rng)
+        jit = (jit[0] + i0, jit[1] + j0)
         return jit, "label", (jit[0] - base[0], jit[1] - base[1])
     if center is not None:
         return _given_center(center, geometry, geometry_r), "given", (0.0, 0.0)
-    if label_r is not None:
-        log.warning("label has no foreground; using the fallback centre")
-    return center_fallback(image_r, geometry_r), "fallback", (0.0, 0.0)
+    return center_fallback(image_r(), geometry_r), "fallback", (0.0, 0.0)
+
+
+def _shift_box(box: crop_mod.CropBox, start: tuple[int, int], shape: tuple[int, ...]) -> crop_mod.CropBox:
+    """``box`` expressed in the coordinates of a window starting at ``start`` of ``shape``."""
+    return crop_mod.CropBox((box.start[0] - start[0], box.start[1] - start[1]), box.size,
+                            (int(shape[0]), int(shape[1])))
+
+
+def _crop_image(img_c, geo_c, geo_r, box, stats, plan, full_image) -> np.ndarray:
+    """Normalised ``(h, w, K)`` crop of the resampled image; only the box is resampled."""
+    fill = stats.normalized_low
+    if full_image is not None:
+        return crop_mod.crop(full_image, box, fill=fill)
+    lo = [max(box.start[a], 0) for a in (0, 1)]
+    hi = [min(box.stop[a], box.shape[a]) for a in (0, 1)]
+    out = np.full((*box.size, geo_r.shape[2]), fill, dtype=np.float32)
+    if hi[0] > lo[0] and hi[1] > lo[1]:
+        vals, _ = resample_inplane_window(img_c, geo_c, plan.target_spacing,
+                                          ((lo[0], hi[0]), (lo[1], hi[1])),
+                                          interpolation=plan.image_interpolation)
+        out[lo[0] - box.start[0]:hi[0] - box.start[0],
+            lo[1] - box.start[1]:hi[1] - box.start[1]] = apply_normalization(vals, stats)
+    return out
 
 
 def preprocess_frame(image: np.ndarray, label: np.ndarray | None, geometry: Geometry, plan: Plan,
@@ -157,28 +214,44 @@ def preprocess_frame(image: np.ndarray, label: np.ndarray | None, geometry: Geom
         Source of the crop jitter (training); ``None`` means no jitter.
     """
     _validate(image, label, geometry, plan)
+    stats = intensity_statistics(image, percentiles=tuple(plan.clip_percentiles),
+                                 max_samples=STAT_SAMPLES)
     img_c, geo_c, reo = reorient(image, geometry)
-    img_r, geo_r = resample_inplane(img_c, geo_c, plan.target_spacing,
-                                    interpolation=plan.image_interpolation)
-    img_r = normalize_intensity(img_r, percentiles=tuple(plan.clip_percentiles))
-    lab_r = None
+    geo_r = target_geometry(geo_c, plan.target_spacing)
+    fg_window = None
+    lab_win, lab_start = None, (0, 0)
     if label is not None:
         lab_c = apply_reorientation(label, reo)
-        lab_r, _ = resample_label_inplane(lab_c, geo_c, plan.target_spacing,
-                                          method=plan.label_interpolation,
-                                          num_classes=plan.num_classes)
-    ctr, source, jitter = _choose_center(lab_r, img_r, geo_r, geometry, plan, center, rng)
-    box = crop_mod.crop_box_around(ctr, plan.crop_shape, img_r.shape[:2])
-    fill = float(img_r.min()) if img_r.size else 0.0
-    images = np.moveaxis(crop_mod.crop(img_r, box, fill=fill), 2, 0).astype(plan.store_dtype)
+        lab_win, lab_start, _ = resample_label_inplane_support(
+            lab_c, geo_c, plan.target_spacing, method=plan.label_interpolation,
+            num_classes=plan.num_classes)
+        if lab_win.size and lab_win.any():
+            fg_window = (lab_win, lab_start)
+        elif center is None:
+            log.warning("label has no foreground; using the fallback centre")
+    full = []
+
+    def full_image() -> np.ndarray:
+        img_r, _ = resample_inplane(img_c, geo_c, plan.target_spacing,
+                                    interpolation=plan.image_interpolation)
+        full.append(apply_normalization(img_r, stats))
+        return full[0]
+
+    ctr, source, jitter = _choose_center(fg_window, full_image, geo_r, geometry, plan, center, rng)
+    box = crop_mod.crop_box_around(ctr, plan.crop_shape, geo_r.shape[:2])
+    cropped = _crop_image(img_c, geo_c, geo_r, box, stats, plan, full[0] if full else None)
+    images = np.ascontiguousarray(np.moveaxis(cropped, 2, 0).astype(plan.store_dtype))
     record = _record(geometry, reo, geo_c, geo_r, box, ctr, source, jitter, plan)
-    if lab_r is None:
-        return PreparedFrame(np.ascontiguousarray(images), None, record, None, None)
-    labels = np.ascontiguousarray(np.moveaxis(crop_mod.crop(lab_r, box, fill=0), 2, 0))
-    raw = _slice_counts(lab_r, plan.num_classes)
+    record["intensity"] = stats.to_dict()
+    if label is None:
+        return PreparedFrame(images, None, record, None, None)
+    wbox = _shift_box(box, lab_start, lab_win.shape)
+    labels = np.ascontiguousarray(np.moveaxis(crop_mod.crop(lab_win, wbox, fill=0), 2, 0))
+    raw = _slice_counts(lab_win, plan.num_classes)
+    raw[:, 0] += geo_r.shape[0] * geo_r.shape[1] - lab_win.shape[0] * lab_win.shape[1]
     counts = _slice_counts(np.moveaxis(labels, 0, 2), plan.num_classes)
-    _label_record(record, lab_r, box, raw, counts, plan)
-    return PreparedFrame(np.ascontiguousarray(images), labels, record, raw, counts)
+    _label_record(record, lab_win, wbox, raw, counts, plan)
+    return PreparedFrame(images, labels, record, raw, counts)
 
 
 def _record(geometry, reo, geo_c, geo_r, box, ctr, source, jitter, plan) -> dict[str, Any]:

@@ -30,13 +30,51 @@ def frame_rng(seed: int, case_id: str, frame_no: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(case_id.encode()), frame_no]))
 
 
-def _fingerprint(image: np.ndarray, label: np.ndarray | None, geometry) -> dict[str, Any]:
-    sample = image[::2, ::2, :] if image.size > 2_000_000 else image
-    pct = np.percentile(sample, [0.5, 50.0, 99.5])
-    counts = (np.bincount(label.ravel(), minlength=4)[:4].tolist() if label is not None else None)
+def _fingerprint(image: np.ndarray, label: np.ndarray | None, geometry,
+                 intensity: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Spacing, shape, intensity percentiles and class counts of one input frame.
+
+    The percentiles come from the same deterministic strided subsample as the
+    normalisation (``intensity``, the preprocessing record's statistics) when
+    those were taken at 0.5/99.5, so the volume is not scanned twice.
+    """
+    from cmrprep.normalize import intensity_statistics
+    from cmrprep.preprocess import STAT_SAMPLES
+
+    if intensity is None or [float(p) for p in intensity["percentiles"]] != [0.5, 99.5]:
+        intensity = intensity_statistics(image, percentiles=(0.5, 99.5),
+                                         max_samples=STAT_SAMPLES).to_dict()
+    counts = (np.bincount(label.ravel(order="K"), minlength=4)[:4].tolist()
+              if label is not None else None)
     return {"spacing": list(geometry.spacing), "shape": list(geometry.shape),
-            "percentiles": {"p0.5": float(pct[0]), "p50": float(pct[1]), "p99.5": float(pct[2])},
+            "percentiles": {"p0.5": float(intensity["low"]), "p50": float(intensity["median"]),
+                            "p99.5": float(intensity["high"])},
             "class_counts": counts, "dtype": str(image.dtype)}
+
+
+def _configure_threads() -> None:
+    """One SimpleITK thread per task inside a Dask worker.
+
+    The LocalCluster runs one single-threaded worker process per core; ITK's
+    default thread pool (one thread per core in every process) would
+    oversubscribe the cores, and the crop-sized resampling is too small to
+    gain from threads anyway.  Serial builds (``workers=0``) keep the default.
+    """
+    global _THREADS_SET
+    if _THREADS_SET:
+        return
+    _THREADS_SET = True
+    try:
+        from distributed import get_worker
+        get_worker()
+    except (ImportError, ValueError):
+        return
+    import SimpleITK as sitk
+
+    sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(1)
+
+
+_THREADS_SET = False
 
 
 def _frame_block(case: CaseSpec, frame: FrameSpec, frame_no: int, plan: Plan):
@@ -56,7 +94,9 @@ def _frame_block(case: CaseSpec, frame: FrameSpec, frame_no: int, plan: Plan):
     }
     record = {"case_id": case.case_id, "phase": frame.phase, "image": frame.image,
               "label": frame.label, "image_frame": frame.image_frame, **prepared.record}
-    return arrays, record, _fingerprint(loaded.image, loaded.label, loaded.geometry), loaded.warnings
+    fingerprint = _fingerprint(loaded.image, loaded.label, loaded.geometry,
+                               prepared.record.get("intensity"))
+    return arrays, record, fingerprint, loaded.warnings
 
 
 def select_frames(case: CaseSpec, plan: Plan) -> list[FrameSpec]:
@@ -75,6 +115,7 @@ def process_case(case_dict: dict[str, Any], plan_dict: dict[str, Any], cache_dir
         ``{"case_id", "ok": True, "key", "n_slices", "frames", "fingerprint",
         "warnings"}`` or ``{"case_id", "ok": False, "problem": {...}}``.
     """
+    _configure_threads()
     case = CaseSpec.from_dict(case_dict)
     plan = Plan.from_dict(plan_dict)
     try:
