@@ -92,6 +92,13 @@ def _subsample(values: np.ndarray, max_samples: int) -> np.ndarray:
     if values.flags.c_contiguous:
         return values.reshape(-1)[::step]
     flat_idx = np.arange(0, values.size, step, dtype=np.intp)
+    if values.flags.f_contiguous and values.ndim > 1:  # nibabel's layout: gather from memory
+        addr = np.zeros_like(flat_idx)
+        rem = flat_idx
+        for size, stride in zip(values.shape[::-1], values.strides[::-1]):
+            rem, idx = np.divmod(rem, size)
+            addr += idx * (stride // values.itemsize)
+        return np.take(values.ravel(order="F"), addr)
     return values[np.unravel_index(flat_idx, values.shape)]
 
 

@@ -77,7 +77,8 @@ from cmrprep.geometry import Geometry
 from cmrprep.localize import center_fallback
 from cmrprep.normalize import apply_normalization, intensity_statistics
 from cmrprep.plan import ConfigError, Plan
-from cmrprep.reorient import Reorientation, apply_reorientation, reorient, undo_reorientation
+from cmrprep.reorient import (Reorientation, canonical_reorientation, reorient_geometry,
+                              undo_reorientation)
 from cmrprep.resample import (resample_inplane, resample_inplane_window, resample_label_inplane_support,
                               resample_to_reference, target_geometry)
 
@@ -88,7 +89,7 @@ log = logging.getLogger(__name__)
 RECORD_VERSION = 1
 
 #: Voxels (deterministic strided subsample) the intensity statistics are computed on.
-STAT_SAMPLES = 200_000
+STAT_SAMPLES = 100_000
 
 
 @dataclass(frozen=True, eq=False)
@@ -168,6 +169,13 @@ def _choose_center(fg_window, image_r, geometry_r, geometry, plan, center, rng):
     return center_fallback(image_r(), geometry_r), "fallback", (0.0, 0.0)
 
 
+def _canonical_view(array: np.ndarray, reo: Reorientation) -> np.ndarray:
+    """Canonical orientation as a *view* (no copy): only the blocks resampled get copied."""
+    out = np.transpose(array, reo.perm)
+    flips = tuple(n for n, f in enumerate(reo.flips) if f)
+    return np.flip(out, axis=flips) if flips else out
+
+
 def _shift_box(box: crop_mod.CropBox, start: tuple[int, int], shape: tuple[int, ...]) -> crop_mod.CropBox:
     """``box`` expressed in the coordinates of a window starting at ``start`` of ``shape``."""
     return crop_mod.CropBox((box.start[0] - start[0], box.start[1] - start[1]), box.size,
@@ -216,12 +224,13 @@ def preprocess_frame(image: np.ndarray, label: np.ndarray | None, geometry: Geom
     _validate(image, label, geometry, plan)
     stats = intensity_statistics(image, percentiles=tuple(plan.clip_percentiles),
                                  max_samples=STAT_SAMPLES)
-    img_c, geo_c, reo = reorient(image, geometry)
+    reo = canonical_reorientation(geometry)
+    img_c, geo_c = _canonical_view(image, reo), reorient_geometry(geometry, reo)
     geo_r = target_geometry(geo_c, plan.target_spacing)
     fg_window = None
     lab_win, lab_start = None, (0, 0)
     if label is not None:
-        lab_c = apply_reorientation(label, reo)
+        lab_c = _canonical_view(label, reo)
         lab_win, lab_start, _ = resample_label_inplane_support(
             lab_c, geo_c, plan.target_spacing, method=plan.label_interpolation,
             num_classes=plan.num_classes)

@@ -181,7 +181,12 @@ class CollapseGuard(keras.callbacks.Callback):
             self.losses.append(float(logs["loss"]))
         if "val_dice_mean" not in logs or self.patience <= 0:
             return
-        collapsed = logs["val_dice_mean"] < self.min_dice or logs.get("val_pred_fg", 1.0) == 0.0
+        # collapsed: no foreground Dice, background everywhere, or a validation cross-entropy
+        # still near ln(4) = 1.386 (not even the class prior learned) with little Dice
+        not_learning = (logs.get("val_ce", 0.0) > 0.9 * LN4
+                        and logs["val_dice_mean"] < max(0.1, self.min_dice))
+        collapsed = (logs["val_dice_mean"] < self.min_dice or logs.get("val_pred_fg", 1.0) == 0.0
+                     or not_learning)
         self.wait = self.wait + 1 if collapsed else 0
         if self.wait >= self.patience:
             self._stop(logs)

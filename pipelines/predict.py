@@ -18,6 +18,9 @@ Heart localisation without labels, in order:
    spacing); the centre is the centroid of predicted foreground probability.
    If the network sees no foreground, the field-of-view centre is used (logged).
 
+The segmentation keeps only the largest 3D-connected foreground component
+(:mod:`cmrprep.postprocess`; ``--no-postprocess`` turns it off).
+
 The training crops were jittered by up to ``plan.crop_jitter_mm`` around the
 heart so the network tolerates the residual centre error.  Inputs are never
 overwritten; a failing case is reported and the others continue.
@@ -130,13 +133,21 @@ def _cine_center(case: CaseSpec) -> np.ndarray | None:
 
 
 def segment_frame(net, image: np.ndarray, geometry: Geometry, plan: Plan,
-                  center: np.ndarray | None, batch_size: int = 32) -> tuple[np.ndarray, dict]:
-    """Label map in the input geometry, and the preprocessing record used."""
+                  center: np.ndarray | None, batch_size: int = 32,
+                  postprocess: bool = True) -> tuple[np.ndarray, dict]:
+    """Label map in the input geometry, and the preprocessing record used.
+
+    With ``postprocess`` only the largest connected foreground component is kept
+    (:func:`cmrprep.postprocess.largest_foreground_component`).
+    """
+    from cmrprep.postprocess import largest_foreground_component
     from cmrprep.preprocess import preprocess_frame, restore_prediction
 
     prepared = preprocess_frame(image, None, geometry, plan, center=center)
     probs = softmax_probs(net, prepared.images.astype(np.float32), batch_size)
     pred = np.argmax(probs, axis=-1).astype(np.uint8)
+    if postprocess:
+        pred = np.moveaxis(largest_foreground_component(np.moveaxis(pred, 0, 2)), 2, 0)
     return restore_prediction(pred, prepared.record), prepared.record
 
 
@@ -159,7 +170,7 @@ def _write_label(path: Path, label: np.ndarray, source: str, geometry: Geometry)
 
 
 def predict_case(net, case: CaseSpec, plan: Plan, out: Path, inputs: set[str],
-                 batch_size: int = 32) -> tuple[list[str], dict[str, Any]]:
+                 batch_size: int = 32, postprocess: bool = True) -> tuple[list[str], dict[str, Any]]:
     """Segment every frame of one case; returns written files and the centres used."""
     from pipelines.evaluate import prediction_name
     from pipelines.ingest import read_volume
@@ -173,7 +184,7 @@ def predict_case(net, case: CaseSpec, plan: Plan, out: Path, inputs: set[str],
         if c is None:
             c = coarse_center(net, image, geom, plan, batch_size)
             source = "coarse_network" if c is not None else "fov_centre"
-        label, _ = segment_frame(net, image, geom, plan, c, batch_size)
+        label, _ = segment_frame(net, image, geom, plan, c, batch_size, postprocess)
         name = prediction_name(frame.image, frame.image_frame if _is_4d(frame) else None)
         dest = out / case.case_id / name
         if str(dest.resolve()) in inputs:
@@ -190,7 +201,8 @@ def _is_4d(frame) -> bool:
 
 
 def predict(run_dir: str | Path, input_path: str | Path, out: str | Path, *,
-            layout: str | None = None, batch_size: int = 32, progress: bool = True) -> PredictResult:
+            layout: str | None = None, batch_size: int = 32, progress: bool = True,
+            postprocess: bool = True) -> PredictResult:
     """Segment every case under ``input_path`` into ``out`` (see the module docstring)."""
     from tqdm.auto import tqdm
 
@@ -206,7 +218,7 @@ def predict(run_dir: str | Path, input_path: str | Path, out: str | Path, *,
     result = PredictResult(failed=[p.to_dict() for p in disc.problems])
     for case in tqdm(disc.cases, desc="predict", unit="case", disable=not progress):
         try:
-            files, centre = predict_case(net, case, plan, out, inputs, batch_size)
+            files, centre = predict_case(net, case, plan, out, inputs, batch_size, postprocess)
             result.written.extend(files)
             result.centres[case.case_id] = centre
         except CaseError as exc:
@@ -230,12 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layout", choices=["acdc", "mnms", "nnunet", "generic"])
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--no-postprocess", action="store_true",
+                   help="keep every predicted component (default: largest foreground component)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         res = predict(a.run_dir, a.input, a.out, layout=a.layout, batch_size=a.batch_size,
-                      progress=not a.quiet)
+                      progress=not a.quiet, postprocess=not a.no_postprocess)
     except ConfigError as exc:
         log.error("%s", exc)
         return 2

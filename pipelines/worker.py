@@ -44,26 +44,36 @@ def _fingerprint(image: np.ndarray, label: np.ndarray | None, geometry,
     if intensity is None or [float(p) for p in intensity["percentiles"]] != [0.5, 99.5]:
         intensity = intensity_statistics(image, percentiles=(0.5, 99.5),
                                          max_samples=STAT_SAMPLES).to_dict()
-    counts = (np.bincount(label.ravel(order="K"), minlength=4)[:4].tolist()
-              if label is not None else None)
+    counts = None
+    if label is not None:
+        fg = [int(np.count_nonzero(label == c)) for c in (1, 2, 3)]
+        counts = [int(label.size) - sum(fg), *fg]
     return {"spacing": list(geometry.spacing), "shape": list(geometry.shape),
             "percentiles": {"p0.5": float(intensity["low"]), "p50": float(intensity["median"]),
                             "p99.5": float(intensity["high"])},
             "class_counts": counts, "dtype": str(image.dtype)}
 
 
-def _configure_threads() -> None:
-    """One SimpleITK thread per task inside a Dask worker.
+def _configure_process() -> None:
+    """Tune a Dask worker process once: one SimpleITK thread, glibc malloc reuse.
 
-    The LocalCluster runs one single-threaded worker process per core; ITK's
-    default thread pool (one thread per core in every process) would
-    oversubscribe the cores, and the crop-sized resampling is too small to
-    gain from threads anyway.  Serial builds (``workers=0``) keep the default.
+    * The LocalCluster runs one single-threaded worker process per core; ITK's
+      default thread pool (one thread per core in every process) would
+      oversubscribe the cores, and the crop-sized resampling is too small to
+      gain from threads anyway.
+    * The Dask nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which
+      also freezes glibc's mmap threshold at 128 KiB: every volume-sized array
+      is then a fresh ``mmap`` (page faults, zeroing) and processing a case
+      takes ~1.7x longer (measured: 8.7 s instead of 5 s for 40 cases).  Fixed
+      thresholds of 64 MiB (mmap) and 256 MiB (trim) keep freed buffers for
+      reuse; a worker's memory is still returned above that.
+
+    Serial builds (``workers=0``) are left as they are.
     """
-    global _THREADS_SET
-    if _THREADS_SET:
+    global _CONFIGURED
+    if _CONFIGURED:
         return
-    _THREADS_SET = True
+    _CONFIGURED = True
     try:
         from distributed import get_worker
         get_worker()
@@ -72,9 +82,17 @@ def _configure_threads() -> None:
     import SimpleITK as sitk
 
     sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(1)
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 << 20)   # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to undo
+        pass
 
 
-_THREADS_SET = False
+_CONFIGURED = False
 
 
 def _frame_block(case: CaseSpec, frame: FrameSpec, frame_no: int, plan: Plan):
@@ -115,7 +133,7 @@ def process_case(case_dict: dict[str, Any], plan_dict: dict[str, Any], cache_dir
         ``{"case_id", "ok": True, "key", "n_slices", "frames", "fingerprint",
         "warnings"}`` or ``{"case_id", "ok": False, "problem": {...}}``.
     """
-    _configure_threads()
+    _configure_process()
     case = CaseSpec.from_dict(case_dict)
     plan = Plan.from_dict(plan_dict)
     try:

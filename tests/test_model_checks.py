@@ -81,3 +81,17 @@ def test_diagnosis_double_softmax_and_recovery():
     guard.on_epoch_end(1, {"val_dice_mean": 0.5})
     guard.on_epoch_end(2, {"val_dice_mean": 0.0})
     assert not guard.collapsed
+
+
+def test_collapse_guard_catches_random_guessing_near_ln4():
+    """The seed-style failure: random classes (Dice ~0.04), cross-entropy stuck near ln 4."""
+    guard = CollapseGuard(patience=3)
+    for epoch in range(3):
+        guard.on_epoch_end(epoch, {"loss": 1.47, "val_dice_mean": 0.04, "val_pred_fg": 0.7,
+                                   "val_ce": 1.47})
+    assert guard.collapsed
+    healthy = CollapseGuard(patience=3)
+    for epoch in range(3):
+        healthy.on_epoch_end(epoch, {"loss": 0.6, "val_dice_mean": 0.04, "val_pred_fg": 0.2,
+                                     "val_ce": 0.45})
+    assert not healthy.collapsed

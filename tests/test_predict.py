@@ -1,0 +1,102 @@
+"""pipelines.predict and pipelines.evaluate end to end with a real (tiny, briefly trained) run."""
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from pipelines.build import build
+from pipelines.evaluate import evaluate
+from pipelines.evaluate import main as evaluate_main
+from pipelines.predict import main as predict_main
+from pipelines.predict import predict
+from pipelines.synthesize import synthesize
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    from model.train import train
+
+    tmp = tmp_path_factory.mktemp("run")
+    synthesize(tmp / "raw", 3, 31, layout="acdc")
+    build(tmp / "raw", tmp / "shards", workers=0, progress=False, report=False)
+    train(tmp / "shards", tmp / "run", epochs=1, steps_per_epoch=2, batch_size=4,
+          filters=(4, 8, 16), augment=False, verbose=0, collapse_patience=0)
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def images_only(tmp_path_factory) -> Path:
+    """An ACDC folder with 4D cines, labels removed (as scans arrive from the scanner)."""
+    root = tmp_path_factory.mktemp("new")
+    synthesize(root / "gt", 2, 77, layout="acdc", with_4d=True)
+    shutil.copytree(root / "gt", root / "img")
+    for f in (root / "img").rglob("*_gt.nii.gz"):
+        f.unlink()
+    return root
+
+
+def test_predicts_every_frame_in_the_input_geometry(run_dir, images_only, tmp_path):
+    res = predict(run_dir, images_only / "img", tmp_path / "pred", progress=False)
+    assert res.exit_code == 0 and len(res.written) == 4
+    for f in res.written:
+        name = Path(f).name
+        src = next((images_only / "img").rglob(name.replace("_pred", "")))
+        a, b = nib.load(f), nib.load(src)
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a.affine, b.affine, atol=1e-6)
+        assert set(np.unique(np.asarray(a.dataobj))) <= {0, 1, 2, 3}
+    assert all(c["source"] == "cine_first_harmonic" for c in res.centres.values())
+    report = json.loads((tmp_path / "pred" / "predict_report.json").read_text())
+    assert report["failed"] == []
+
+
+def test_without_cine_uses_the_coarse_network_pass(run_dir, images_only, tmp_path):
+    src = tmp_path / "img"
+    shutil.copytree(images_only / "img", src)
+    for f in src.rglob("*_4d.nii.gz"):
+        f.unlink()
+    res = predict(run_dir, src, tmp_path / "pred", progress=False)
+    assert res.exit_code == 0 and len(res.written) == 4
+    assert {c["source"] for c in res.centres.values()} <= {"coarse_network", "fov_centre"}
+
+
+def test_single_file_input_and_a_bad_case_does_not_stop_others(run_dir, images_only, tmp_path):
+    src = tmp_path / "img"
+    shutil.copytree(images_only / "img", src)
+    bad = next(src.rglob("patient001_frame01.nii.gz"))
+    bad.write_bytes(b"not a nifti")
+    res = predict(run_dir, src, tmp_path / "pred", progress=False)
+    assert res.exit_code == 3
+    assert [f["case_id"] for f in res.failed] == ["patient001"]
+    assert any("patient002" in w for w in res.written)
+    one = sorted(src.glob("patient002/patient002_frame[0-9][0-9].nii.gz"))[0]
+    assert predict_main([str(run_dir), str(one), str(tmp_path / "one"), "--quiet"]) == 0
+    expected = one.name.replace(".nii.gz", "_pred.nii.gz")
+    assert [p.name for p in (tmp_path / "one").rglob("*_pred.nii.gz")] == [expected]
+
+
+def test_evaluate_reports_metrics_and_clinical_indices(run_dir, images_only, tmp_path):
+    predict(run_dir, images_only / "img", tmp_path / "pred", progress=False)
+    res = evaluate(tmp_path / "pred", images_only / "gt", tmp_path / "eval")
+    assert len(res["rows"]) == 4 * 3 and res["problems"] == []
+    assert {c["structure"] for c in res["clinical"]} == {"LV", "RV"}
+    for name in ("metrics.csv", "clinical.csv", "summary.md"):
+        assert (tmp_path / "eval" / name).stat().st_size > 0
+
+
+def test_evaluate_refuses_a_prediction_in_another_geometry(images_only, tmp_path):
+    pred = tmp_path / "pred" / "patient001"
+    pred.mkdir(parents=True)
+    gt = next((images_only / "gt").rglob("patient001_frame01_gt.nii.gz"))
+    g = nib.load(gt)
+    shifted = g.affine.copy()
+    shifted[0, 3] += 5.0
+    nib.save(nib.Nifti1Image(np.asarray(g.dataobj), shifted), pred / "patient001_frame01_pred.nii.gz")
+    res = evaluate(tmp_path / "pred", images_only / "gt", tmp_path / "eval")
+    msgs = [p["message"] for p in res["problems"] if p["check"] == "geometry"]
+    assert msgs and "affine differs" in msgs[0] and "patient001_frame01_gt" in msgs[0]
+    assert evaluate_main([str(tmp_path / "pred"), str(images_only / "gt")]) == 3
