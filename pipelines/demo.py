@@ -27,7 +27,7 @@ def run_demo(out: str | Path = "demo_out", *, cases: int = 24, test_cases: int =
     out = Path(out)
     raw, test_raw, shards = out / "raw", out / "raw_test", out / "shards"
     if not raw.exists():
-        synthesize(raw, cases, seed, layout="acdc", with_4d=True)
+        synthesize(raw, cases, seed, layout="acdc")
     if not test_raw.exists():
         synthesize(test_raw, test_cases, seed + 1000, layout="acdc", with_4d=True)
     res = build(raw, shards, workers=workers, seed=seed)
