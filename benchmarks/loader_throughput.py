@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

@@ -58,6 +58,10 @@ def _check_geometry(pred_geom, gt_geom, pred_file: Path, gt_file: str, case_id: 
                                 f"{diff:.4g} mm; predictions must be written in the input geometry"))
 
 
+#: g/ml, for myocardial mass.
+MYOCARDIAL_DENSITY = 1.05
+
+
 def evaluate_frame(case, frame, pred_file: Path) -> list[dict[str, Any]]:
     """Metric rows (one per foreground class) of one frame."""
     from pipelines.ingest import load_frame, read_volume
@@ -71,7 +75,12 @@ def evaluate_frame(case, frame, pred_file: Path) -> list[dict[str, Any]]:
 
 
 def clinical_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """LV/RV EDV, ESV, EF (prediction, ground truth, error) per case with ED and ES."""
+    """LV/RV EDV, ESV, EF and LV myocardial mass at ED (prediction, truth, error) per case.
+
+    Mass is the ED myocardium volume times :data:`MYOCARDIAL_DENSITY` (1.05 g/ml, the
+    value used by ACDC and the SCMR post-processing guidelines).  Only cases with both ED
+    and ES predictions appear.
+    """
     by_case: dict[str, dict] = {}
     for r in rows:
         by_case.setdefault(r["case_id"], {})[(r["phase"], r["class"])] = r
@@ -89,6 +98,11 @@ def clinical_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for q in ("edv", "esv"):
                 rec[f"{q}_error_ml"] = rec[f"{q}_pred_ml"] - rec[f"{q}_gt_ml"]
             rec["ef_error_pct"] = rec["ef_pred_pct"] - rec["ef_gt_pct"]
+            myo = d.get(("ED", "MYO"))
+            if struct == "LV" and myo is not None:
+                for src in ("pred", "gt"):
+                    rec[f"myo_mass_{src}_g"] = myo[f"volume_{src}_ml"] * MYOCARDIAL_DENSITY
+                rec["myo_mass_error_g"] = rec["myo_mass_pred_g"] - rec["myo_mass_gt_g"]
             out.append(rec)
     return out
 
@@ -150,7 +164,7 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         path.write_text("")
         return
     with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
         w.writeheader()
         w.writerows(rows)
 

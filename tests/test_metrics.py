@@ -53,3 +53,20 @@ def test_per_class_metrics_values():
     assert math.isnan(m[2]["dice"])
     assert m[3]["dice"] == pytest.approx(2 * 7 / 15)
     assert m[3]["volume_gt_ml"] == pytest.approx(8 / 1000)
+
+
+def test_clinical_rows_volumes_ef_and_myocardial_mass():
+    from pipelines.evaluate import clinical_rows
+
+    def row(phase, cls, pred, gt):
+        return {"case_id": "p1", "phase": phase, "class": cls, "volume_pred_ml": pred, "volume_gt_ml": gt}
+
+    rows = [row("ED", "LV", 150.0, 160.0), row("ES", "LV", 60.0, 64.0),
+            row("ED", "RV", 170.0, 170.0), row("ES", "RV", 85.0, 85.0),
+            row("ED", "MYO", 100.0, 110.0), row("ES", "MYO", 105.0, 112.0)]
+    lv, rv = sorted(clinical_rows(rows), key=lambda r: r["structure"])
+    assert lv["ef_gt_pct"] == pytest.approx(60.0) and lv["ef_pred_pct"] == pytest.approx(60.0)
+    assert lv["edv_error_ml"] == pytest.approx(-10.0)
+    assert lv["myo_mass_gt_g"] == pytest.approx(115.5) and lv["myo_mass_error_g"] == pytest.approx(-10.5)
+    assert rv["ef_gt_pct"] == pytest.approx(50.0) and "myo_mass_gt_g" not in rv
+    assert clinical_rows(rows[:1]) == []  # ED without ES: no clinical row
