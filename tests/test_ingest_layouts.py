@@ -21,6 +21,18 @@ def test_acdc_nested_discovery(acdc_root):
     assert case.metadata["ED"] == 1 and case.metadata["Group"] == "NOR"
 
 
+def test_symlinked_patient_folders_are_discovered(acdc_root, tmp_path):
+    """Datasets assembled from symlinks (and a symlink loop) are found, each case once."""
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for name in ("patient002", "patient003"):
+        (linked / name).symlink_to(acdc_root / name, target_is_directory=True)
+    (linked / "patient002" / "loop").symlink_to(linked, target_is_directory=True)
+    found = discover(linked)
+    assert found.layout == "acdc" and not found.problems
+    assert [c.case_id for c in found.cases] == ["patient002", "patient003"]
+
+
 def test_acdc_missing_ed_and_missing_frame_are_problems(acdc_root):
     (acdc_root / "patient002" / "Info.cfg").write_text("ES: 3\nGroup: NOR\n")
     (acdc_root / "patient003" / "patient003_frame03.nii.gz").unlink()

@@ -9,7 +9,9 @@ becomes a :class:`Problem` and the other cases go on.
 from __future__ import annotations
 
 import csv
+import fnmatch
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,26 @@ class Discovery:
     problems: list[Problem] = field(default_factory=list)
 
 
+def rglob(root: Path, pattern: str):
+    """``root.rglob(pattern)`` that also descends into symlinked folders (sorted, loop-safe).
+
+    Datasets are often assembled from symlinks (one folder per patient pointing
+    into an archive); :meth:`pathlib.Path.rglob` skips symlinked directories
+    before Python 3.13, which would silently drop those cases.
+    """
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink loop or a folder linked twice
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames.sort()
+        for name in sorted(filenames + dirnames):
+            if fnmatch.fnmatchcase(name, pattern):
+                yield Path(dirpath) / name
+
+
 def _find_nifti(folder: Path, stem: str) -> Path | None:
     for suffix in NIFTI_SUFFIXES:
         if (folder / f"{stem}{suffix}").is_file():
@@ -53,9 +75,9 @@ def detect_layout(root: Path, image_glob: str | None = None) -> str:
         return "nnunet"
     if image_glob is not None:
         return "generic"
-    if next(root.rglob("Info.cfg"), None) or next(root.rglob("*_frame[0-9][0-9]*.nii*"), None):
+    if next(rglob(root, "Info.cfg"), None) or next(rglob(root, "*_frame[0-9][0-9]*.nii*"), None):
         return "acdc"
-    if next(root.rglob("*_sa.nii*"), None):
+    if next(rglob(root, "*_sa.nii*"), None):
         return "mnms"
     return "generic"
 
@@ -104,8 +126,8 @@ def _acdc_case(folder: Path) -> CaseSpec:
 
 
 def _discover_acdc(root: Path, **_) -> Discovery:
-    folders = {p.parent for p in root.rglob("Info.cfg")}
-    folders |= {p.parent for p in root.rglob("*_frame[0-9][0-9]*.nii*")}
+    folders = {p.parent for p in rglob(root, "Info.cfg")}
+    folders |= {p.parent for p in rglob(root, "*_frame[0-9][0-9]*.nii*")}
     return _collect("acdc", sorted(folders), _acdc_case)
 
 
@@ -152,7 +174,7 @@ def _discover_mnms(root: Path, mnms_csv=None, **_) -> Discovery:
     if not csv_path.is_file():
         raise ConfigError(f"M&Ms CSV {csv_path} does not exist; fix mnms_csv.")
     rows = _read_mnms_csv(csv_path)
-    files = sorted(p for p in root.rglob("*_sa.nii*") if volume_stem(p).endswith("_sa"))
+    files = sorted(p for p in rglob(root, "*_sa.nii*") if volume_stem(p).endswith("_sa"))
     return _collect("mnms", files, lambda p: _mnms_case(p, rows, csv_path))
 
 
@@ -167,7 +189,7 @@ def _label_for(image: Path, label_suffix: str, label_pattern: str | None) -> Pat
 def _candidates(root: Path, image_glob: str | None) -> list[Path]:
     if root.is_file() or is_volume_path(root):
         return [root]
-    paths = root.glob(image_glob) if image_glob else root.rglob("*")
+    paths = root.glob(image_glob) if image_glob else rglob(root, "*")
     return sorted(p for p in paths if not p.name.startswith(".") and is_volume_path(p))
 
 
