@@ -36,7 +36,9 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import psutil
@@ -64,16 +66,19 @@ def _tree_rss(proc: psutil.Process) -> int:
 
 def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
     """Run ``cmd``; return (wall seconds, peak resident bytes of its process tree)."""
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, cwd=ROOT)
-    ps = psutil.Process(p.pid)
-    peak = 0
-    while p.poll() is None:
-        peak = max(peak, _tree_rss(ps))
-        time.sleep(0.05)
-    wall = time.perf_counter() - t0
-    err = p.stderr.read().decode(errors="replace")
+    # stderr goes to a file: a pipe read only at the end fills up and stalls a chatty child.
+    with tempfile.TemporaryFile() as errfile:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                             stderr=errfile, cwd=ROOT)
+        ps = psutil.Process(p.pid)
+        peak = 0
+        while p.poll() is None:
+            peak = max(peak, _tree_rss(ps))
+            time.sleep(0.05)
+        wall = time.perf_counter() - t0
+        errfile.seek(0)
+        err = errfile.read().decode(errors="replace")
     if p.returncode not in (0,):
         raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}:\n{err[-3000:]}")
     return wall, peak
@@ -150,6 +155,7 @@ def _monai_one(args: tuple[str, str, str, float, list[int]]) -> list[int]:
     import torch
 
     torch.set_num_threads(1)
+    warnings.simplefilter("ignore")  # MONAI deprecation notices, once per call
     from monai.transforms import (ClipIntensityPercentilesd, Compose, CropForegroundd,
                                   EnsureChannelFirstd, LoadImaged, NormalizeIntensityd,
                                   Orientationd, ResizeWithPadOrCropd, Spacingd)

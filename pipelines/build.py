@@ -25,7 +25,7 @@ from typing import Any
 from cmrprep.cases import CaseSpec, Problem
 from cmrprep.plan import ConfigError, Plan
 from pipelines import assemble, cache as cache_mod, outdir
-from pipelines.cluster import dask_client, map_tasks
+from pipelines.cluster import BackgroundClient, map_tasks
 from pipelines.runlog import RunLog
 
 log = logging.getLogger("pipelines.build")
@@ -145,6 +145,27 @@ def _locked_build(raw, out, layout, plan_file, overrides, crop_mm, workers, memo
     result = BuildResult(out=out)
     runlog.event("start", raw=str(raw), dry_run=dry_run)
     disc = discover(raw, layout)
+    starter = None
+    if not dry_run and (workers > 0 or scheduler) and _has_uncached(disc.cases, out / "cache"):
+        starter = BackgroundClient(workers, memory_limit=memory_limit, scheduler=scheduler)
+    try:
+        return _build_cases(raw, out, disc, plan_file, overrides, crop_mm,
+                            (workers, memory_limit, scheduler, starter), retries, dry_run, report,
+                            progress, runlog, result, t0)
+    finally:
+        if starter is not None:
+            starter.close()
+
+
+def _has_uncached(cases: list[CaseSpec], cache_dir: Path) -> bool:
+    """Whether some case has no cache entry at all (cheap: no hashing)."""
+    return any(not (cache_dir / f"{c.case_id}.json").exists() for c in cases)
+
+
+def _build_cases(raw, out, disc, plan_file, overrides, crop_mm, compute, retries, dry_run,
+                 report, progress, runlog, result, t0) -> BuildResult:
+    """Everything after discovery; ``compute`` is (workers, memory_limit, scheduler, starter)."""
+    workers, memory_limit, scheduler, starter = compute
     result.quarantined.extend(p.to_dict() for p in disc.problems)
     (out / "cache").mkdir(exist_ok=True)
     for leftover in (out / "cache").glob(".*.tmp"):  # from a killed build
@@ -172,7 +193,7 @@ def _locked_build(raw, out, layout, plan_file, overrides, crop_mm, workers, memo
     _write_json(out / "plan.json", plan.to_dict())
     digest_index.save()
     outcomes = _run_cases(todo, keys, plan, out / "cache", workers, memory_limit, scheduler,
-                          retries, progress, runlog)
+                          retries, progress, runlog, starter)
     result.quarantined.extend(_quarantine_records(outcomes, todo))
     bad = {q["case_id"] for q in result.quarantined}
     metas = [m for c in cases if c.case_id not in bad
@@ -207,7 +228,7 @@ def _plan_work(cases, digests, phash, cache_dir):
 
 
 def _run_cases(todo, keys, plan, cache_dir, workers, memory_limit, scheduler, retries,
-               progress, runlog) -> list[dict]:
+               progress, runlog, starter=None) -> list[dict]:
     from pipelines.worker import process_case
 
     if not todo:
@@ -219,9 +240,15 @@ def _run_cases(todo, keys, plan, cache_dir, workers, memory_limit, scheduler, re
 
     if workers == 0 and not scheduler:
         return map_tasks(process_case, items, client=None, progress=progress, on_result=note)
-    with dask_client(workers, memory_limit=memory_limit, scheduler=scheduler) as client:
-        return map_tasks(process_case, items, client=client, retries=retries,
+    owned = starter is None
+    starter = starter or BackgroundClient(workers, memory_limit=memory_limit, scheduler=scheduler)
+    try:
+        return map_tasks(process_case, items, client=starter.get(), retries=retries,
                          progress=progress, on_result=note)
+    finally:
+        # A cluster started by the caller shuts down while the store is assembled
+        # (the caller joins it at the end); one started here is closed now.
+        starter.close(wait=owned)
 
 
 def _quarantine_records(outcomes: list[dict], todo: list[CaseSpec]) -> list[dict]:
@@ -319,11 +346,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def quiet_dask_logs() -> None:
+    """Drop ``distributed``'s INFO chatter (every connection) from the root handlers.
+
+    distributed sets its loggers' levels from its own configuration, so a filter
+    on the handlers is what works; its warnings and errors (worker deaths, memory
+    pressure) still show.
+    """
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.name.startswith("distributed")
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(keep)
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_dask_logs()
     try:
         res = build(args.raw, args.out, layout=args.layout, plan_file=args.plan_file,
                     spacing=args.spacing, crop_mm=args.crop_mm, weight_scheme=args.weight_scheme,

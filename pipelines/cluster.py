@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -42,6 +43,56 @@ def dask_client(workers: int = 2, *, threads_per_worker: int = 1, memory_limit: 
                       local_directory=local_dir, silence_logs=logging.WARNING) as cluster, \
             Client(cluster) as client:
         yield client
+
+
+class BackgroundClient:
+    """:func:`dask_client` run in a thread, so cluster start-up overlaps other work.
+
+    A LocalCluster takes 1-2 s to start its worker processes; the build starts
+    one while it hashes inputs and reads headers.  The thread enters and later
+    exits the context (``distributed`` keeps the current client in a context
+    variable, which must be reset in the context that set it).  :meth:`get`
+    waits for the client (re-raising a start-up error); :meth:`close` tears it
+    down and may be called more than once.
+    """
+
+    def __init__(self, workers: int = 2, *, memory_limit: str = "auto",
+                 scheduler: str | None = None) -> None:
+        self._args = (workers, memory_limit, scheduler)
+        self._client: Any = None
+        self._error: BaseException | None = None
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cmrprep-cluster", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        workers, memory_limit, scheduler = self._args
+        try:
+            with dask_client(workers, memory_limit=memory_limit, scheduler=scheduler) as client:
+                self._client = client
+                self._ready.set()
+                self._stop.wait()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by get()
+            if self._error is None and self._client is None:
+                self._error = exc
+            else:
+                log.warning("error while closing the Dask cluster: %s", exc)
+        finally:
+            self._ready.set()
+
+    def get(self) -> Any:
+        """The connected client (waits for start-up)."""
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+        return self._client
+
+    def close(self, wait: bool = True) -> None:
+        """Shut the cluster down; ``wait=False`` lets it finish in the background."""
+        self._stop.set()
+        if wait:
+            self._thread.join()
 
 
 def map_tasks(func: Callable[..., dict], items: list[tuple], *, client: Any | None,

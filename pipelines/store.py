@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 PHASE_CODES = {"ED": 0, "ES": 1}
 SLICE_ARRAYS = ("case_index", "frame_index", "slice_index", "phase")
+#: Slices per inner chunk of ``images``/``labels``.  Readers take whole shards; 16 slices
+#: (256 KiB of float16 at 128x128) make writing 4x and whole-shard reads 8x faster than
+#: one-slice chunks (zarr-python's per-chunk overhead dominates), while a random
+#: single-slice read costs about the same (1.5 ms instead of 1.3 ms).
+CHUNK_SLICES = 16
 
 
 def phase_code(phase: str) -> int:
@@ -37,14 +42,26 @@ def _compressor() -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle)
 
 
+def chunk_slices(shard: int) -> int:
+    """Slices per inner chunk: the largest divisor of ``shard`` up to :data:`CHUNK_SLICES`."""
+    return max(d for d in range(1, min(CHUNK_SLICES, shard) + 1) if shard % d == 0)
+
+
 def create_store(path: str | Path, *, n_slices: int, slice_shape: tuple[int, int],
                  image_dtype: str, shard_slices: int) -> zarr.Group:
-    """Create an empty store with the full schema (arrays sized ``n_slices``)."""
+    """Create an empty store with the full schema (arrays sized ``n_slices``).
+
+    ``images`` and ``labels`` are sharded by ``shard_slices`` slices (rounded up to
+    a multiple of the inner chunk for stores smaller than one shard) with inner
+    chunks of :func:`chunk_slices` slices.
+    """
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     h, w = slice_shape
     shard = max(1, min(shard_slices, max(n_slices, 1)))
+    chunk = chunk_slices(shard if shard == shard_slices else shard_slices)
+    shard = -(-shard // chunk) * chunk  # a whole number of chunks
     for name, dtype in (("images", image_dtype), ("labels", "uint8")):
-        root.create_array(name, shape=(n_slices, h, w), dtype=dtype, chunks=(1, h, w),
+        root.create_array(name, shape=(n_slices, h, w), dtype=dtype, chunks=(chunk, h, w),
                           shards=(shard, h, w), compressors=_compressor(), fill_value=0,
                           dimension_names=("slice", "y", "x"))
     one_d = max(n_slices, 1)

@@ -46,8 +46,7 @@ def _fingerprint(image: np.ndarray, label: np.ndarray | None, geometry,
                                          max_samples=STAT_SAMPLES).to_dict()
     counts = None
     if label is not None:
-        fg = [int(np.count_nonzero(label == c)) for c in (1, 2, 3)]
-        counts = [int(label.size) - sum(fg), *fg]
+        counts = np.bincount(label.ravel(), minlength=4)[:4].tolist()  # uint8 labels 0..3
     return {"spacing": list(geometry.spacing), "shape": list(geometry.shape),
             "percentiles": {"p0.5": float(intensity["low"]), "p50": float(intensity["median"]),
                             "p99.5": float(intensity["high"])},

@@ -50,8 +50,10 @@ def test_store_schema(serial_build):
     g = _store(serial_build)
     n = g["images"].shape[0]
     assert n > 0 and g["images"].shape[1:] == (128, 128)
-    assert g["images"].dtype == np.float32 and g["labels"].dtype == np.uint8
-    assert g["images"].chunks == (1, 128, 128) and g["images"].shards[0] == min(256, n)
+    assert g["images"].dtype == np.float16 and g["labels"].dtype == np.uint8
+    shard = g["images"].shards[0]
+    assert g["images"].chunks == (16, 128, 128) and shard % 16 == 0 and min(256, n) <= shard <= max(256, n)
+    assert g["labels"].chunks == g["images"].chunks and g["labels"].shards == g["images"].shards
     for name in ARRAYS:
         assert g[name].shape[0] == n, name
     assert np.isclose(g["weights"][...].sum(), 1.0)

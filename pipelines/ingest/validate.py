@@ -55,9 +55,19 @@ def check_intensities(image: np.ndarray, case_id: str, path: str) -> list[Proble
     return []
 
 
+def _distinct(label: np.ndarray) -> np.ndarray:
+    """Sorted distinct values; a histogram for 8-bit labels (one pass, no sort)."""
+    if label.dtype == np.uint8:
+        return np.flatnonzero(np.bincount(label.ravel(), minlength=256)).astype(np.int64)
+    if label.dtype == np.int8:
+        hist = np.bincount(label.ravel().astype(np.int16) + 128, minlength=256)
+        return np.flatnonzero(hist).astype(np.int64) - 128
+    return np.unique(label)
+
+
 def _remap(label: np.ndarray, label_map, case_id: str, path: str) -> np.ndarray:
     """Apply ``label_map`` (source -> project); unmapped values are errors."""
-    values = np.unique(label)
+    values = _distinct(label)
     if label_map is None:
         bad = values[(values < 0) | (values > _MAX_LABEL)]
         if bad.size:
