@@ -52,7 +52,7 @@ def test_round_trip_exact_at_same_spacing(shape, slice_axis, left):
     plan = Plan(target_spacing=1.3, crop_shape=(64, 64), crop_jitter_mm=6.0)
     p = preprocess_frame(img, lab, geo, plan, rng=np.random.default_rng(0))
     assert p.images.shape == p.labels.shape == (shape[2], 64, 64)
-    assert p.images.dtype == np.float32 and p.labels.dtype == np.uint8
+    assert p.images.dtype == np.dtype(plan.store_dtype) and p.labels.dtype == np.uint8
     np.testing.assert_array_equal(restore_prediction(p.labels, p.record), lab)
     np.testing.assert_array_equal(img, keep[0])
     np.testing.assert_array_equal(lab, keep[1])
