@@ -85,10 +85,14 @@ def test_report_is_written(serial_build):
         assert (rep / name).stat().st_size > 0, name
 
 
-def test_parallel_equals_serial(raw, serial_build, tmp_path):
+def test_parallel_equals_serial(raw, serial_build, tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "3")
     res = build(raw, tmp_path / "par", workers=2, progress=False)
     assert res.exit_code == 0
     _same_store(serial_build, tmp_path / "par")
+    # the nanny's worker environment must not leak into this process (torch would get 1 thread)
+    assert "OMP_NUM_THREADS" not in os.environ and os.environ["MKL_NUM_THREADS"] == "3"
 
 
 def test_rerun_does_no_work_and_keeps_the_store(raw, serial_build, tmp_path):
