@@ -64,9 +64,13 @@ def _check(array: np.ndarray, geometry: Geometry, ndim: int, name: str) -> None:
 
 
 def first_harmonic(cine: np.ndarray) -> np.ndarray:
-    """``|FFT_t[1]|`` of a cine ``[i, j, k, t]`` as float32 ``[i, j, k]`` (needs ``t >= 3``)."""
-    if cine.ndim != 4 or cine.shape[3] < 3:
-        raise ValueError(f"cine must be 4D [i, j, k, t] with t >= 3 frames, got shape {cine.shape}")
+    """``|FFT_t[1]|`` of a cine ``[i, j, k, t]`` as float32 ``[i, j, k]`` (needs ``t >= 2``).
+
+    With two frames (ED and ES of a case without a cine) this is ``|ED - ES|``:
+    the contraction, which is as specific to the heart as the harmonic of a full cine.
+    """
+    if cine.ndim != 4 or cine.shape[3] < 2:
+        raise ValueError(f"cine must be 4D [i, j, k, t] with t >= 2 frames, got shape {cine.shape}")
     return np.abs(np.fft.rfft(cine.astype(np.float32, copy=False), axis=3)[..., 1]).astype(np.float32)
 
 
@@ -112,7 +116,8 @@ def center_from_cine(cine: np.ndarray, geometry: Geometry, *, sigma_mm: float = 
     Parameters
     ----------
     cine : ndarray
-        ``[i, j, k, t]`` with at least 3 frames covering the cardiac cycle.
+        ``[i, j, k, t]``: a cine covering the cardiac cycle, or the ED and ES frames
+        stacked (``t = 2``).
     geometry : Geometry
         Geometry of the spatial axes (for the spacing in mm).
 

@@ -13,10 +13,22 @@ Heart localisation without labels, in order:
 
 1. the temporal first harmonic of the 4D cine (:func:`cmrprep.localize.center_from_cine`)
    when the case has one;
-2. otherwise a coarse pass of the network itself over the whole field of view
-   (sliding 50 %-overlapping windows over the middle slices at the plan
-   spacing); the centre is the centroid of predicted foreground probability.
-   If the network sees no foreground, the field-of-view centre is used (logged).
+2. otherwise, for a case with two or more frames on one grid (ED and ES), the same
+   harmonic of those frames -- for two frames ``|ED - ES|``, the contraction
+   (:func:`frames_center`);
+3. otherwise (a single 3D image) a coarse pass of the network itself over the whole
+   field of view (sliding 50 %-overlapping windows over the middle slices at the
+   plan spacing); of the blobs of predicted foreground, the one whose *smallest*
+   class mass (RV, myocardium, LV) is largest is taken as the heart
+   (:func:`heart_blob`), and the centre is its probability-weighted centroid.  If
+   the network sees no foreground, the field-of-view centre is used (logged).
+
+Without a cine (2 and 3), the crop is then re-centred on the heart segmented there,
+up to :data:`REFINE_STEPS` times, so the final crop sits where the training crops did.
+Single-frame inputs rely on the network alone and are the least reliable: on
+synthetic data the coarse pass locks onto a heart-like structure elsewhere in the
+field of view for about 1 case in 10 (see ``benchmarks/predict_accuracy.py``);
+check ``predict_report.json`` (centre source and position per frame).
 
 The segmentation keeps only the largest 3D-connected foreground component
 (:mod:`cmrprep.postprocess`; ``--no-postprocess`` turns it off).
@@ -102,15 +114,15 @@ def coarse_center(net, image: np.ndarray, geometry: Geometry, plan: Plan,
     vol = prepared.images  # (S, H, W) covering the whole FOV, centred on it
     s = vol.shape[0]
     mid = vol[s // 3: max(s // 3 + 1, 2 * s // 3)]
-    fg = np.zeros(big, dtype=np.float64)
+    classes = np.zeros((*big, plan.num_classes - 1), dtype=np.float64)
     hits = np.zeros(big, dtype=np.float64)
     for i0 in range(0, big[0] - win[0] + 1, win[0] // 2):
         for j0 in range(0, big[1] - win[1] + 1, win[1] // 2):
             p = softmax_probs(net, mid[:, i0:i0 + win[0], j0:j0 + win[1]], batch_size)
-            fg[i0:i0 + win[0], j0:j0 + win[1]] += (1.0 - p[..., 0]).sum(axis=0)
+            classes[i0:i0 + win[0], j0:j0 + win[1]] += p[..., 1:].sum(axis=0)
             hits[i0:i0 + win[0], j0:j0 + win[1]] += len(mid)
-    fg = np.where(hits > 0, fg / np.maximum(hits, 1), 0)
-    fg = np.where(fg > 0.5, fg, 0)
+    classes = classes / np.maximum(hits, 1)[..., None]
+    fg = heart_blob(classes)
     if fg.sum() <= 0:
         return None
     ii, jj = np.indices(big)
@@ -118,6 +130,58 @@ def coarse_center(net, image: np.ndarray, geometry: Geometry, plan: Plan,
     box = prepared.record["crop_box"]["start"]
     geo_r = Geometry.from_dict(prepared.record["resampled_geometry"])
     return geo_r.voxel_to_world([ci + box[0], cj + box[1], (geo_r.shape[2] - 1) / 2])
+
+
+def heart_blob(classes: np.ndarray) -> np.ndarray:
+    """Foreground probability of the most heart-like blob of a coarse class map.
+
+    ``classes`` is ``(H, W, C-1)``, the mean foreground class probabilities.
+    Blobs are the connected regions where the foreground probability exceeds
+    0.5; each is scored by its *smallest* per-class probability mass, so the
+    heart (RV, myocardium and LV together) beats a false positive elsewhere in
+    the field of view (a bright aorta or atrium called LV, a dark wall called
+    myocardium), which the network, trained on heart-centred crops, never saw.
+    Returns an ``(H, W)`` map, zero outside the chosen blob (all zero if none).
+    """
+    from scipy import ndimage
+
+    fg = classes.sum(axis=-1)
+    comps, n = ndimage.label(fg > 0.5)
+    if n == 0:
+        return np.zeros_like(fg)
+    index = np.arange(1, n + 1)
+    mass = np.stack([ndimage.sum_labels(classes[..., c], comps, index=index)
+                     for c in range(classes.shape[-1])], axis=-1)
+    best = int(np.argmax(mass.min(axis=-1))) + 1
+    return np.where(comps == best, fg, 0)
+
+
+def label_center(label: np.ndarray, geometry: Geometry) -> np.ndarray | None:
+    """World (RAS mm) centroid of a predicted label's foreground, ``None`` if empty."""
+    idx = np.argwhere(label > 0)
+    if idx.size == 0:
+        return None
+    return geometry.voxel_to_world(idx.mean(axis=0))
+
+
+def frames_center(volumes: list[tuple[np.ndarray, Geometry]]) -> np.ndarray | None:
+    """World heart centre from the motion between a case's frames (ED and ES), if possible.
+
+    Needs at least two frames on the same grid; their first temporal harmonic
+    (for two frames ``|ED - ES|``) marks the contracting heart
+    (:func:`cmrprep.localize.center_from_cine`).  ``None`` otherwise.
+    """
+    from cmrprep.localize import center_from_cine
+
+    if len(volumes) < 2:
+        return None
+    geom = volumes[0][1]
+    same = [img for img, g in volumes if img.shape == volumes[0][0].shape
+            and g.max_affine_difference(geom) <= 1e-3]
+    if len(same) < 2:
+        return None
+    ci, cj = center_from_cine(np.stack(same, axis=-1), geom)
+    return geom.voxel_to_world([ci, cj, (geom.shape[2] - 1) / 2])
 
 
 def _cine_center(case: CaseSpec) -> np.ndarray | None:
@@ -177,14 +241,20 @@ def predict_case(net, case: CaseSpec, plan: Plan, out: Path, inputs: set[str],
 
     center = _cine_center(case)
     source = "cine_first_harmonic" if center is not None else None
-    written = []
-    for frame in case.frames:
-        image, geom = read_volume(frame.image, case_id=case.case_id, frame=frame.image_frame)
+    volumes = [read_volume(f.image, case_id=case.case_id, frame=f.image_frame) for f in case.frames]
+    if center is None:
+        center = frames_center(volumes)
+        source = "ed_es_difference" if center is not None else None
+    written, frame_centres = [], []
+    for frame, (image, geom) in zip(case.frames, volumes):
         c = center
         if c is None:
             c = coarse_center(net, image, geom, plan, batch_size)
             source = "coarse_network" if c is not None else "fov_centre"
         label, _ = segment_frame(net, image, geom, plan, c, batch_size, postprocess)
+        if source != "cine_first_harmonic":  # re-centre the crop on the segmented heart
+            label, c = _refine(net, image, geom, plan, label, c, batch_size, postprocess)
+        frame_centres.append(None if c is None else [float(v) for v in c])
         name = prediction_name(frame.image, frame.image_frame if _is_4d(frame) else None)
         dest = out / case.case_id / name
         if str(dest.resolve()) in inputs:
@@ -193,7 +263,29 @@ def predict_case(net, case: CaseSpec, plan: Plan, out: Path, inputs: set[str],
         dest.parent.mkdir(parents=True, exist_ok=True)
         _write_label(dest, label, frame.image, geom)
         written.append(str(dest))
-    return written, {"source": source, "world_mm": None if center is None else list(map(float, center))}
+    return written, {"source": source, "world_mm": None if center is None else list(map(float, center)),
+                     "frames_world_mm": frame_centres}
+
+
+#: Re-centre until the crop centre moves less than this (mm), at most :data:`REFINE_STEPS` times.
+REFINE_TOL_MM = 3.0
+REFINE_STEPS = 2
+
+
+def _refine(net, image, geom, plan, label, center, batch_size, postprocess):
+    """Re-segment with the crop centred on the previous segmentation (coarse-pass path).
+
+    The coarse pass finds the heart to within a window; centring the final crop on
+    the heart the network segmented there puts it where training crops were (the
+    ground-truth centre with a small jitter).  Returns ``(label, centre)``.
+    """
+    for _ in range(REFINE_STEPS):
+        new = label_center(label, geom)
+        if new is None or (center is not None and np.linalg.norm(new - center) < REFINE_TOL_MM):
+            break
+        center = new
+        label, _ = segment_frame(net, image, geom, plan, center, batch_size, postprocess)
+    return label, center
 
 
 def _is_4d(frame) -> bool:

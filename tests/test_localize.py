@@ -63,10 +63,17 @@ def test_first_harmonic_of_sinusoid():
     np.testing.assert_allclose(first_harmonic(cine), 8.0, rtol=1e-5)  # N * amplitude / 2
 
 
+def test_two_frames_give_the_ed_es_difference():
+    ed, es = np.zeros((3, 3, 1)), np.zeros((3, 3, 1))
+    ed[1, 1], es[1, 1] = 5.0, 2.0
+    np.testing.assert_allclose(first_harmonic(np.stack([ed, es], axis=-1))[..., 0],
+                               np.abs(ed - es)[..., 0])
+
+
 def test_errors():
     geo = Geometry.from_affine(np.eye(4), (4, 4, 2))
-    with pytest.raises(ValueError, match="t >= 3"):
-        first_harmonic(np.zeros((4, 4, 2, 2)))
+    with pytest.raises(ValueError, match="t >= 2"):
+        first_harmonic(np.zeros((4, 4, 2, 1)))
     with pytest.raises(ValueError, match="cine must be 4D"):
         center_from_cine(np.zeros((4, 4, 2)), geo)
     with pytest.raises(ValueError, match="method must be"):

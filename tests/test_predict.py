@@ -54,13 +54,17 @@ def test_predicts_every_frame_in_the_input_geometry(run_dir, images_only, tmp_pa
     assert report["failed"] == []
 
 
-def test_without_cine_uses_the_coarse_network_pass(run_dir, images_only, tmp_path):
+def test_without_cine_uses_ed_es_motion_then_the_coarse_network_pass(run_dir, images_only, tmp_path):
     src = tmp_path / "img"
     shutil.copytree(images_only / "img", src)
     for f in src.rglob("*_4d.nii.gz"):
         f.unlink()
     res = predict(run_dir, src, tmp_path / "pred", progress=False)
     assert res.exit_code == 0 and len(res.written) == 4
+    assert {c["source"] for c in res.centres.values()} == {"ed_es_difference"}
+    one = sorted(src.glob("patient001/patient001_frame[0-9][0-9].nii.gz"))[0]  # one 3D image
+    res = predict(run_dir, one, tmp_path / "one", progress=False)
+    assert res.exit_code == 0 and len(res.written) == 1
     assert {c["source"] for c in res.centres.values()} <= {"coarse_network", "fov_centre"}
 
 
