@@ -25,10 +25,11 @@ Heart localisation without labels, in order:
 
 Without a cine (2 and 3), the crop is then re-centred on the heart segmented there,
 up to :data:`REFINE_STEPS` times, so the final crop sits where the training crops did.
-Single-frame inputs rely on the network alone and are the least reliable: on
-synthetic data the coarse pass locks onto a heart-like structure elsewhere in the
-field of view for about 1 case in 10 (see ``benchmarks/predict_accuracy.py``);
-check ``predict_report.json`` (centre source and position per frame).
+Single-frame inputs rely on the network alone and are the least reliable: with a
+weaker model (validation Dice 0.96) the coarse pass locked onto a heart-like
+structure elsewhere in the field of view in 1 synthetic case of 10; with the
+default model none did (``benchmarks/predict_accuracy.py``).  Check
+``predict_report.json`` (centre source and position per frame).
 
 The segmentation keeps only the largest 3D-connected foreground component
 (:mod:`cmrprep.postprocess`; ``--no-postprocess`` turns it off).
