@@ -94,18 +94,29 @@ def _headers(cases: list[CaseSpec], digests: cache_mod.DigestIndex) -> tuple[lis
     from pipelines.ingest import read_header
     from cmrprep.cases import CaseError
 
-    ok, problems, file_digests = [], [], {}
+    ok, problems = [], []
     for case in cases:
         try:
             hdr = read_header(case.frames[0].image, case_id=case.case_id)
-            for f in cache_mod.case_files(case.to_dict()):
-                file_digests[f] = digests.digest(f)
             ok.append({"case": case, "spacing": list(hdr.geometry.spacing)})
         except CaseError as exc:
             problems.append(exc.problem)
         except OSError as exc:
             problems.append(Problem(case.case_id, getattr(exc, "filename", None), "readable",
                                     f"cannot read: {exc}"))
+    files = {h["case"].case_id: cache_mod.case_files(h["case"].to_dict()) for h in ok}
+    try:
+        file_digests = digests.digest_many([f for fs in files.values() for f in fs])
+    except OSError:  # find which case's file vanished or is unreadable; keep the others
+        file_digests, keep = {}, []
+        for h in ok:
+            try:
+                file_digests.update({f: digests.digest(f) for f in files[h["case"].case_id]})
+                keep.append(h)
+            except OSError as exc:
+                problems.append(Problem(h["case"].case_id, getattr(exc, "filename", None), "readable",
+                                        f"cannot read: {exc}"))
+        ok = keep
     return ok, problems, file_digests
 
 

@@ -60,6 +60,20 @@ class DigestIndex:
         self._index[file] = [*stamp, d]
         return d
 
+    def digest_many(self, files: list[str], threads: int = 4) -> dict[str, str]:
+        """Digests of ``files`` (unique), hashed on ``threads`` threads.
+
+        hashlib and file reads release the GIL, so hashing a new dataset runs in
+        parallel with itself and with the cluster start-up.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        unique = list(dict.fromkeys(files))
+        if threads <= 1 or len(unique) < 2:
+            return {f: self.digest(f) for f in unique}
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cmrprep-hash") as pool:
+            return dict(zip(unique, pool.map(self.digest, unique)))
+
     def save(self) -> None:
         """Write the index atomically."""
         atomic_write_text(self.path, json.dumps(self._index, sort_keys=True))
