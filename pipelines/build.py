@@ -25,7 +25,7 @@ from typing import Any
 from cmrprep.cases import CaseSpec, Problem
 from cmrprep.plan import ConfigError, Plan
 from pipelines import assemble, cache as cache_mod, outdir
-from pipelines.cluster import BackgroundClient, map_tasks
+from pipelines.cluster import BackgroundClient, map_tasks, quiet_dask_logs
 from pipelines.runlog import RunLog
 
 log = logging.getLogger("pipelines.build")
@@ -156,16 +156,43 @@ def _locked_build(raw, out, layout, plan_file, overrides, crop_mm, workers, memo
     result = BuildResult(out=out)
     runlog.event("start", raw=str(raw), dry_run=dry_run)
     disc = discover(raw, layout)
-    starter = None
-    if not dry_run and (workers > 0 or scheduler) and _has_uncached(disc.cases, out / "cache"):
-        starter = BackgroundClient(workers, memory_limit=memory_limit, scheduler=scheduler)
+    cluster = _Cluster(workers, memory_limit, scheduler)
+    if not dry_run and _has_uncached(disc.cases, out / "cache"):
+        cluster.start()  # overlaps start-up with hashing and header checks
     try:
-        return _build_cases(raw, out, disc, plan_file, overrides, crop_mm,
-                            (workers, memory_limit, scheduler, starter), retries, dry_run, report,
-                            progress, runlog, result, t0)
+        return _build_cases(raw, out, disc, plan_file, overrides, crop_mm, cluster, retries, dry_run,
+                            report, progress, runlog, result, t0)
     finally:
-        if starter is not None:
-            starter.close()
+        cluster.close()
+
+
+class _Cluster:
+    """The build's Dask client: started early when there is surely work, else on first use.
+
+    ``workers=0`` without ``scheduler`` means no Dask (:meth:`client` is ``None``).
+    """
+
+    def __init__(self, workers: int, memory_limit: str, scheduler: str | None) -> None:
+        self.workers, self.memory_limit, self.scheduler = workers, memory_limit, scheduler
+        self._bg: BackgroundClient | None = None
+
+    def start(self) -> None:
+        if (self.workers > 0 or self.scheduler) and self._bg is None:
+            self._bg = BackgroundClient(self.workers, memory_limit=self.memory_limit,
+                                        scheduler=self.scheduler)
+
+    def client(self):
+        self.start()
+        return self._bg.get() if self._bg is not None else None
+
+    def release(self) -> None:
+        """Start shutting down; the store is assembled meanwhile (:meth:`close` joins)."""
+        if self._bg is not None:
+            self._bg.close(wait=False)
+
+    def close(self) -> None:
+        if self._bg is not None:
+            self._bg.close()
 
 
 def _has_uncached(cases: list[CaseSpec], cache_dir: Path) -> bool:
@@ -173,10 +200,9 @@ def _has_uncached(cases: list[CaseSpec], cache_dir: Path) -> bool:
     return any(not (cache_dir / f"{c.case_id}.json").exists() for c in cases)
 
 
-def _build_cases(raw, out, disc, plan_file, overrides, crop_mm, compute, retries, dry_run,
+def _build_cases(raw, out, disc, plan_file, overrides, crop_mm, cluster, retries, dry_run,
                  report, progress, runlog, result, t0) -> BuildResult:
-    """Everything after discovery; ``compute`` is (workers, memory_limit, scheduler, starter)."""
-    workers, memory_limit, scheduler, starter = compute
+    """Everything after discovery."""
     result.quarantined.extend(p.to_dict() for p in disc.problems)
     (out / "cache").mkdir(exist_ok=True)
     for leftover in (out / "cache").glob(".*.tmp"):  # from a killed build
@@ -203,8 +229,7 @@ def _build_cases(raw, out, disc, plan_file, overrides, crop_mm, compute, retries
         return result
     _write_json(out / "plan.json", plan.to_dict())
     digest_index.save()
-    outcomes = _run_cases(todo, keys, plan, out / "cache", workers, memory_limit, scheduler,
-                          retries, progress, runlog, starter)
+    outcomes = _run_cases(todo, keys, plan, out / "cache", cluster, retries, progress, runlog)
     result.quarantined.extend(_quarantine_records(outcomes, todo))
     bad = {q["case_id"] for q in result.quarantined}
     metas = [m for c in cases if c.case_id not in bad
@@ -238,8 +263,7 @@ def _plan_work(cases, digests, phash, cache_dir):
     return todo, keys
 
 
-def _run_cases(todo, keys, plan, cache_dir, workers, memory_limit, scheduler, retries,
-               progress, runlog, starter=None) -> list[dict]:
+def _run_cases(todo, keys, plan, cache_dir, cluster, retries, progress, runlog) -> list[dict]:
     from pipelines.worker import process_case
 
     if not todo:
@@ -249,17 +273,11 @@ def _run_cases(todo, keys, plan, cache_dir, workers, memory_limit, scheduler, re
     def note(res: dict) -> None:
         runlog.event("case", case_id=res.get("case_id"), ok=res.get("ok"))
 
-    if workers == 0 and not scheduler:
-        return map_tasks(process_case, items, client=None, progress=progress, on_result=note)
-    owned = starter is None
-    starter = starter or BackgroundClient(workers, memory_limit=memory_limit, scheduler=scheduler)
     try:
-        return map_tasks(process_case, items, client=starter.get(), retries=retries,
+        return map_tasks(process_case, items, client=cluster.client(), retries=retries,
                          progress=progress, on_result=note)
     finally:
-        # A cluster started by the caller shuts down while the store is assembled
-        # (the caller joins it at the end); one started here is closed now.
-        starter.close(wait=owned)
+        cluster.release()
 
 
 def _quarantine_records(outcomes: list[dict], todo: list[CaseSpec]) -> list[dict]:
@@ -355,20 +373,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-report", action="store_true", help="skip the QC report")
     p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     return p.parse_args(argv)
-
-
-def quiet_dask_logs() -> None:
-    """Drop ``distributed``'s INFO chatter (every connection) from the root handlers.
-
-    distributed sets its loggers' levels from its own configuration, so a filter
-    on the handlers is what works; its warnings and errors (worker deaths, memory
-    pressure) still show.
-    """
-    def keep(record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or not record.name.startswith("distributed")
-
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(keep)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -167,3 +167,17 @@ def _done(bar: Any, on_result: Callable[[dict], None] | None, res: dict | None) 
     bar.update(1)
     if on_result is not None and res is not None:
         on_result(res)
+
+
+def quiet_dask_logs() -> None:
+    """Drop ``distributed``'s INFO chatter (every connection) from the root handlers.
+
+    distributed sets its loggers' levels from its own configuration, so a filter
+    on the handlers is what works; its warnings and errors (worker deaths, memory
+    pressure) still show.
+    """
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.name.startswith("distributed")
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(keep)

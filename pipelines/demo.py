@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-train", action="store_true", help="stop after the build")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from pipelines.build import quiet_dask_logs
+    from pipelines.cluster import quiet_dask_logs
 
     quiet_dask_logs()
     return run_demo(a.out, cases=a.cases, seed=a.seed, train_minutes=a.train_minutes,

@@ -57,9 +57,8 @@ def create_store(path: str | Path, *, n_slices: int, slice_shape: tuple[int, int
     """
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     h, w = slice_shape
-    shard = max(1, min(shard_slices, max(n_slices, 1)))
-    chunk = chunk_slices(shard if shard == shard_slices else shard_slices)
-    shard = -(-shard // chunk) * chunk  # a whole number of chunks
+    chunk = chunk_slices(shard_slices)
+    shard = min(shard_slices, -(-max(n_slices, 1) // chunk) * chunk)  # a whole number of chunks
     for name, dtype in (("images", image_dtype), ("labels", "uint8")):
         root.create_array(name, shape=(n_slices, h, w), dtype=dtype, chunks=(chunk, h, w),
                           shards=(shard, h, w), compressors=_compressor(), fill_value=0,

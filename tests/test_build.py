@@ -119,6 +119,27 @@ def test_bad_case_is_quarantined_and_others_survive(raw, tmp_path):
     assert "patient002" in summary
 
 
+def test_unreadable_input_while_hashing_quarantines_only_its_case(raw, tmp_path, monkeypatch):
+    """An I/O error on one file while hashing (e.g. a flaky network share) names case and file."""
+    from pipelines import cache
+
+    real = cache.file_digest
+
+    def flaky(path, **kw):
+        if "patient004_frame01_gt" in str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, **kw)
+
+    monkeypatch.setattr(cache, "file_digest", flaky)
+    res = build(raw, tmp_path / "out", workers=0, progress=False)
+    assert res.exit_code == 3
+    [q] = res.quarantined
+    assert q["case_id"] == "patient004" and q["file"].endswith("patient004_frame01_gt.nii.gz")
+    assert "Permission denied" in q["message"]
+    cases = [c["case_id"] for c in _store(tmp_path / "out").attrs["cases"]]
+    assert cases == ["patient001", "patient002", "patient003", "patient005"]
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"weight_scheme": "focal"}, "unknown weight_scheme"),
     ({"spacing": -1.0}, "target_spacing must be > 0"),
