@@ -11,7 +11,7 @@ import datetime as _dt
 import logging
 import platform
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
@@ -52,17 +52,35 @@ def _slice_counts(metas: list[dict[str, Any]]) -> np.ndarray:
     return np.concatenate(rows) if rows else np.zeros((0, 4), dtype=np.int64)
 
 
-def _blocks(cache_dir: Path, metas: list[dict[str, Any]]) -> Iterator[dict[str, np.ndarray]]:
+def _slice_arrays(cache_dir: Path, metas: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """The per-slice arrays of the store (everything but images and labels), in store order."""
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in (*store_mod.SLICE_ARRAYS, "class_counts")}
     frame_offset = 0
     for case_no, meta in enumerate(metas):
-        arrays = cache_mod.read_arrays(cache_dir, meta["case_id"])
-        s = arrays["images"].shape[0]
-        yield {"images": arrays["images"], "labels": arrays["labels"],
-               "class_counts": arrays["class_counts"], "slice_index": arrays["slice_index"],
-               "phase": arrays["phase"],
-               "case_index": np.full(s, case_no, dtype=np.int32),
-               "frame_index": (arrays["frame_local"] + frame_offset).astype(np.int32)}
+        with np.load(cache_dir / f"{meta['case_id']}.npz", allow_pickle=False) as z:
+            s = int(z["slice_index"].shape[0])
+            parts["slice_index"].append(z["slice_index"])
+            parts["phase"].append(z["phase"])
+            parts["class_counts"].append(z["class_counts"])
+            parts["frame_index"].append((z["frame_local"] + frame_offset).astype(np.int32))
+        parts["case_index"].append(np.full(s, case_no, dtype=np.int32))
         frame_offset += len(meta["frames"])
+    return {k: np.concatenate(v) for k, v in parts.items() if v}
+
+
+def shard_task(store_path: str, cache_dir: str, pieces: list[tuple[str, int, int]],
+               start: int) -> dict[str, Any]:
+    """Dask task: fill one shard of ``images``/``labels`` from cached cases.
+
+    ``pieces`` are ``(case_id, lo, hi)`` slice ranges (see :func:`pipelines.store.shard_plan`).
+    """
+    images, labels = [], []
+    for case_id, lo, hi in pieces:
+        with np.load(Path(cache_dir) / f"{case_id}.npz", allow_pickle=False) as z:
+            images.append(z["images"][lo:hi])
+            labels.append(z["labels"][lo:hi])
+    store_mod.write_shard(store_path, start, np.concatenate(images), np.concatenate(labels))
+    return {"ok": True, "start": start, "n": int(sum(len(a) for a in images))}
 
 
 def _case_records(metas: list[dict[str, Any]], digests: dict[str, str]) -> tuple[list, list]:
@@ -81,42 +99,65 @@ def _case_records(metas: list[dict[str, Any]], digests: dict[str, str]) -> tuple
 
 def provenance(digests: dict[str, str], plan: Plan, build_id: str) -> dict[str, Any]:
     """Input hashes, plan, package versions and time of a build."""
-    import dask
-    import nibabel
-    import SimpleITK
-    import zarr
+    from importlib.metadata import PackageNotFoundError, version
 
+    def _version(dist: str) -> str | None:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return None
+
+    versions = {"cmrprep": cmrprep.__version__, "numpy": np.__version__}
+    versions.update({d: _version(d) for d in ("zarr", "dask", "nibabel", "SimpleITK")})
     return {"build_id": build_id, "input_hashes": dict(sorted(digests.items())),
             "plan": plan.to_dict(),
-            "versions": {"cmrprep": cmrprep.__version__, "numpy": np.__version__,
-                         "zarr": zarr.__version__, "dask": dask.__version__,
-                         "nibabel": nibabel.__version__, "SimpleITK": SimpleITK.Version_VersionString(),
-                         "python": platform.python_version()},
+            "versions": {**versions, "python": platform.python_version()},
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
 
 def write_version(path: Path, cache_dir: Path, metas: list[dict[str, Any]], plan: Plan,
-                  stats: dict[str, Any], digests: dict[str, str], build_id: str) -> None:
-    """Write a complete store version at ``path`` (a fresh directory)."""
+                  stats: dict[str, Any], digests: dict[str, str], build_id: str,
+                  run_tasks: Callable[[Callable[..., dict], list[tuple]], list[dict]] | None = None
+                  ) -> None:
+    """Write a complete store version at ``path`` (a fresh directory).
+
+    Shards of ``images``/``labels`` are independent files, so they are written
+    by :func:`shard_task` calls through ``run_tasks(func, items)`` (the build
+    passes its Dask cluster; default: serially in this process) while this
+    process writes the per-slice arrays and attributes.
+    """
     n = int(sum(m["n_slices"] for m in metas))
     root = store_mod.create_store(path, n_slices=n, slice_shape=tuple(plan.crop_shape),
                                   image_dtype=plan.store_dtype, shard_slices=plan.shard_slices)
-    written = store_mod.write_slices(root, _blocks(cache_dir, metas), plan.shard_slices)
-    if written != n:
-        raise RuntimeError(f"store assembly wrote {written} slices, expected {n}")
+    shard = root["images"].shards[0]
+    items = [(str(path), str(cache_dir), [(metas[c]["case_id"], lo, hi) for c, lo, hi in pieces], start)
+             for start, pieces in store_mod.shard_plan([m["n_slices"] for m in metas], shard)]
+    run_tasks = run_tasks or (lambda func, its: [func(*it) for it in its])
+    for key, values in _slice_arrays(cache_dir, metas).items():
+        root[key][:] = values
     root["weights"][:] = stats["sampling_weights"]
     if plan.replicate:
         idx = sampling_mod.replicate_indices(stats["sampling_weights"], seed=plan.seed)
         root.create_array("replicated_index", data=np.asarray(idx, dtype=np.int64),
                           chunks=(max(len(idx), 1),))
     cases, frames = _case_records(metas, digests)
-    root.attrs.update(_attributes(plan, stats, cases, frames, digests, build_id))
+    root.update_attributes(_attributes(plan, stats, cases, frames, digests, build_id))  # one write
+    results = run_tasks(shard_task, items)
+    failed = [(it[3], r) for it, r in zip(items, results) if not r.get("ok")]
+    if failed:
+        start, res = failed[0]
+        raise RuntimeError(f"writing the store shard at slice {start} failed: {res.get('exception')} "
+                           f"({len(failed)} of {len(items)} shards failed)")
+    written = sum(r["n"] for r in results)
+    if written != n:
+        raise RuntimeError(f"store assembly wrote {written} slices, expected {n}")
 
 
 def _attributes(plan: Plan, stats: dict[str, Any], cases: list, frames: list,
                 digests: dict[str, str], build_id: str) -> dict[str, Any]:
     return {
         "format_version": store_mod.FORMAT_VERSION,
+        "build_key": build_id,
         "classes": list(CLASSES),
         "spacing": [plan.target_spacing, plan.target_spacing],
         "class_counts": stats["class_counts"],

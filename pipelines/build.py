@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import statistics
 import sys
 import time
@@ -176,6 +177,11 @@ class _Cluster:
         self.workers, self.memory_limit, self.scheduler = workers, memory_limit, scheduler
         self._bg: BackgroundClient | None = None
 
+    @property
+    def started(self) -> bool:
+        """Whether a client exists or is starting (never true without Dask)."""
+        return self._bg is not None
+
     def start(self) -> None:
         if (self.workers > 0 or self.scheduler) and self._bg is None:
             self._bg = BackgroundClient(self.workers, memory_limit=self.memory_limit,
@@ -186,7 +192,7 @@ class _Cluster:
         return self._bg.get() if self._bg is not None else None
 
     def release(self) -> None:
-        """Start shutting down; the store is assembled meanwhile (:meth:`close` joins)."""
+        """Start shutting down; the build finishes meanwhile (:meth:`close` joins)."""
         if self._bg is not None:
             self._bg.close(wait=False)
 
@@ -207,6 +213,9 @@ def _build_cases(raw, out, disc, plan_file, overrides, crop_mm, cluster, retries
     (out / "cache").mkdir(exist_ok=True)
     for leftover in (out / "cache").glob(".*.tmp"):  # from a killed build
         leftover.unlink(missing_ok=True)
+    from pipelines.qc import remove_stale
+
+    remove_stale(out)
     digest_index = cache_mod.DigestIndex(out / "cache" / "digests.json")
     headers, problems, digests = _headers(disc.cases, digest_index)
     result.quarantined.extend(p.to_dict() for p in problems)
@@ -242,7 +251,8 @@ def _build_cases(raw, out, disc, plan_file, overrides, crop_mm, cluster, retries
     if _store_is_current(out, build_key):
         log.info("store is up to date (%d cases); nothing to publish", len(metas))
     else:
-        _publish(out, metas, plan, digests, build_key, result, report)
+        _publish(out, metas, plan, digests, build_key, result, report, cluster)
+    cluster.release()
     _write_json(out / "fingerprint.json", _fingerprint(metas, plan))
     result.seconds = time.perf_counter() - t0
     _write_json(out / "build_report.json", result.to_dict())
@@ -273,11 +283,8 @@ def _run_cases(todo, keys, plan, cache_dir, cluster, retries, progress, runlog) 
     def note(res: dict) -> None:
         runlog.event("case", case_id=res.get("case_id"), ok=res.get("ok"))
 
-    try:
-        return map_tasks(process_case, items, client=cluster.client(), retries=retries,
-                         progress=progress, on_result=note)
-    finally:
-        cluster.release()
+    return map_tasks(process_case, items, client=cluster.client(), retries=retries,
+                     progress=progress, on_result=note)
 
 
 def _quarantine_records(outcomes: list[dict], todo: list[CaseSpec]) -> list[dict]:
@@ -293,20 +300,51 @@ def _quarantine_records(outcomes: list[dict], todo: list[CaseSpec]) -> list[dict
     return recs
 
 
-def _publish(out, metas, plan, digests, build_key, result, report) -> None:
+def _publish(out, metas, plan, digests, build_key, result, report, cluster) -> None:
+    """Write and publish a new store version; the QC report renders meanwhile.
+
+    The store shards are tasks on the cluster's workers when it is running
+    (else written here); the report renders in a thread of this process,
+    which otherwise only waits, and the cluster shuts down as soon as the
+    shards are written.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     stats = assemble.dataset_statistics(metas, plan)
-    tmp = outdir.new_version_dir(out, build_key[:12])
-    assemble.write_version(tmp, out / "cache", metas, plan, stats, digests, build_key)
-    import zarr
+    client = cluster.client() if cluster.started else None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cmrprep-report") as pool:
+        staged = job = None
+        if report:
+            from pipelines import qc
 
-    zarr.open_group(str(tmp), mode="r+").attrs["build_key"] = build_key
-    final = outdir.publish(out, tmp, build_key[:12] + "-" + uuid.uuid4().hex[:6])
-    result.published = True
-    log.info("published %s (%d slices from %d cases)", final.name, result.n_slices, len(metas))
-    if report:
-        from pipelines.qc import write_build_report
+            staged = qc.staging_dir(out)
+            job = pool.submit(qc.report_task, str(staged),
+                              qc.report_inputs(out / "cache", metas, stats, result, plan))
+        tmp = outdir.new_version_dir(out, build_key[:12])
 
-        write_build_report(out, stats, result, plan)
+        def run_tasks(func, items):
+            return map_tasks(func, items, client=client, retries=1, desc="shards", progress=False)
+
+        assemble.write_version(tmp, out / "cache", metas, plan, stats, digests, build_key, run_tasks)
+        cluster.release()
+        final = outdir.publish(out, tmp, build_key[:12] + "-" + uuid.uuid4().hex[:6])
+        result.published = True
+        log.info("published %s (%d slices from %d cases)", final.name, result.n_slices, len(metas))
+        if job is not None:
+            _install_report(out, staged, job)
+
+
+def _install_report(out: Path, staged: Path, job) -> None:
+    from pipelines import qc
+
+    try:
+        job.result()
+    except Exception as exc:  # noqa: BLE001 - the store is published and fine; keep going
+        log.warning("QC report failed (%s: %s); the store is published, the previous report kept",
+                    type(exc).__name__, exc)
+        shutil.rmtree(staged, ignore_errors=True)
+        return
+    qc.install_report(out, staged)
 
 
 def _store_is_current(out: Path, build_key: str) -> bool:

@@ -4,18 +4,19 @@ Schema (see README "Store format"): arrays ``images`` (N, H, W) float32|float16,
 ``labels`` (N, H, W) uint8, ``weights`` (N,) float64, ``case_index``,
 ``frame_index``, ``slice_index`` (N,) int32, ``phase`` (N,) int8 (0 ED, 1 ES,
 2 other), ``class_counts`` (N, 4) int64 and optionally ``replicated_index``.
-Image/label chunks are one slice; shards hold ``plan.shard_slices`` slices.
+Image/label chunks are 16 slices; shards hold ``plan.shard_slices`` slices.
 
-Writes are shard-aligned by construction: one process streams slices in
-order and writes each shard exactly once (concurrent writes into one shard
-silently corrupt data in zarr-python 3.x).
+Writes are shard-aligned by construction: :func:`shard_plan` assigns every
+slice to exactly one shard and each shard is written by one call of
+:func:`write_shard` (concurrent writes into one shard silently corrupt data in
+zarr-python 3.x; different shards are different files and safe in parallel).
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import zarr
@@ -39,7 +40,7 @@ def phase_code(phase: str) -> int:
 
 
 def _compressor() -> BloscCodec:
-    return BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle)
+    return BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.bitshuffle)
 
 
 def chunk_slices(shard: int) -> int:
@@ -75,58 +76,51 @@ def create_store(path: str | Path, *, n_slices: int, slice_shape: tuple[int, int
     return root
 
 
-def write_slices(root: zarr.Group, blocks: Iterable[dict[str, np.ndarray]],
-                 shard_slices: int) -> int:
-    """Stream per-frame blocks into the store, one whole shard per write.
+def shard_plan(case_slices: Sequence[int], shard: int) -> list[tuple[int, list[tuple[int, int, int]]]]:
+    """Which slices of which cases make up each shard of a store.
 
     Parameters
     ----------
-    root : zarr.Group
-        Store created by :func:`create_store`.
-    blocks : iterable of dict
-        Each has ``images``, ``labels`` (S, H, W) and the per-slice arrays of
-        :data:`SLICE_ARRAYS` plus ``class_counts`` (S, 4), in final order.
-    shard_slices : int
-        Slices per shard; the writer buffers exactly one shard.
+    case_slices : sequence of int
+        Number of slices of each case, in store order.
+    shard : int
+        Slices per shard (``images.shards[0]``).
 
     Returns
     -------
-    int
-        Number of slices written.
+    list of (start, pieces)
+        One entry per shard: its first store index and ``(case_no, lo, hi)``
+        ranges of the cases' own slices that fill it, in order.
+
+    Examples
+    --------
+    >>> shard_plan([3, 4, 2], 4)
+    [(0, [(0, 0, 3), (1, 0, 1)]), (4, [(1, 1, 4), (2, 0, 1)]), (8, [(2, 1, 2)])]
     """
-    images, labels = root["images"], root["labels"]
-    shard = images.shards[0] if images.shards else shard_slices
-    buf_i: list[np.ndarray] = []
-    buf_l: list[np.ndarray] = []
-    start = 0
-    small: dict[str, list[np.ndarray]] = {k: [] for k in (*SLICE_ARRAYS, "class_counts")}
-    for block in blocks:
-        buf_i.append(block["images"])
-        buf_l.append(block["labels"])
-        for key in small:
-            small[key].append(np.asarray(block[key]))
-        while sum(len(b) for b in buf_i) >= shard:
-            start = _flush(images, labels, buf_i, buf_l, start, shard)
-    if buf_i:
-        start = _flush(images, labels, buf_i, buf_l, start, sum(len(b) for b in buf_i))
-    for key, parts in small.items():
-        if parts:
-            root[key][:] = np.concatenate(parts)
-    return start
+    out: list[tuple[int, list[tuple[int, int, int]]]] = []
+    pos = 0
+    for case_no, n in enumerate(case_slices):
+        lo = 0
+        while lo < n:
+            if pos % shard == 0:
+                out.append((pos, []))
+            take = min(n - lo, shard - pos % shard)
+            out[-1][1].append((case_no, lo, lo + take))
+            lo += take
+            pos += take
+    return out
 
 
-def _flush(images: zarr.Array, labels: zarr.Array, buf_i: list[np.ndarray],
-           buf_l: list[np.ndarray], start: int, count: int) -> int:
-    img = np.concatenate(buf_i)
-    lab = np.concatenate(buf_l)
-    images[start:start + count] = img[:count].astype(images.dtype, copy=False)
-    labels[start:start + count] = lab[:count]
-    buf_i.clear()
-    buf_l.clear()
-    if len(img) > count:
-        buf_i.append(img[count:])
-        buf_l.append(lab[count:])
-    return start + count
+def write_shard(store_path: str | Path, start: int, images: np.ndarray, labels: np.ndarray) -> None:
+    """Write one whole shard (``images``/``labels`` from index ``start``) of a store.
+
+    Each call writes exactly one shard file per array, so calls for different
+    shards may run concurrently in different processes (concurrent writes into
+    the *same* shard corrupt it: zarr-python 3.x does not lock).
+    """
+    for name, data in (("images", images), ("labels", labels)):
+        arr = zarr.open_array(str(Path(store_path) / name), mode="r+")
+        arr[start:start + len(data)] = data.astype(arr.dtype, copy=False)
 
 
 def open_store(path: str | Path) -> zarr.Group:

@@ -95,6 +95,39 @@ def test_parallel_equals_serial(raw, serial_build, tmp_path, monkeypatch):
     assert "OMP_NUM_THREADS" not in os.environ and os.environ["MKL_NUM_THREADS"] == "3"
 
 
+def test_small_shards_written_in_parallel_equal_one_shard(raw, serial_build, tmp_path):
+    """Cases straddle shard boundaries; workers write the shards concurrently."""
+    from cmrprep.plan import Plan
+
+    plan = Plan.from_json((serial_build / "plan.json").read_text()).updated(shard_slices=16)
+    (tmp_path / "plan.json").write_text(plan.to_json())
+    res = build(raw, tmp_path / "small", plan_file=str(tmp_path / "plan.json"), workers=2,
+                progress=False)
+    assert res.exit_code == 0
+    g = _store(tmp_path / "small")
+    assert g["images"].shards[0] == 16 and g["images"].shape[0] > 3 * 16
+    ref = _store(serial_build)
+    for name in ARRAYS:
+        np.testing.assert_array_equal(g[name][...], ref[name][...], err_msg=name)
+    shard_files = list((tmp_path / "small" / "store.zarr" / "images" / "c").iterdir())
+    assert len(shard_files) == -(-g["images"].shape[0] // 16)
+
+
+def test_failed_report_keeps_the_published_store(raw, tmp_path, monkeypatch, caplog):
+    from pipelines import qc
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no fonts today")
+
+    monkeypatch.setattr(qc, "report_task", broken)
+    res = build(raw, tmp_path / "out", workers=0, progress=False)
+    assert res.exit_code == 0 and res.published
+    assert _store(tmp_path / "out")["images"].shape[0] > 0
+    assert "QC report failed" in caplog.text and "no fonts today" in caplog.text
+    assert not list((tmp_path / "out").glob(".report-*"))
+    assert not (tmp_path / "out" / "report").exists()
+
+
 def test_rerun_does_no_work_and_keeps_the_store(raw, serial_build, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(serial_build, out, symlinks=True)
@@ -161,3 +194,17 @@ def test_unwritable_output_is_a_configuration_error(raw, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")   # works as root too: nothing can be created below a file
     assert main([str(raw), str(blocker / "out"), "--workers", "0"]) == 2
+
+
+@pytest.mark.parametrize("sizes,shard", [([3, 4, 2], 4), ([20], 8), ([1] * 9, 4), ([5, 0, 7], 16),
+                                         ([], 4)])
+def test_shard_plan_covers_every_slice_once_within_shards(sizes, shard):
+    from pipelines.store import shard_plan
+
+    seen = []
+    for start, pieces in shard_plan(sizes, shard):
+        assert start % shard == 0
+        n = sum(hi - lo for _, lo, hi in pieces)
+        assert 0 < n <= shard
+        seen.extend((case, i) for case, lo, hi in pieces for i in range(lo, hi))
+    assert seen == [(case, i) for case, n in enumerate(sizes) for i in range(n)]

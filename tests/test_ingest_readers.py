@@ -174,3 +174,36 @@ def test_unreadable_files(tmp_path, write_nifti, tiny):
             read_volume(tmp_path / name, case_id="case7")
         assert err.value.problem.check == "readable"
         assert err.value.problem.file.endswith(name) and "case7" in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["nifti1_gz_scaled", "nifti2_gz_big_endian", "plain_nii",
+                                  "cine_4d", "two_gzip_members"])
+def test_one_shot_read_equals_nibabel_streaming(tmp_path, write_nifti, tiny, monkeypatch, kind):
+    """The fast path (whole file, one ISA-L call) gives exactly nibabel's streaming result."""
+    from pipelines.ingest import readers
+
+    frame = None
+    if kind == "nifti1_gz_scaled":
+        path = write_nifti(tmp_path / "a.nii.gz", tiny.image(), slope=0.5, inter=3.0)
+    elif kind == "nifti2_gz_big_endian":
+        hdr = nib.Nifti2Header(endianness=">")
+        path = tmp_path / "b.nii.gz"
+        nib.save(nib.Nifti2Image(tiny.image(), tiny.affine, header=hdr), str(path))
+        assert nib.load(path).header.endianness == ">"
+    elif kind == "plain_nii":
+        path = write_nifti(tmp_path / "c.nii", tiny.label())
+    elif kind == "cine_4d":
+        path = write_nifti(tmp_path / "d.nii.gz", np.stack([tiny.image(t) for t in range(3)], -1))
+        frame = 1
+    else:
+        plain = write_nifti(tmp_path / "e.nii", tiny.image()).read_bytes()
+        path = tmp_path / "e.nii.gz"
+        path.write_bytes(gzip.compress(plain[:500]) + gzip.compress(plain[500:]))
+    fast, fast_geom = read_volume(path, case_id="c", frame=frame)
+    monkeypatch.setattr(readers, "ONE_SHOT_BYTES", 0)  # force nibabel's streaming reader
+    slow, slow_geom = read_volume(path, case_id="c", frame=frame)
+    assert fast.dtype == slow.dtype
+    np.testing.assert_array_equal(fast, slow)
+    np.testing.assert_array_equal(fast_geom.matrix, slow_geom.matrix)
+    if kind == "two_gzip_members":
+        np.testing.assert_array_equal(fast, tiny.image())

@@ -244,13 +244,48 @@ def _check_frame(shape: tuple[int, ...], frame: int | None, case_id: str, path) 
     return int(frame)
 
 
-def _read_nifti(path: Path, case_id: str, frame: int | None) -> tuple[np.ndarray, Geometry]:
+#: Largest NIfTI (uncompressed bytes) read and decompressed in one piece; larger files
+#: (long 4D cines) stream through nibabel so memory stays bounded by the frame read.
+ONE_SHOT_BYTES: int = 1 << 30
+
+
+def gunzip(data: bytes) -> bytes:
+    """Decompress gzip bytes (all members, CRC checked) with ISA-L when installed.
+
+    ``isal.igzip`` is 2-2.5x faster than the standard library's zlib on NIfTI
+    volumes (measured 3.7 vs 9.3 ms per 1.3 MB file, nibabel's streaming read
+    included); :mod:`gzip` is the fallback.
+    """
+    try:
+        from isal import igzip
+    except ImportError:  # pragma: no cover - isal is a core dependency
+        import gzip as igzip
+    return igzip.decompress(data)
+
+
+def _nifti_image(path: Path, header: Header):
+    """A nibabel image of ``path``; small files are read and decompressed in one piece.
+
+    Reading the whole file then one ISA-L call avoids nibabel's chunked gzip stream
+    (thousands of small ``zlib`` calls per volume); the bytes are parsed by nibabel.
+    """
     import nibabel as nib
 
+    n_bytes = int(np.prod(header.shape, dtype=np.float64)) * 8  # upper bound: 8-byte voxels
+    if n_bytes > ONE_SHOT_BYTES:
+        return nib.load(str(path))
+    data = path.read_bytes()
+    if path.name.lower().endswith(".gz"):
+        data = gunzip(data)
+    klass = nib.Nifti2Image if struct.unpack("<i", data[:4])[0] in (540, 0x1C020000) else nib.Nifti1Image
+    return klass.from_bytes(data)
+
+
+def _read_nifti(path: Path, case_id: str, frame: int | None) -> tuple[np.ndarray, Geometry]:
     header = _nifti_info(path, case_id)
     t = _check_frame(header.shape, frame, case_id, path)
     try:
-        proxy = nib.load(str(path)).dataobj
+        proxy = _nifti_image(path, header).dataobj
         extra = (0,) * (len(proxy.shape) - len(header.shape))  # trailing singleton axes
         index = (slice(None),) * 3 + ((t,) if t is not None else ()) + extra
         data = np.asanyarray(proxy[index])
