@@ -11,6 +11,14 @@ from typing import Any
 
 #: Project label convention (ACDC): index -> name.
 CLASSES: tuple[str, ...] = ("background", "RV", "MYO", "LV")
+#: Integer codes of the cardiac phases in stores (anything else is 2).
+PHASE_CODES = {"ED": 0, "ES": 1}
+
+
+def phase_code(phase: str) -> int:
+    """Integer code of a phase name (0 ED, 1 ES, 2 anything else)."""
+    return PHASE_CODES.get(phase, 2)
+
 
 
 @dataclass(frozen=True)

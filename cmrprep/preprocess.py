@@ -74,7 +74,6 @@ import numpy as np
 
 from cmrprep import crop as crop_mod
 from cmrprep.geometry import Geometry
-from cmrprep.localize import center_fallback
 from cmrprep.normalize import apply_normalization, intensity_statistics
 from cmrprep.plan import ConfigError, Plan
 from cmrprep.reorient import (Reorientation, canonical_reorientation, reorient_geometry,
@@ -166,6 +165,8 @@ def _choose_center(fg_window, image_r, geometry_r, geometry, plan, center, rng):
         return jit, "label", (jit[0] - base[0], jit[1] - base[1])
     if center is not None:
         return _given_center(center, geometry, geometry_r), "given", (0.0, 0.0)
+    from cmrprep.localize import center_fallback  # scipy.ndimage: imported only when needed
+
     return center_fallback(image_r(), geometry_r), "fallback", (0.0, 0.0)
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from cmrprep.cases import CaseSpec, Problem
 from cmrprep.plan import ConfigError, Plan
-from pipelines import assemble, cache as cache_mod, outdir
+from pipelines import cache as cache_mod, outdir
 from pipelines.cluster import BackgroundClient, map_tasks, quiet_dask_logs
 from pipelines.runlog import RunLog
 
@@ -91,7 +91,14 @@ def resolve_plan(out: Path, headers: list[dict[str, Any]], *, plan_file: str | N
     return plan
 
 
-def _headers(cases: list[CaseSpec], digests: cache_mod.DigestIndex) -> tuple[list, list, dict]:
+def _headers(cases: list[CaseSpec], digests: cache_mod.DigestIndex,
+             cache_dir: Path) -> tuple[list, list, dict]:
+    """Read each case's first header; hash the inputs of cases the cache knows.
+
+    A case without a cache entry is processed whatever its digests are, so
+    its files are hashed by the worker that reads them (see
+    :func:`pipelines.worker.process_case`) instead of being read twice.
+    """
     from pipelines.ingest import read_header
     from cmrprep.cases import CaseError
 
@@ -105,14 +112,15 @@ def _headers(cases: list[CaseSpec], digests: cache_mod.DigestIndex) -> tuple[lis
         except OSError as exc:
             problems.append(Problem(case.case_id, getattr(exc, "filename", None), "readable",
                                     f"cannot read: {exc}"))
-    files = {h["case"].case_id: cache_mod.case_files(h["case"].to_dict()) for h in ok}
+    files = {h["case"].case_id: cache_mod.case_files(h["case"].to_dict()) for h in ok
+             if (cache_dir / f"{h['case'].case_id}.json").exists()}
     try:
         file_digests = digests.digest_many([f for fs in files.values() for f in fs])
     except OSError:  # find which case's file vanished or is unreadable; keep the others
         file_digests, keep = {}, []
         for h in ok:
             try:
-                file_digests.update({f: digests.digest(f) for f in files[h["case"].case_id]})
+                file_digests.update({f: digests.digest(f) for f in files.get(h["case"].case_id, [])})
                 keep.append(h)
             except OSError as exc:
                 problems.append(Problem(h["case"].case_id, getattr(exc, "filename", None), "readable",
@@ -217,7 +225,7 @@ def _build_cases(raw, out, disc, plan_file, overrides, crop_mm, cluster, retries
 
     remove_stale(out)
     digest_index = cache_mod.DigestIndex(out / "cache" / "digests.json")
-    headers, problems, digests = _headers(disc.cases, digest_index)
+    headers, problems, digests = _headers(disc.cases, digest_index, out / "cache")
     result.quarantined.extend(p.to_dict() for p in problems)
     plan = resolve_plan(out, headers, plan_file=plan_file, overrides=overrides, crop_mm=crop_mm)
     phash = cache_mod.plan_hash(plan.to_dict())
@@ -237,11 +245,13 @@ def _build_cases(raw, out, disc, plan_file, overrides, crop_mm, cluster, retries
         result.seconds = time.perf_counter() - t0
         return result
     _write_json(out / "plan.json", plan.to_dict())
+    outcomes = _run_cases(todo, keys, plan, phash, out / "cache", cluster, retries, progress, runlog)
+    _learn_digests(outcomes, keys, digests, digest_index)
     digest_index.save()
-    outcomes = _run_cases(todo, keys, plan, out / "cache", cluster, retries, progress, runlog)
     result.quarantined.extend(_quarantine_records(outcomes, todo))
     bad = {q["case_id"] for q in result.quarantined}
     metas = [m for c in cases if c.case_id not in bad
+             and keys[c.case_id] is not None
              and (m := cache_mod.read_meta(out / "cache", c.case_id, keys[c.case_id])) is not None]
     for meta in metas:
         result.warnings.extend(meta.get("warnings", []))
@@ -263,28 +273,43 @@ def _build_cases(raw, out, disc, plan_file, overrides, crop_mm, cluster, retries
 
 
 def _plan_work(cases, digests, phash, cache_dir):
+    """Cases to process and their keys (``None``: not hashed yet, the worker hashes it)."""
     keys, todo = {}, []
     for case in cases:
         d = case.to_dict()
-        keys[case.case_id] = cache_mod.case_key(
-            d, {f: digests[f] for f in cache_mod.case_files(d)}, phash)
-        if cache_mod.read_meta(cache_dir, case.case_id, keys[case.case_id]) is None:
-            todo.append(case)
+        files = cache_mod.case_files(d)
+        keys[case.case_id] = None
+        if all(f in digests for f in files):
+            keys[case.case_id] = cache_mod.case_key(d, {f: digests[f] for f in files}, phash)
+            if cache_mod.read_meta(cache_dir, case.case_id, keys[case.case_id]) is not None:
+                continue
+        todo.append(case)
     return todo, keys
 
 
-def _run_cases(todo, keys, plan, cache_dir, cluster, retries, progress, runlog) -> list[dict]:
+def _run_cases(todo, keys, plan, phash, cache_dir, cluster, retries, progress, runlog) -> list[dict]:
     from pipelines.worker import process_case
 
     if not todo:
         return []
-    items = [(c.to_dict(), plan.to_dict(), str(cache_dir), keys[c.case_id]) for c in todo]
+    items = [(c.to_dict(), plan.to_dict(), str(cache_dir), keys[c.case_id], phash) for c in todo]
 
     def note(res: dict) -> None:
         runlog.event("case", case_id=res.get("case_id"), ok=res.get("ok"))
 
     return map_tasks(process_case, items, client=cluster.client(), retries=retries,
                      progress=progress, on_result=note)
+
+
+def _learn_digests(outcomes: list[dict], keys: dict, digests: dict, index) -> None:
+    """Keys and input digests computed by the workers, kept for this and later builds."""
+    for res in outcomes:
+        if not res.get("ok"):
+            continue
+        keys[res["case_id"]] = res["key"]
+        for f, entry in res.get("digests", {}).items():
+            digests[f] = entry[2]
+            index.record(f, entry)
 
 
 def _quarantine_records(outcomes: list[dict], todo: list[CaseSpec]) -> list[dict]:
@@ -309,6 +334,8 @@ def _publish(out, metas, plan, digests, build_key, result, report, cluster) -> N
     shards are written.
     """
     from concurrent.futures import ThreadPoolExecutor
+
+    from pipelines import assemble  # zarr: imported after the cluster started
 
     stats = assemble.dataset_statistics(metas, plan)
     client = cluster.client() if cluster.started else None

@@ -26,33 +26,54 @@ CACHE_ARRAYS = ("images", "labels", "class_counts", "class_counts_raw", "slice_i
                 "phase", "frame_local")
 
 
+#: Name of the content digest: SHA-256 (hardware-accelerated on x86 with SHA-NI: 1.7 GB/s
+#: here, twice BLAKE2b) truncated to 128 bits, plenty to detect changed inputs.
+ALGORITHM = "sha256/128"
+
+
 def file_digest(path: str | Path, *, chunk: int = 1 << 22) -> str:
-    """BLAKE2b digest of a file (or of every file, sorted, in a DICOM directory)."""
+    """Content digest of a file (or of every file, sorted, in a DICOM directory)."""
     p = Path(path)
-    h = hashlib.blake2b(digest_size=16)
+    h = hashlib.sha256()
     files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
     for f in files:
         h.update(f.name.encode())
         with open(f, "rb") as fh:
             while block := fh.read(chunk):
                 h.update(block)
-    return h.hexdigest()
+    return h.hexdigest()[:32]
+
+
+def file_stamp(path: str | Path) -> list[int]:
+    """``[size, mtime_ns]`` of a file; for a directory, summed sizes and newest mtime of its files."""
+    p = Path(path)
+    if not p.is_dir():
+        st = os.stat(p)
+        return [st.st_size, st.st_mtime_ns]
+    stats = [q.stat() for q in p.rglob("*") if q.is_file()]
+    return [sum(st.st_size for st in stats) + len(stats),
+            max((st.st_mtime_ns for st in stats), default=0)]
 
 
 class DigestIndex:
-    """Remembers file digests by (path, size, mtime) so unchanged files are not re-read."""
+    """Remembers file digests by (path, size, mtime) so unchanged files are not re-read.
+
+    Stored as ``{"algorithm": ALGORITHM, "files": {path: [size, mtime_ns, digest]}}``;
+    an index written with another algorithm is ignored (every file is hashed again).
+    """
 
     def __init__(self, path: Path):
         self.path = path
         try:
-            self._index: dict[str, list[Any]] = json.loads(path.read_text())
+            data = json.loads(path.read_text())
         except (OSError, ValueError):
-            self._index = {}
+            data = {}
+        ok = isinstance(data, dict) and data.get("algorithm") == ALGORITHM
+        self._index: dict[str, list[Any]] = data.get("files", {}) if ok else {}
 
     def digest(self, file: str) -> str:
         """Content digest of ``file``, reusing the stored one when size and mtime match."""
-        st = os.stat(file)
-        stamp = [st.st_size, st.st_mtime_ns]
+        stamp = file_stamp(file)
         entry = self._index.get(file)
         if entry and entry[:2] == stamp:
             return entry[2]
@@ -60,11 +81,15 @@ class DigestIndex:
         self._index[file] = [*stamp, d]
         return d
 
+    def record(self, file: str, entry: list[Any]) -> None:
+        """Store ``[size, mtime_ns, digest]`` computed elsewhere (by the worker that read the file)."""
+        self._index[file] = list(entry)
+
     def digest_many(self, files: list[str], threads: int = 4) -> dict[str, str]:
         """Digests of ``files`` (unique), hashed on ``threads`` threads.
 
-        hashlib and file reads release the GIL, so hashing a new dataset runs in
-        parallel with itself and with the cluster start-up.
+        hashlib and file reads release the GIL, so hashing runs in parallel
+        with itself and with the cluster start-up.
         """
         from concurrent.futures import ThreadPoolExecutor
 
@@ -76,7 +101,14 @@ class DigestIndex:
 
     def save(self) -> None:
         """Write the index atomically."""
-        atomic_write_text(self.path, json.dumps(self._index, sort_keys=True))
+        atomic_write_text(self.path, json.dumps({"algorithm": ALGORITHM, "files": self._index},
+                                                sort_keys=True))
+
+
+def stamped_digests(files: list[str]) -> dict[str, list[Any]]:
+    """``{file: [size, mtime_ns, digest]}``; the stamp is taken before hashing, so a file
+    changed meanwhile gets a newer mtime and is hashed again by the next build."""
+    return {f: [*file_stamp(f), file_digest(f)] for f in files}
 
 
 def case_files(case: dict[str, Any]) -> list[str]:

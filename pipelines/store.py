@@ -22,21 +22,17 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
+from cmrprep.cases import PHASE_CODES, phase_code  # noqa: F401 - part of the store schema
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-PHASE_CODES = {"ED": 0, "ES": 1}
 SLICE_ARRAYS = ("case_index", "frame_index", "slice_index", "phase")
 #: Slices per inner chunk of ``images``/``labels``.  Readers take whole shards; 16 slices
 #: (256 KiB of float16 at 128x128) make writing 4x and whole-shard reads 8x faster than
 #: one-slice chunks (zarr-python's per-chunk overhead dominates), while a random
 #: single-slice read costs about the same (1.5 ms instead of 1.3 ms).
 CHUNK_SLICES = 16
-
-
-def phase_code(phase: str) -> int:
-    """Integer code of a phase name (0 ED, 1 ES, 2 anything else)."""
-    return PHASE_CODES.get(phase, 2)
 
 
 def _compressor() -> BloscCodec:

@@ -17,10 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from cmrprep.cases import CaseError, CaseSpec, FrameSpec, Problem
+from cmrprep.cases import CaseError, CaseSpec, FrameSpec, Problem, phase_code
 from cmrprep.plan import Plan
 from pipelines import cache as cache_mod
-from pipelines.store import phase_code
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,7 @@ def _fingerprint(image: np.ndarray, label: np.ndarray | None, geometry,
                                          max_samples=STAT_SAMPLES).to_dict()
     counts = None
     if label is not None:
-        counts = np.bincount(label.ravel(), minlength=4)[:4].tolist()  # uint8 labels 0..3
+        counts = np.bincount(label.ravel(order="K"), minlength=4)[:4].tolist()  # uint8 labels 0..3
     return {"spacing": list(geometry.spacing), "shape": list(geometry.shape),
             "percentiles": {"p0.5": float(intensity["low"]), "p50": float(intensity["median"]),
                             "p99.5": float(intensity["high"])},
@@ -123,20 +122,28 @@ def select_frames(case: CaseSpec, plan: Plan) -> list[FrameSpec]:
 
 
 def process_case(case_dict: dict[str, Any], plan_dict: dict[str, Any], cache_dir: str,
-                 key: str) -> dict[str, Any]:
+                 key: str | None, plan_hash: str | None = None) -> dict[str, Any]:
     """Preprocess every frame of one case and write it to the cache.
+
+    ``key=None`` (a case the build has never seen) means: hash the case's input
+    files here, right before reading them, and derive the key with
+    ``plan_hash`` -- the build then does not read every new file twice.
 
     Returns
     -------
     dict
-        ``{"case_id", "ok": True, "key", "n_slices", "frames", "fingerprint",
-        "warnings"}`` or ``{"case_id", "ok": False, "problem": {...}}``.
+        ``{"case_id", "ok": True, "key", "n_slices", "warnings", "digests"}``
+        (``digests``: ``{file: [size, mtime_ns, digest]}`` when hashed here) or
+        ``{"case_id", "ok": False, "problem": {...}}``.
     """
     _configure_process()
     case = CaseSpec.from_dict(case_dict)
     plan = Plan.from_dict(plan_dict)
     try:
-        return _process(case, plan, Path(cache_dir), key)
+        digests = {}
+        if key is None:
+            key, digests = _hash_inputs(case_dict, case.case_id, plan_hash)
+        return {**_process(case, plan, Path(cache_dir), key), "digests": digests}
     except CaseError as exc:
         return {"case_id": case.case_id, "ok": False, "problem": exc.problem.to_dict()}
     except OSError:
@@ -146,6 +153,21 @@ def process_case(case_dict: dict[str, Any], plan_dict: dict[str, Any], cache_dir
         problem = Problem(case.case_id, case.frames[0].image if case.frames else None,
                           "processing", f"unexpected {type(exc).__name__}: {exc}")
         return {"case_id": case.case_id, "ok": False, "problem": problem.to_dict()}
+
+
+def _hash_inputs(case_dict: dict[str, Any], case_id: str,
+                 plan_hash: str | None) -> tuple[str, dict[str, list[Any]]]:
+    """Cache key of a case from its input files hashed here; an unreadable file is a CaseError."""
+    if plan_hash is None:
+        raise ValueError("process_case needs plan_hash when key is None")
+    files = cache_mod.case_files(case_dict)
+    try:
+        stamped = cache_mod.stamped_digests(files)
+    except OSError as exc:
+        raise CaseError(Problem(case_id, str(getattr(exc, "filename", None) or files[0]), "readable",
+                                f"cannot read: {exc}")) from exc
+    key = cache_mod.case_key(case_dict, {f: v[2] for f, v in stamped.items()}, plan_hash)
+    return key, stamped
 
 
 def _process(case: CaseSpec, plan: Plan, cache_dir: Path, key: str) -> dict[str, Any]:

@@ -70,7 +70,13 @@ def test_store_schema(serial_build):
     frame = attrs["frames"][0]
     for key in ("original_geometry", "reorientation", "resampled_geometry", "crop_box", "image", "label"):
         assert key in frame, key
-    assert attrs["provenance"]["input_hashes"] and attrs["provenance"]["versions"]["zarr"]
+    assert attrs["provenance"]["versions"]["zarr"]
+    # new cases are hashed by the worker that reads them; every input file is recorded
+    sources = {f for c in attrs["cases"] for f in c["source_files"]}
+    assert set(attrs["provenance"]["input_hashes"]) == sources
+    index = json.loads((serial_build / "cache" / "digests.json").read_text())
+    assert index["algorithm"] == "sha256/128"
+    assert {f: e[2] for f, e in index["files"].items()} == attrs["provenance"]["input_hashes"]
     assert set(np.unique(g["phase"][...])) == {0, 1}
 
 

@@ -47,6 +47,8 @@ def check_intensities(image: np.ndarray, case_id: str, path: str) -> list[Proble
     """Error when the image holds NaN or Inf voxels (reports their count)."""
     if not np.issubdtype(image.dtype, np.floating):
         return []
+    if image.size == 0 or (np.isfinite(image.min()) and np.isfinite(image.max())):
+        return []  # two vectorised reductions; NaN propagates through min/max
     n_nan, n_inf = int(np.isnan(image).sum()), int(np.isinf(image).sum())
     if n_nan or n_inf:
         return [Problem(case_id, path, "intensity",
@@ -57,10 +59,10 @@ def check_intensities(image: np.ndarray, case_id: str, path: str) -> list[Proble
 
 def _distinct(label: np.ndarray) -> np.ndarray:
     """Sorted distinct values; a histogram for 8-bit labels (one pass, no sort)."""
-    if label.dtype == np.uint8:
-        return np.flatnonzero(np.bincount(label.ravel(), minlength=256)).astype(np.int64)
+    if label.dtype == np.uint8:  # ravel(order="K"): no copy of nibabel's Fortran-ordered array
+        return np.flatnonzero(np.bincount(label.ravel(order="K"), minlength=256)).astype(np.int64)
     if label.dtype == np.int8:
-        hist = np.bincount(label.ravel().astype(np.int16) + 128, minlength=256)
+        hist = np.bincount(label.ravel(order="K").astype(np.int16) + 128, minlength=256)
         return np.flatnonzero(hist).astype(np.int64) - 128
     return np.unique(label)
 
@@ -74,7 +76,7 @@ def _remap(label: np.ndarray, label_map, case_id: str, path: str) -> np.ndarray:
             raise CaseError(Problem(case_id, path, "label_values",
                                     f"label values {_values(bad)} outside 0..{_MAX_LABEL} "
                                     f"({', '.join(CLASSES)}); fix the label file or set a label_map."))
-        return label.astype(np.uint8)
+        return label.astype(np.uint8, copy=False)
     src = np.array([a for a, _ in label_map], dtype=np.int64)
     bad = values[~np.isin(values, src)]
     if bad.size:
@@ -169,7 +171,7 @@ def _inspect(case: CaseSpec, fr: FrameSpec) -> tuple[LoadedFrame | None, list[Pr
     if any(p.severity == "error" for p in problems):
         return None, problems
     warnings = [p for p in problems if p.severity != "error"]
-    return LoadedFrame(image.astype(np.float32), label, geom, warnings), problems
+    return LoadedFrame(image.astype(np.float32, copy=False), label, geom, warnings), problems
 
 
 def load_frame(case: CaseSpec, frame: FrameSpec | int | str) -> LoadedFrame:
