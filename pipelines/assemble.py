@@ -117,14 +117,15 @@ def provenance(digests: dict[str, str], plan: Plan, build_id: str) -> dict[str, 
 
 def write_version(path: Path, cache_dir: Path, metas: list[dict[str, Any]], plan: Plan,
                   stats: dict[str, Any], digests: dict[str, str], build_id: str,
-                  run_tasks: Callable[[Callable[..., dict], list[tuple]], list[dict]] | None = None
-                  ) -> None:
+                  start_tasks: Callable[[Callable[..., dict], list[tuple]],
+                                        Callable[[], list[dict]]] | None = None) -> None:
     """Write a complete store version at ``path`` (a fresh directory).
 
     Shards of ``images``/``labels`` are independent files, so they are written
-    by :func:`shard_task` calls through ``run_tasks(func, items)`` (the build
-    passes its Dask cluster; default: serially in this process) while this
-    process writes the per-slice arrays and attributes.
+    by :func:`shard_task` calls started with ``start_tasks(func, items)``,
+    which returns a function collecting their results (the build passes its
+    Dask cluster; default: serially in this process); meanwhile this process
+    writes the per-slice arrays and attributes.
     """
     n = int(sum(m["n_slices"] for m in metas))
     root = store_mod.create_store(path, n_slices=n, slice_shape=tuple(plan.crop_shape),
@@ -132,7 +133,10 @@ def write_version(path: Path, cache_dir: Path, metas: list[dict[str, Any]], plan
     shard = root["images"].shards[0]
     items = [(str(path), str(cache_dir), [(metas[c]["case_id"], lo, hi) for c, lo, hi in pieces], start)
              for start, pieces in store_mod.shard_plan([m["n_slices"] for m in metas], shard)]
-    run_tasks = run_tasks or (lambda func, its: [func(*it) for it in its])
+    if start_tasks is None:
+        def start_tasks(func, its):
+            return lambda: [func(*it) for it in its]
+    collect = start_tasks(shard_task, items)
     for key, values in _slice_arrays(cache_dir, metas).items():
         root[key][:] = values
     root["weights"][:] = stats["sampling_weights"]
@@ -142,7 +146,7 @@ def write_version(path: Path, cache_dir: Path, metas: list[dict[str, Any]], plan
                           chunks=(max(len(idx), 1),))
     cases, frames = _case_records(metas, digests)
     root.update_attributes(_attributes(plan, stats, cases, frames, digests, build_id))  # one write
-    results = run_tasks(shard_task, items)
+    results = collect()
     failed = [(it[3], r) for it, r in zip(items, results) if not r.get("ok")]
     if failed:
         start, res = failed[0]

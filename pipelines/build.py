@@ -26,7 +26,7 @@ from typing import Any
 from cmrprep.cases import CaseSpec, Problem
 from cmrprep.plan import ConfigError, Plan
 from pipelines import cache as cache_mod, outdir
-from pipelines.cluster import BackgroundClient, map_tasks, quiet_dask_logs
+from pipelines.cluster import BackgroundClient, map_tasks, quiet_dask_logs, start_tasks
 from pipelines.runlog import RunLog
 
 log = logging.getLogger("pipelines.build")
@@ -245,6 +245,8 @@ def _build_cases(raw, out, disc, plan_file, overrides, crop_mm, cluster, retries
         result.seconds = time.perf_counter() - t0
         return result
     _write_json(out / "plan.json", plan.to_dict())
+    if todo:
+        _warm_imports(report)
     outcomes = _run_cases(todo, keys, plan, phash, out / "cache", cluster, retries, progress, runlog)
     _learn_digests(outcomes, keys, digests, digest_index)
     digest_index.save()
@@ -301,6 +303,25 @@ def _run_cases(todo, keys, plan, phash, cache_dir, cluster, retries, progress, r
                      progress=progress, on_result=note)
 
 
+def _warm_imports(report: bool) -> None:
+    """Import what the end of the build needs (zarr, matplotlib) while the workers process
+    cases: this process only waits then, and the store and report are on the critical path."""
+    import importlib
+    import threading
+
+    names = ["pipelines.assemble"] + (["pipelines.report", "matplotlib.figure", "PIL.Image"]
+                                      if report else [])
+
+    def run() -> None:
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except ImportError:  # the report step reports it properly
+                pass
+
+    threading.Thread(target=run, name="cmrprep-imports", daemon=True).start()
+
+
 def _learn_digests(outcomes: list[dict], keys: dict, digests: dict, index) -> None:
     """Keys and input digests computed by the workers, kept for this and later builds."""
     for res in outcomes:
@@ -349,10 +370,10 @@ def _publish(out, metas, plan, digests, build_key, result, report, cluster) -> N
                               qc.report_inputs(out / "cache", metas, stats, result, plan))
         tmp = outdir.new_version_dir(out, build_key[:12])
 
-        def run_tasks(func, items):
-            return map_tasks(func, items, client=client, retries=1, desc="shards", progress=False)
+        def shards(func, items):
+            return start_tasks(func, items, client=client, retries=1, desc="shards", progress=False)
 
-        assemble.write_version(tmp, out / "cache", metas, plan, stats, digests, build_key, run_tasks)
+        assemble.write_version(tmp, out / "cache", metas, plan, stats, digests, build_key, shards)
         cluster.release()
         final = outdir.publish(out, tmp, build_key[:12] + "-" + uuid.uuid4().hex[:6])
         result.published = True

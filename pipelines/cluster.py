@@ -168,28 +168,45 @@ def map_tasks(func: Callable[..., dict], items: list[tuple], *, client: Any | No
     as ``{"ok": False, "exception": "..."}``, never raised, so one bad case
     cannot take down the run.
     """
-    from tqdm.auto import tqdm
+    return start_tasks(func, items, client=client, retries=retries, desc=desc, progress=progress,
+                       on_result=on_result)()
 
-    results: list[dict | None] = [None] * len(items)
-    bar = tqdm(total=len(items), desc=desc, unit="case", disable=not progress)
-    if client is None:
-        for i, item in enumerate(items):
-            results[i] = _call(func, item)
-            _done(bar, on_result, results[i])
-    else:
-        from distributed import as_completed
 
-        futures = [client.submit(func, *item, retries=retries, pure=False) for item in items]
-        index = {f.key: i for i, f in enumerate(futures)}
-        for fut in as_completed(futures):
-            try:
-                res = fut.result()
-            except Exception as exc:  # noqa: BLE001 - reported per case
-                res = {"ok": False, "exception": f"{type(exc).__name__}: {exc}"}
-            results[index[fut.key]] = res
-            _done(bar, on_result, res)
-    bar.close()
-    return [r if r is not None else {"ok": False, "exception": "no result"} for r in results]
+def start_tasks(func: Callable[..., dict], items: list[tuple], *, client: Any | None,
+                retries: int = 2, desc: str = "cases", progress: bool = True,
+                on_result: Callable[[dict], None] | None = None) -> Callable[[], list[dict]]:
+    """:func:`map_tasks` in two steps: submit now, collect with the returned function.
+
+    The caller does its own work while the cluster runs the tasks; without a
+    client the tasks run (serially, in this process) when results are collected.
+    """
+    futures = ([client.submit(func, *item, retries=retries, pure=False) for item in items]
+               if client is not None else None)
+
+    def collect() -> list[dict]:
+        from tqdm.auto import tqdm
+
+        results: list[dict | None] = [None] * len(items)
+        bar = tqdm(total=len(items), desc=desc, unit="case", disable=not progress)
+        if futures is None:
+            for i, item in enumerate(items):
+                results[i] = _call(func, item)
+                _done(bar, on_result, results[i])
+        else:
+            from distributed import as_completed
+
+            index = {f.key: i for i, f in enumerate(futures)}
+            for fut in as_completed(futures):
+                try:
+                    res = fut.result()
+                except Exception as exc:  # noqa: BLE001 - reported per case
+                    res = {"ok": False, "exception": f"{type(exc).__name__}: {exc}"}
+                results[index[fut.key]] = res
+                _done(bar, on_result, res)
+        bar.close()
+        return [r if r is not None else {"ok": False, "exception": "no result"} for r in results]
+
+    return collect
 
 
 def _call(func: Callable[..., dict], item: tuple) -> dict:

@@ -15,6 +15,7 @@ zarr-python 3.x; different shards are different files and safe in parallel).
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -119,6 +120,13 @@ def write_shard(store_path: str | Path, start: int, images: np.ndarray, labels: 
     for name, data in (("images", images), ("labels", labels)):
         arr = zarr.open_array(str(Path(store_path) / name), mode="r+")
         arr[start:start + len(data)] = data.astype(arr.dtype, copy=False)
+        shard_file = Path(store_path, name, "c", str(start // arr.shards[0]), "0", "0")
+        if shard_file.is_file():  # flushed here, in parallel; publishing then syncs clean files
+            fd = os.open(shard_file, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def open_store(path: str | Path) -> zarr.Group:
