@@ -26,7 +26,8 @@ from typing import Any
 from cmrprep.cases import CaseSpec, Problem
 from cmrprep.plan import ConfigError, Plan
 from pipelines import cache as cache_mod, outdir
-from pipelines.cluster import BackgroundClient, map_tasks, quiet_dask_logs, start_tasks
+from pipelines.cluster import (BackgroundClient, map_tasks, prestart_workers, quiet_dask_logs,
+                               start_tasks)
 from pipelines.runlog import RunLog
 
 log = logging.getLogger("pipelines.build")
@@ -191,6 +192,8 @@ class _Cluster:
         return self._bg is not None
 
     def start(self) -> None:
+        if self.workers > 0 and not self.scheduler and self._bg is None:
+            prestart_workers()
         if (self.workers > 0 or self.scheduler) and self._bg is None:
             self._bg = BackgroundClient(self.workers, memory_limit=self.memory_limit,
                                         scheduler=self.scheduler)

@@ -75,3 +75,26 @@ def test_scheduler_build_equals_local_build(cluster, tmp_path):
     assert strip(a) == strip(b)
     logs = [json.loads(l) for l in (tmp_path / "dist" / "logs" / "build.jsonl").read_text().splitlines()]
     assert sum(1 for e in logs if e["event"] == "case" and e["ok"]) == 4
+
+
+def _worker_env() -> dict:
+    import os
+
+    return {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                           "MALLOC_TRIM_THRESHOLD_")}
+
+
+def test_local_workers_forked_from_prestarted_server_are_single_threaded():
+    """Workers forked from the early fork server get the one-thread environment, the client not."""
+    import os
+
+    from pipelines.cluster import dask_client, prestart_workers
+
+    before = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    prestart_workers()
+    with dask_client(2) as client:
+        envs = list(client.run(_worker_env).values())
+    assert len(envs) == 2
+    assert all(e == {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+                     "MALLOC_TRIM_THRESHOLD_": "65536"} for e in envs), envs
+    assert {k: os.environ.get(k) for k in before} == before
