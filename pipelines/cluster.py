@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -68,12 +69,15 @@ def _client(workers: int, threads_per_worker: int, memory_limit: str,
     log.info("starting LocalCluster: %d workers x %d threads, memory limit %s",
              workers, threads_per_worker, memory_limit)
     method = "forkserver" if _forkserver_ready() else "spawn"
-    with dask.config.set({"distributed.worker.multiprocessing-method": method}):
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker,
-                               processes=True, memory_limit=memory_limit, dashboard_address=None,
-                               local_directory=local_dir, silence_logs=logging.WARNING)
-    with cluster, Client(cluster) as client:
-        yield client
+    try:
+        with dask.config.set({"distributed.worker.multiprocessing-method": method}):
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker,
+                                   processes=True, memory_limit=memory_limit, dashboard_address=None,
+                                   local_directory=local_dir, silence_logs=logging.WARNING)
+        with cluster, Client(cluster) as client:
+            yield client
+    finally:
+        shutil.rmtree(local_dir, ignore_errors=True)  # workers' scratch space (spill, locks)
 
 
 #: Environment of worker processes (distributed's ``distributed.nanny.pre-spawn-environ``

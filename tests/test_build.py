@@ -214,3 +214,26 @@ def test_shard_plan_covers_every_slice_once_within_shards(sizes, shard):
         assert 0 < n <= shard
         seen.extend((case, i) for case, lo, hi in pieces for i in range(lo, hi))
     assert seen == [(case, i) for case, n in enumerate(sizes) for i in range(n)]
+
+
+def test_cli_in_a_fresh_process_reports_flushes_and_cleans_up(raw, tmp_path):
+    """The real entry point: exit code 3 with a quarantined case, the summary on stdout
+    (written before the fast exit), no Dask scratch folder left behind."""
+    import subprocess
+    import sys
+
+    bad_raw = tmp_path / "raw"
+    shutil.copytree(raw, bad_raw)
+    (bad_raw / "patient003" / "patient003_frame01.nii.gz").write_bytes(b"")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    proc = subprocess.run([sys.executable, "-m", "pipelines.build", str(bad_raw), str(tmp_path / "out"),
+                           "--workers", "2", "--quiet"], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert proc.returncode == 3, proc.stderr
+    assert "5 cases" not in proc.stdout and "4 cases: processed 4" in proc.stdout
+    assert "QUARANTINED patient003" in proc.stdout and "empty" in proc.stdout
+    assert len(_store(tmp_path / "out").attrs["cases"]) == 4
+    assert json.loads((tmp_path / "out" / "build_report.json").read_text())["exit_code"] == 3
+    assert not list(scratch.glob("cmrprep-dask-*"))
