@@ -30,7 +30,8 @@ def frame_rng(seed: int, case_id: str, frame_no: int) -> np.random.Generator:
 
 
 def _fingerprint(image: np.ndarray, label: np.ndarray | None, geometry,
-                 intensity: dict[str, Any] | None = None) -> dict[str, Any]:
+                 intensity: dict[str, Any] | None = None,
+                 label_counts: np.ndarray | None = None) -> dict[str, Any]:
     """Spacing, shape, intensity percentiles and class counts of one input frame.
 
     The percentiles come from the same deterministic strided subsample as the
@@ -44,7 +45,9 @@ def _fingerprint(image: np.ndarray, label: np.ndarray | None, geometry,
         intensity = intensity_statistics(image, percentiles=(0.5, 99.5),
                                          max_samples=STAT_SAMPLES).to_dict()
     counts = None
-    if label is not None:
+    if label_counts is not None:  # counted while the labels were checked
+        counts = [int(c) for c in label_counts[:4]]
+    elif label is not None:
         counts = np.bincount(label.ravel(order="K"), minlength=4)[:4].tolist()  # uint8 labels 0..3
     return {"spacing": list(geometry.spacing), "shape": list(geometry.shape),
             "percentiles": {"p0.5": float(intensity["low"]), "p50": float(intensity["median"]),
@@ -111,7 +114,7 @@ def _frame_block(case: CaseSpec, frame: FrameSpec, frame_no: int, plan: Plan):
     record = {"case_id": case.case_id, "phase": frame.phase, "image": frame.image,
               "label": frame.label, "image_frame": frame.image_frame, **prepared.record}
     fingerprint = _fingerprint(loaded.image, loaded.label, loaded.geometry,
-                               prepared.record.get("intensity"))
+                               prepared.record.get("intensity"), loaded.label_counts)
     return arrays, record, fingerprint, loaded.warnings
 
 

@@ -178,3 +178,22 @@ def test_cli_as_module(acdc_root, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "3 cases, 3 ok" in out.stdout
     assert json.loads((tmp_path / "r.json").read_text())["ok"] == ["patient001", "patient002", "patient003"]
+
+
+@pytest.mark.parametrize("dtype, label_map", [
+    (np.uint8, None), (np.int8, None), (np.int16, None), (np.float32, None),
+    (np.uint8, ((0, 0), (1, 3), (2, 2), (3, 1))), (np.int8, ((0, 0), (1, 3), (2, 2), (3, 1))),
+    (np.uint16, ((0, 0), (500, 1), (600, 2), (700, 3))),
+])
+def test_label_counts_come_with_the_checked_labels(dtype, label_map):
+    """The per-class voxel counts (used by the fingerprint) equal a count of the remapped labels."""
+    from pipelines.ingest.validate import _check_labels
+
+    rng = np.random.default_rng(3)
+    src = [a for a, _ in label_map] if label_map else [0, 1, 2, 3]
+    raw = np.asarray(rng.choice(src, size=(9, 7, 4), p=[0.7, 0.1, 0.15, 0.05]), dtype=dtype)
+    raw = np.asfortranarray(raw)
+    out, _, counts = _check_labels(raw, label_map, "c", "f.nii.gz")
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(counts, np.bincount(out.ravel(), minlength=4))
+    assert counts.sum() == raw.size

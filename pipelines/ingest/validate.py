@@ -36,6 +36,8 @@ class LoadedFrame:
     label: np.ndarray | None
     geometry: Geometry
     warnings: list[Problem] = field(default_factory=list)
+    #: Voxels of each class (background, RV, MYO, LV) in ``label``; ``None`` without label.
+    label_counts: np.ndarray | None = None
 
 
 def _values(vals: np.ndarray, n: int = 8) -> str:
@@ -57,36 +59,55 @@ def check_intensities(image: np.ndarray, case_id: str, path: str) -> list[Proble
     return []
 
 
-def _distinct(label: np.ndarray) -> np.ndarray:
-    """Sorted distinct values; a histogram for 8-bit labels (one pass, no sort)."""
+def _histogram(label: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Sorted distinct values and, for 8-bit labels, their counts (one pass, no sort)."""
     if label.dtype == np.uint8:  # ravel(order="K"): no copy of nibabel's Fortran-ordered array
-        return np.flatnonzero(np.bincount(label.ravel(order="K"), minlength=256)).astype(np.int64)
+        hist = np.bincount(label.ravel(order="K"), minlength=256)
+        return np.flatnonzero(hist).astype(np.int64), hist
     if label.dtype == np.int8:
         hist = np.bincount(label.ravel(order="K").astype(np.int16) + 128, minlength=256)
-        return np.flatnonzero(hist).astype(np.int64) - 128
-    return np.unique(label)
+        values = np.flatnonzero(hist).astype(np.int64)
+        return values - 128, hist[values]
+    return np.unique(label), None
 
 
-def _remap(label: np.ndarray, label_map, case_id: str, path: str) -> np.ndarray:
-    """Apply ``label_map`` (source -> project); unmapped values are errors."""
-    values = _distinct(label)
+def _remap(label: np.ndarray, label_map, case_id: str, path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Apply ``label_map`` (source -> project); unmapped values are errors.
+
+    Returns the uint8 label and its voxel count per project class (from the
+    value histogram when there is one, so the volume is scanned once).
+    """
+    values, hist = _histogram(label)
+    if label.dtype == np.int8 and hist is not None:  # counts per distinct value
+        hist = dict(zip(values.tolist(), hist.tolist()))
+    elif hist is not None:
+        hist = {int(v): int(hist[v]) for v in values}
     if label_map is None:
         bad = values[(values < 0) | (values > _MAX_LABEL)]
         if bad.size:
             raise CaseError(Problem(case_id, path, "label_values",
                                     f"label values {_values(bad)} outside 0..{_MAX_LABEL} "
                                     f"({', '.join(CLASSES)}); fix the label file or set a label_map."))
-        return label.astype(np.uint8, copy=False)
-    src = np.array([a for a, _ in label_map], dtype=np.int64)
-    bad = values[~np.isin(values, src)]
-    if bad.size:
-        raise CaseError(Problem(case_id, path, "label_values",
-                                f"label values {_values(bad)} not in the layout's label map "
-                                f"{dict(label_map)}; fix the label file."))
-    lut = np.zeros(int(src.max()) + 1, dtype=np.uint8)
-    for a, b in label_map:
-        lut[a] = b
-    return lut[label.astype(np.int64)]
+        out = label.astype(np.uint8, copy=False)
+        mapping = {int(v): int(v) for v in values}
+    else:
+        src = np.array([a for a, _ in label_map], dtype=np.int64)
+        bad = values[~np.isin(values, src)]
+        if bad.size:
+            raise CaseError(Problem(case_id, path, "label_values",
+                                    f"label values {_values(bad)} not in the layout's label map "
+                                    f"{dict(label_map)}; fix the label file."))
+        lut = np.zeros(int(src.max()) + 1, dtype=np.uint8)
+        for a, b in label_map:
+            lut[a] = b
+        out = lut[label.astype(np.int64)]
+        mapping = {int(v): int(lut[v]) for v in values}
+    if hist is None:
+        return out, np.bincount(out.ravel(order="K"), minlength=len(CLASSES))[:len(CLASSES)]
+    counts = np.zeros(len(CLASSES), dtype=np.int64)
+    for value, n in hist.items():
+        counts[mapping[value]] += n
+    return out, counts
 
 
 def check_labels(label: np.ndarray, label_map, case_id: str,
@@ -98,6 +119,13 @@ def check_labels(label: np.ndarray, label_map, case_id: str,
     CaseError
         Non-finite or non-integral values, or values outside the label set.
     """
+    out, warnings, _ = _check_labels(label, label_map, case_id, path)
+    return out, warnings
+
+
+def _check_labels(label: np.ndarray, label_map, case_id: str,
+                  path: str) -> tuple[np.ndarray, list[Problem], np.ndarray]:
+    """:func:`check_labels` plus the voxel count of each class of the result."""
     warnings: list[Problem] = []
     if np.issubdtype(label.dtype, np.floating):
         finite = np.isfinite(label)
@@ -115,12 +143,12 @@ def check_labels(label: np.ndarray, label_map, case_id: str,
     elif not np.issubdtype(label.dtype, np.integer):
         raise CaseError(Problem(case_id, path, "label_values",
                                 f"label dtype {label.dtype} is not numeric; store labels as uint8."))
-    out = _remap(label, label_map, case_id, path)
-    if not out.any():
+    out, counts = _remap(label, label_map, case_id, path)
+    if not counts[1:].any():
         warnings.append(Problem(case_id, path, "empty_label",
                                 "label volume is all background; kept (check it is intended).",
                                 "warning"))
-    return out, warnings
+    return out, warnings, counts
 
 
 def check_alignment(image_geom: Geometry, label_geom: Geometry, case_id: str, path: str,
@@ -152,7 +180,7 @@ def _pick_frame(case: CaseSpec, frame: FrameSpec | int | str) -> FrameSpec:
 def _inspect(case: CaseSpec, fr: FrameSpec) -> tuple[LoadedFrame | None, list[Problem]]:
     """Read one frame and run every frame-level check; collect all problems found."""
     cid, problems = case.case_id, []
-    image = geom = label = None
+    image = geom = label = counts = None
     try:
         image, geom = read_volume(fr.image, case_id=cid, frame=fr.image_frame)
         problems += check_intensities(image, cid, fr.image)
@@ -164,14 +192,14 @@ def _inspect(case: CaseSpec, fr: FrameSpec) -> tuple[LoadedFrame | None, list[Pr
             if geom is not None:
                 problems += check_alignment(geom, label_hdr.geometry, cid, fr.label)
             raw, _ = read_volume(fr.label, case_id=cid, frame=fr.label_frame)
-            label, warnings = check_labels(raw, case.label_map, cid, fr.label)
+            label, warnings, counts = _check_labels(raw, case.label_map, cid, fr.label)
             problems += warnings
         except CaseError as exc:
             problems.append(exc.problem)
     if any(p.severity == "error" for p in problems):
         return None, problems
     warnings = [p for p in problems if p.severity != "error"]
-    return LoadedFrame(image.astype(np.float32, copy=False), label, geom, warnings), problems
+    return LoadedFrame(image.astype(np.float32, copy=False), label, geom, warnings, counts), problems
 
 
 def load_frame(case: CaseSpec, frame: FrameSpec | int | str) -> LoadedFrame:
