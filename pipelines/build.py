@@ -254,6 +254,8 @@ def _build_cases(raw, out, disc, plan_file, overrides, crop_mm, cluster, retries
     if todo:
         _warm_imports(report)
     outcomes = _run_cases(todo, keys, plan, phash, out / "cache", cluster, retries, progress, runlog)
+    if todo:
+        runlog.event("cases_done", seconds=round(time.perf_counter() - t0, 3))
     _learn_digests(outcomes, keys, digests, digest_index)
     digest_index.save()
     result.quarantined.extend(_quarantine_records(outcomes, todo))
@@ -270,6 +272,7 @@ def _build_cases(raw, out, disc, plan_file, overrides, crop_mm, cluster, retries
         log.info("store is up to date (%d cases); nothing to publish", len(metas))
     else:
         _publish(out, metas, plan, digests, build_key, result, report, cluster)
+        runlog.event("published", seconds=round(time.perf_counter() - t0, 3))
     cluster.release()
     _write_json(out / "fingerprint.json", _fingerprint(metas, plan))
     result.seconds = time.perf_counter() - t0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -91,18 +92,21 @@ def prestart_workers() -> None:
 
     Call before :func:`dask_client` / :class:`BackgroundClient` for a local
     cluster; it returns at once (the server imports :data:`WORKER_PRELOAD` in
-    its own process).  The server gets :data:`WORKER_ENV` (and any
-    ``distributed.nanny.pre-spawn-environ`` configured for dask), which the
-    workers forked from it inherit.
+    its own process) and imports nothing heavy here (not even distributed).
+    The server gets :data:`WORKER_ENV` (updated with dask's
+    ``distributed.nanny.pre-spawn-environ`` when dask is already imported),
+    which the workers forked from it inherit.
     """
-    if not _forkserver_ready():
+    if not _forkserver_available():
         return
-    import dask
     from multiprocessing import forkserver
 
     env = dict(WORKER_ENV)
-    env.update({k: str(v) for k, v in
-                (dask.config.get("distributed.nanny.pre-spawn-environ", None) or {}).items()})
+    if "dask" in sys.modules:
+        import dask
+
+        env.update({k: str(v) for k, v in
+                    (dask.config.get("distributed.nanny.pre-spawn-environ", None) or {}).items()})
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -117,17 +121,15 @@ WORKER_PRELOAD = ("distributed", "numpy", "nibabel", "SimpleITK", "isal.igzip", 
 _FORKSERVER: bool | None = None
 
 
-def _forkserver_ready() -> bool:
-    """Start local workers from multiprocessing's fork server, preloaded with :data:`WORKER_PRELOAD`.
+def _forkserver_available() -> bool:
+    """Whether local workers start from a fork server (set up once per process).
 
     With ``spawn`` (distributed's default) every worker process imports
     distributed, NumPy, nibabel, SimpleITK and cmrprep itself: ~0.9 s of CPU
     each, competing with the client's header checks on a small machine.  The
     fork server imports them once and forks the workers from that
-    single-threaded process (fork-safe, unlike forking the client).  The
-    server starts with the nanny's pre-spawn environment (``OMP_NUM_THREADS=1``
-    ...), so workers keep it.  Where ``forkserver`` is unavailable (Windows)
-    workers are spawned as usual.
+    single-threaded process (fork-safe, unlike forking the client).  Where
+    ``forkserver`` is unavailable (Windows) workers are spawned as usual.
     """
     global _FORKSERVER
     if _FORKSERVER is None:
@@ -136,11 +138,18 @@ def _forkserver_ready() -> bool:
         _FORKSERVER = "forkserver" in multiprocessing.get_all_start_methods()
         if _FORKSERVER:
             multiprocessing.get_context("forkserver").set_forkserver_preload(list(WORKER_PRELOAD))
-            import distributed.utils as dutils
-
-            # distributed would otherwise set its own preload list (importing pandas here)
-            dutils._forkserver_preload_set = True
     return _FORKSERVER
+
+
+def _forkserver_ready() -> bool:
+    """:func:`_forkserver_available`, and distributed told to use our preload list."""
+    if not _forkserver_available():
+        return False
+    import distributed.utils as dutils
+
+    # distributed would otherwise set its own preload list (importing pandas here)
+    dutils._forkserver_preload_set = True
+    return True
 
 
 class BackgroundClient:
