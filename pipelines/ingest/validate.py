@@ -188,10 +188,9 @@ def _inspect(case: CaseSpec, fr: FrameSpec) -> tuple[LoadedFrame | None, list[Pr
         problems.append(exc.problem)
     if fr.label is not None:
         try:
-            label_hdr = read_header(fr.label, case_id=cid)
+            raw, label_geom = read_volume(fr.label, case_id=cid, frame=fr.label_frame)
             if geom is not None:
-                problems += check_alignment(geom, label_hdr.geometry, cid, fr.label)
-            raw, _ = read_volume(fr.label, case_id=cid, frame=fr.label_frame)
+                problems += check_alignment(geom, label_geom, cid, fr.label)
             label, warnings, counts = _check_labels(raw, case.label_map, cid, fr.label)
             problems += warnings
         except CaseError as exc:
