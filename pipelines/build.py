@@ -375,8 +375,8 @@ def _publish(out, metas, plan, digests, build_key, result, report, cluster) -> N
             from pipelines import qc
 
             staged = qc.staging_dir(out)
-            job = pool.submit(qc.report_task, str(staged),
-                              qc.report_inputs(out / "cache", metas, stats, result, plan))
+            job = pool.submit(lambda: qc.report_task(
+                str(staged), qc.report_inputs(out / "cache", metas, stats, result, plan)))
         tmp = outdir.new_version_dir(out, build_key[:12])
 
         def shards(func, items):

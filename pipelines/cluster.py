@@ -128,8 +128,11 @@ def _forkserver_available() -> bool:
     distributed, NumPy, nibabel, SimpleITK and cmrprep itself: ~0.9 s of CPU
     each, competing with the client's header checks on a small machine.  The
     fork server imports them once and forks the workers from that
-    single-threaded process (fork-safe, unlike forking the client).  Where
-    ``forkserver`` is unavailable (Windows) workers are spawned as usual.
+    single-threaded process (fork-safe, unlike forking the client).  The
+    server lives as long as this process (idle, ~150 MB, shared with later
+    clusters of the same process) and exits with it.  A worker the nanny
+    restarts later (after a crash) is spawned as usual, as are all workers
+    where ``forkserver`` is unavailable (Windows).
     """
     global _FORKSERVER
     if _FORKSERVER is None:

@@ -119,13 +119,14 @@ def test_small_shards_written_in_parallel_equal_one_shard(raw, serial_build, tmp
     assert len(shard_files) == -(-g["images"].shape[0] // 16)
 
 
-def test_failed_report_keeps_the_published_store(raw, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("where", ["render", "inputs"])
+def test_failed_report_keeps_the_published_store(raw, tmp_path, monkeypatch, caplog, where):
     from pipelines import qc
 
     def broken(*args, **kwargs):
         raise RuntimeError("no fonts today")
 
-    monkeypatch.setattr(qc, "report_task", broken)
+    monkeypatch.setattr(qc, "report_task" if where == "render" else "report_inputs", broken)
     res = build(raw, tmp_path / "out", workers=0, progress=False)
     assert res.exit_code == 0 and res.published
     assert _store(tmp_path / "out")["images"].shape[0] > 0
