@@ -171,7 +171,7 @@ def _locked_build(raw, out, layout, plan_file, overrides, crop_mm, workers, memo
     disc = discover(raw, layout)
     cluster = _Cluster(workers, memory_limit, scheduler)
     if not dry_run and _has_uncached(disc.cases, out / "cache"):
-        cluster.start()  # overlaps start-up with hashing and header checks
+        cluster.start()  # overlaps start-up with the header checks
     try:
         return _build_cases(raw, out, disc, plan_file, overrides, crop_mm, cluster, retries, dry_run,
                             report, progress, runlog, result, t0)

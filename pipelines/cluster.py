@@ -159,7 +159,7 @@ class BackgroundClient:
     """:func:`dask_client` run in a thread, so cluster start-up overlaps other work.
 
     A LocalCluster takes 1-2 s to start its worker processes; the build starts
-    one while it hashes inputs and reads headers.  The thread enters and later
+    one while it reads headers (and hashes cached inputs).  The thread enters and later
     exits the context (``distributed`` keeps the current client in a context
     variable, which must be reset in the context that set it).  :meth:`get`
     waits for the client (re-raising a start-up error); :meth:`close` tears it
