@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cmrprep.cases import CaseSpec, Problem
+from cmrprep.cases import CaseError, CaseSpec, Problem
 from cmrprep.plan import ConfigError, Plan
 from pipelines import cache as cache_mod, outdir
 from pipelines.cluster import (BackgroundClient, map_tasks, prestart_workers, quiet_dask_logs,
@@ -81,6 +81,9 @@ def resolve_plan(out: Path, headers: list[dict[str, Any]], *, plan_file: str | N
         plan = Plan()
     plan = plan.updated(**overrides)
     if plan.target_spacing is None:
+        for h in headers:  # cases taken unchanged from the cache were not read yet
+            if h["spacing"] is None:
+                h["spacing"] = _spacing(h["case"])
         inplane = [min(h["spacing"][:2]) for h in headers]
         if not inplane:
             raise ConfigError("no readable case to derive the target spacing from; pass --spacing")
@@ -95,40 +98,56 @@ def resolve_plan(out: Path, headers: list[dict[str, Any]], *, plan_file: str | N
 
 def _headers(cases: list[CaseSpec], digests: cache_mod.DigestIndex,
              cache_dir: Path) -> tuple[list, list, dict]:
-    """Read each case's first header; hash the inputs of cases the cache knows.
+    """Check each case's first header; hash the inputs of cases the cache knows.
 
-    A case without a cache entry is processed whatever its digests are, so
-    its files are hashed by the worker that reads them (see
-    :func:`pipelines.worker.process_case`) instead of being read twice.
+    A cached case whose files all have the size and mtime recorded when it
+    was built is taken as it is (its header was checked then): an unchanged
+    re-run reads no file and does not even import nibabel.  Its ``spacing``
+    is ``None`` until :func:`_spacing` needs it.  A case without a cache entry
+    is processed whatever its digests are, so its files are hashed by the
+    worker that reads them (see :func:`pipelines.worker.process_case`)
+    instead of being read twice.
     """
-    from pipelines.ingest import read_header
-    from cmrprep.cases import CaseError
-
-    ok, problems = [], []
+    ok, problems, file_digests, to_hash = [], [], {}, {}
     for case in cases:
+        files = cache_mod.case_files(case.to_dict())
+        cached = (cache_dir / f"{case.case_id}.json").exists()
+        known = digests.unchanged(files) if cached else None
+        if known is not None:
+            file_digests.update(known)
+            ok.append({"case": case, "spacing": None})
+            continue
         try:
-            hdr = read_header(case.frames[0].image, case_id=case.case_id)
-            ok.append({"case": case, "spacing": list(hdr.geometry.spacing)})
+            ok.append({"case": case, "spacing": _spacing(case)})
         except CaseError as exc:
             problems.append(exc.problem)
+            continue
         except OSError as exc:
             problems.append(Problem(case.case_id, getattr(exc, "filename", None), "readable",
                                     f"cannot read: {exc}"))
-    files = {h["case"].case_id: cache_mod.case_files(h["case"].to_dict()) for h in ok
-             if (cache_dir / f"{h['case'].case_id}.json").exists()}
+            continue
+        if cached:
+            to_hash[case.case_id] = files
     try:
-        file_digests = digests.digest_many([f for fs in files.values() for f in fs])
+        file_digests.update(digests.digest_many([f for fs in to_hash.values() for f in fs]))
     except OSError:  # find which case's file vanished or is unreadable; keep the others
-        file_digests, keep = {}, []
+        keep = []
         for h in ok:
             try:
-                file_digests.update({f: digests.digest(f) for f in files.get(h["case"].case_id, [])})
+                file_digests.update({f: digests.digest(f) for f in to_hash.get(h["case"].case_id, [])})
                 keep.append(h)
             except OSError as exc:
                 problems.append(Problem(h["case"].case_id, getattr(exc, "filename", None), "readable",
                                         f"cannot read: {exc}"))
         ok = keep
     return ok, problems, file_digests
+
+
+def _spacing(case: CaseSpec) -> list[float]:
+    """Spacing of a case's first image from its header (raises CaseError when unreadable)."""
+    from pipelines.ingest import read_header
+
+    return list(read_header(case.frames[0].image, case_id=case.case_id).geometry.spacing)
 
 
 def build(raw: str | Path, out: str | Path, *, layout: str | None = None,

@@ -81,6 +81,22 @@ class DigestIndex:
         self._index[file] = [*stamp, d]
         return d
 
+    def unchanged(self, files: list[str]) -> dict[str, str] | None:
+        """Stored digests of ``files`` when every one has its recorded size and mtime, else ``None``.
+
+        Costs one ``stat`` per file; a missing file counts as changed.
+        """
+        found = {}
+        for f in files:
+            entry = self._index.get(f)
+            try:
+                if not entry or entry[:2] != file_stamp(f):
+                    return None
+            except OSError:
+                return None
+            found[f] = entry[2]
+        return found
+
     def record(self, file: str, entry: list[Any]) -> None:
         """Store ``[size, mtime_ns, digest]`` computed elsewhere (by the worker that read the file)."""
         self._index[file] = list(entry)
