@@ -172,8 +172,9 @@ def build(raw: str | Path, out: str | Path, *, layout: str | None = None,
     if workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {workers}")
     outdir.check_writable(out)
-    if workers > 0 and not scheduler and not dry_run:
-        prestart_workers()  # speculative: its imports overlap discovery and header checks
+    if workers > 0 and not scheduler and not dry_run and not (out / "cache").is_dir():
+        prestart_workers()  # a first build surely has work: start before discovery
+    # (an existing OUT waits for discovery: a nightly re-run with nothing new starts no process)
     with outdir.build_lock(out, wait=wait):
         return _locked_build(raw, out, layout, plan_file, overrides, crop_mm, workers,
                              memory_limit, scheduler, retries, dry_run, report, progress)
