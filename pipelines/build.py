@@ -172,9 +172,6 @@ def build(raw: str | Path, out: str | Path, *, layout: str | None = None,
     if workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {workers}")
     outdir.check_writable(out)
-    if workers > 0 and not scheduler and not dry_run and not (out / "cache").is_dir():
-        prestart_workers()  # a first build surely has work: start before discovery
-    # (an existing OUT waits for discovery: a nightly re-run with nothing new starts no process)
     with outdir.build_lock(out, wait=wait):
         return _locked_build(raw, out, layout, plan_file, overrides, crop_mm, workers,
                              memory_limit, scheduler, retries, dry_run, report, progress)
@@ -182,17 +179,19 @@ def build(raw: str | Path, out: str | Path, *, layout: str | None = None,
 
 def _locked_build(raw, out, layout, plan_file, overrides, crop_mm, workers, memory_limit,
                   scheduler, retries, dry_run, report, progress) -> BuildResult:
-    from pipelines.ingest import discover
-
     t0 = time.perf_counter()
     runlog = RunLog(out / "logs" / "build.jsonl")
     result = BuildResult(out=out)
     runlog.event("start", raw=str(raw), dry_run=dry_run)
-    disc = discover(raw, layout)
     cluster = _Cluster(workers, memory_limit, scheduler)
-    if not dry_run and _has_uncached(disc.cases, out / "cache"):
-        cluster.start()  # overlaps start-up with the header checks
+    if not dry_run and not (out / "cache").is_dir():
+        cluster.start()  # a first build surely has work: start before discovery
     try:
+        from pipelines.ingest import discover
+
+        disc = discover(raw, layout)
+        if not dry_run and _has_uncached(disc.cases, out / "cache"):
+            cluster.start()  # overlaps start-up with the header checks
         return _build_cases(raw, out, disc, plan_file, overrides, crop_mm, cluster, retries, dry_run,
                             report, progress, runlog, result, t0)
     finally:
