@@ -332,12 +332,12 @@ def _run_cases(todo, keys, plan, phash, cache_dir, cluster, retries, progress, r
 
 
 def _warm_imports(report: bool) -> None:
-    """Import what the end of the build needs (zarr, matplotlib) while the workers process
+    """Import what the end of the build needs (zarr, Pillow) while the workers process
     cases: this process only waits then, and the store and report are on the critical path."""
     import importlib
     import threading
 
-    names = ["pipelines.assemble"] + (["pipelines.report", "matplotlib.figure", "PIL.Image"]
+    names = ["pipelines.assemble"] + (["pipelines.report", "PIL.Image", "PIL.ImageDraw"]
                                       if report else [])
 
     def run() -> None:

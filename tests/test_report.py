@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import matplotlib.image as mpimg
 import numpy as np
@@ -23,8 +22,9 @@ def _data(n=40, size=32, seed=0):
     return images, labels
 
 
-def _write(tmp_path, n=40, size=32, **kw):
-    images, labels = _data(n, size)
+def _write(tmp_path, n=40, size=32, images=None, **kw):
+    data, labels = _data(n, size)
+    images = data if images is None else images
     counts = stats.slice_class_counts(labels)
     w = sampling.sampling_weights(counts)
     q = [{"case_id": "patient099", "file": "p099.nii.gz", "check": "geometry",
@@ -64,7 +64,16 @@ def test_report_small_dataset(tmp_path):
     assert len(json.loads(paths["summary_json"].read_text())["montage_slices"]) == 5
 
 
-def test_report_fast_for_3000_slices(tmp_path):
-    t0 = time.perf_counter()
-    _write(tmp_path, n=3000, size=48)
-    assert time.perf_counter() - t0 < 6.0  # budget 3 s; margin for shared CI cores
+def test_report_for_3000_slices_reads_only_the_montage_slices(tmp_path):
+    """Speed lives in benchmarks; here: a large store is not read beyond the 24 montage slices."""
+    class Counting(np.ndarray):
+        reads: list = []
+
+        def __getitem__(self, item):
+            Counting.reads.append(item)
+            return np.ndarray.__getitem__(self, item)
+
+    images = np.zeros((3000, 48, 48), np.float32).view(Counting)
+    paths = _write(tmp_path, n=3000, size=48, images=images)
+    assert len(Counting.reads) == 24
+    assert len(json.loads(paths["summary_json"].read_text())["montage_slices"]) == 24
