@@ -57,13 +57,13 @@ def _slice_arrays(cache_dir: Path, metas: list[dict[str, Any]]) -> dict[str, np.
     parts: dict[str, list[np.ndarray]] = {k: [] for k in (*store_mod.SLICE_ARRAYS, "class_counts")}
     frame_offset = 0
     for case_no, meta in enumerate(metas):
-        with np.load(cache_dir / f"{meta['case_id']}.npz", allow_pickle=False) as z:
-            s = int(z["slice_index"].shape[0])
-            parts["slice_index"].append(z["slice_index"])
-            parts["phase"].append(z["phase"])
-            parts["class_counts"].append(z["class_counts"])
-            parts["frame_index"].append((z["frame_local"] + frame_offset).astype(np.int32))
-        parts["case_index"].append(np.full(s, case_no, dtype=np.int32))
+        z = cache_mod.read_arrays(cache_dir, meta["case_id"],
+                                  ("slice_index", "phase", "class_counts", "frame_local"))
+        parts["slice_index"].append(z["slice_index"])
+        parts["phase"].append(z["phase"])
+        parts["class_counts"].append(z["class_counts"])
+        parts["frame_index"].append((z["frame_local"] + frame_offset).astype(np.int32))
+        parts["case_index"].append(np.full(len(z["slice_index"]), case_no, dtype=np.int32))
         frame_offset += len(meta["frames"])
     return {k: np.concatenate(v) for k, v in parts.items() if v}
 
@@ -76,9 +76,9 @@ def shard_task(store_path: str, cache_dir: str, pieces: list[tuple[str, int, int
     """
     images, labels = [], []
     for case_id, lo, hi in pieces:
-        with np.load(Path(cache_dir) / f"{case_id}.npz", allow_pickle=False) as z:
-            images.append(z["images"][lo:hi])
-            labels.append(z["labels"][lo:hi])
+        z = cache_mod.read_arrays(cache_dir, case_id, ("images", "labels"))
+        images.append(z["images"][lo:hi])
+        labels.append(z["labels"][lo:hi])
     store_mod.write_shard(store_path, start, np.concatenate(images), np.concatenate(labels))
     return {"ok": True, "start": start, "n": int(sum(len(a) for a in images))}
 

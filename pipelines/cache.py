@@ -188,7 +188,8 @@ def read_meta(cache_dir: Path, case_id: str, key: str | None = None) -> dict[str
     return meta
 
 
-def read_arrays(cache_dir: Path, case_id: str) -> dict[str, np.ndarray]:
-    """Load a case's cached arrays (no pickle)."""
-    with np.load(cache_dir / f"{case_id}.npz", allow_pickle=False) as z:
-        return {k: z[k] for k in CACHE_ARRAYS}
+def read_arrays(cache_dir: str | Path, case_id: str,
+                names: tuple[str, ...] = CACHE_ARRAYS) -> dict[str, np.ndarray]:
+    """Load some or all of a case's cached arrays (no pickle; only ``names`` are read)."""
+    with np.load(Path(cache_dir) / f"{case_id}.npz", allow_pickle=False) as z:
+        return {k: z[k] for k in names}

@@ -99,7 +99,7 @@ def publish(out: Path, tmp_dir: Path, build_id: str, *, keep: int = 2) -> Path:
         raise FileExistsError(f"{current} is a real directory, not a cmrprep-managed link; "
                               "move it away or choose another OUT")
     os.replace(link_tmp, current)
-    _fsync_dir(out)
+    fsync_path(out)
     prune_versions(out, keep=keep)
     return final
 
@@ -134,7 +134,8 @@ def prune_versions(out: Path, *, keep: int = 2) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's (or a directory's entries') data to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -145,9 +146,5 @@ def _fsync_dir(path: Path) -> None:
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, files in os.walk(root):
         for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
+            fsync_path(os.path.join(dirpath, name))
+        fsync_path(dirpath)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from cmrprep.plan import Plan
+from pipelines import cache as cache_mod
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +41,10 @@ def report_inputs(cache_dir: Path, metas: list[dict[str, Any]], stats: dict[str,
     labels: dict[int, np.ndarray] = {}
     cases = np.searchsorted(offsets, picked, side="right") - 1
     for case_no in np.unique(cases):
-        with np.load(cache_dir / f"{metas[case_no]['case_id']}.npz", allow_pickle=False) as z:
-            img, lab = z["images"], z["labels"]
-            for i in picked[cases == case_no]:
-                images[int(i)] = img[int(i - offsets[case_no])]
-                labels[int(i)] = lab[int(i - offsets[case_no])]
+        z = cache_mod.read_arrays(cache_dir, metas[case_no]["case_id"], ("images", "labels"))
+        for i in picked[cases == case_no]:
+            images[int(i)] = z["images"][int(i - offsets[case_no])]
+            labels[int(i)] = z["labels"][int(i - offsets[case_no])]
     summary = {
         "plan": plan.to_dict(),
         "class_weight_scheme": plan.weight_scheme,

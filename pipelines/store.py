@@ -15,7 +15,6 @@ zarr-python 3.x; different shards are different files and safe in parallel).
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -23,7 +22,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
-from cmrprep.cases import PHASE_CODES, phase_code  # noqa: F401 - part of the store schema
+from pipelines.outdir import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +124,7 @@ def write_shard(store_path: str | Path, start: int, images: np.ndarray, labels: 
             arr[start:start + len(data)] = data.astype(arr.dtype, copy=False)
         shard_file = Path(store_path, name, "c", str(start // arr.shards[0]), "0", "0")
         if shard_file.is_file():  # flushed here, in parallel; publishing then syncs clean files
-            fd = os.open(shard_file, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(shard_file)
 
 
 def open_store(path: str | Path) -> zarr.Group:

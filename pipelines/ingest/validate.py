@@ -60,15 +60,13 @@ def check_intensities(image: np.ndarray, case_id: str, path: str) -> list[Proble
 
 
 def _histogram(label: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Sorted distinct values and, for 8-bit labels, their counts (one pass, no sort)."""
-    if label.dtype == np.uint8:  # ravel(order="K"): no copy of nibabel's Fortran-ordered array
-        hist = np.bincount(label.ravel(order="K"), minlength=256)
-        return np.flatnonzero(hist).astype(np.int64), hist
-    if label.dtype == np.int8:
-        hist = np.bincount(label.ravel(order="K").astype(np.int16) + 128, minlength=256)
-        values = np.flatnonzero(hist).astype(np.int64)
-        return values - 128, hist[values]
-    return np.unique(label), None
+    """Sorted distinct values and, for 8-bit labels, the voxels of each (one pass, no sort)."""
+    if label.dtype not in (np.uint8, np.int8):
+        return np.unique(label), None
+    shift = 128 if label.dtype == np.int8 else 0  # ravel(order="K"): no copy of a Fortran array
+    hist = np.bincount(label.ravel(order="K").astype(np.int16) + shift, minlength=256)
+    present = np.flatnonzero(hist)
+    return present.astype(np.int64) - shift, hist[present]
 
 
 def _remap(label: np.ndarray, label_map, case_id: str, path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -77,11 +75,7 @@ def _remap(label: np.ndarray, label_map, case_id: str, path: str) -> tuple[np.nd
     Returns the uint8 label and its voxel count per project class (from the
     value histogram when there is one, so the volume is scanned once).
     """
-    values, hist = _histogram(label)
-    if label.dtype == np.int8 and hist is not None:  # counts per distinct value
-        hist = dict(zip(values.tolist(), hist.tolist()))
-    elif hist is not None:
-        hist = {int(v): int(hist[v]) for v in values}
+    values, per_value = _histogram(label)
     if label_map is None:
         bad = values[(values < 0) | (values > _MAX_LABEL)]
         if bad.size:
@@ -89,7 +83,7 @@ def _remap(label: np.ndarray, label_map, case_id: str, path: str) -> tuple[np.nd
                                     f"label values {_values(bad)} outside 0..{_MAX_LABEL} "
                                     f"({', '.join(CLASSES)}); fix the label file or set a label_map."))
         out = label.astype(np.uint8, copy=False)
-        mapping = {int(v): int(v) for v in values}
+        mapped = values
     else:
         src = np.array([a for a, _ in label_map], dtype=np.int64)
         bad = values[~np.isin(values, src)]
@@ -101,13 +95,11 @@ def _remap(label: np.ndarray, label_map, case_id: str, path: str) -> tuple[np.nd
         for a, b in label_map:
             lut[a] = b
         out = lut[label.astype(np.int64)]
-        mapping = {int(v): int(lut[v]) for v in values}
-    if hist is None:
+        mapped = lut[values]
+    if per_value is None:
         return out, np.bincount(out.ravel(order="K"), minlength=len(CLASSES))[:len(CLASSES)]
-    counts = np.zeros(len(CLASSES), dtype=np.int64)
-    for value, n in hist.items():
-        counts[mapping[value]] += n
-    return out, counts
+    counts = np.bincount(mapped, weights=per_value, minlength=len(CLASSES))[:len(CLASSES)]
+    return out, counts.astype(np.int64)
 
 
 def check_labels(label: np.ndarray, label_map, case_id: str,
