@@ -39,6 +39,7 @@ from cmrprep.plan import ConfigError
 from model.augment import Augmenter
 from model.checks import CollapseGuard, check_wiring
 from model.data import ShardStore, SliceDataset, ValidationDataset, split_by_patient
+from model.reader import DEFAULT_MEMORY_BUDGET, DEFAULT_POOL_SHARDS
 from model.losses import make_loss
 from model.metrics import ValidationDice
 from model.unet import build_unet
@@ -239,7 +240,8 @@ def train(store_path: str | Path, run_dir: str | Path, *, epochs: int = 50,
           resume: bool = False, collapse_patience: int = 5, collapse_min_dice: float = 0.02,
           use_sampling: bool = True,
           class_weights: Any = "store", output: str = "logits", from_logits: bool | None = None,
-          memory_budget: int = 4 * 1024**3, workers: int = 1, verbose: int | None = None,
+          memory_budget: int = DEFAULT_MEMORY_BUDGET, pool_shards: int = DEFAULT_POOL_SHARDS,
+          workers: int = 1, verbose: int | None = None,
           ) -> TrainResult:
     """Train a U-Net on ``store_path`` and write the run directory (see module docstring).
 
@@ -274,9 +276,12 @@ def train(store_path: str | Path, run_dir: str | Path, *, epochs: int = 50,
         CE class weights: the store's default scheme, none, or explicit.
     from_logits : bool, optional
         Defaults to ``output == "logits"``; a mismatch is refused.
-    memory_budget, workers, verbose
-        Store RAM budget (bytes); PyDataset workers; Keras verbosity
-        (default 1 on a terminal, else 2).
+    memory_budget, pool_shards
+        Bytes of images + labels (stored dtypes) held in memory; a larger
+        store is streamed through a pool of ``pool_shards`` shards
+        (:class:`model.reader.ShardPool`).
+    workers, verbose
+        PyDataset workers; Keras verbosity (default 1 on a terminal, else 2).
 
     Returns
     -------
@@ -297,7 +302,8 @@ def train(store_path: str | Path, run_dir: str | Path, *, epochs: int = 50,
                                                 loss_fn, _make_optimizer(optimizer, lr))
     train_ds = SliceDataset(store, train_idx, batch_size, seed=seed,
                             augment=Augmenter() if augment else None, use_sampling=use_sampling,
-                            steps_per_epoch=steps_per_epoch, workers=workers)
+                            steps_per_epoch=steps_per_epoch, pool_shards=pool_shards,
+                            workers=workers)
     check_wiring(net, net.loss if resume else loss_fn, train_ds[0][1], store.check_attrs())
     train_ds.set_epoch(initial_epoch)
     val_ds = ValidationDataset(store, val_idx, batch_size)

@@ -49,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.keras")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--workers", type=int, default=1, help="loader threads")
+    p.add_argument("--memory-budget-gib", type=float, default=2.0,
+                   help="hold the store in memory when images + labels fit in this many GiB, "
+                        "else stream it through a shard pool (default 2)")
+    p.add_argument("--pool-shards", type=int, default=16,
+                   help="shards per pool round when streaming (memory: two pools)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -72,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             optimizer=args.optimizer, resume=args.resume, collapse_patience=args.collapse_patience,
             collapse_min_dice=args.collapse_min_dice,
             use_sampling=not args.no_sampling, output=args.output,
-            class_weights=None if args.no_class_weights else "store", workers=args.workers)
+            class_weights=None if args.no_class_weights else "store", workers=args.workers,
+            memory_budget=int(args.memory_budget_gib * 1024**3), pool_shards=args.pool_shards)
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
         return EXIT_CONFIG

@@ -74,3 +74,14 @@ def test_cli_exit_codes(shards, tmp_path):
     assert (tmp_path / "r3" / "diagnosis.txt").exists()
     assert main([str(shards), str(tmp_path / "r4"), "--epochs", "1", "--steps-per-epoch", "1",
                  "--filters", "8", "16", "--no-augment"]) == 0
+
+
+def test_model_trained_from_a_streamed_store_learns_every_class(tmp_path):
+    shards = tmp_path / "shards"
+    write_store(shards, n_patients=8, shard_slices=16)
+    result = train(shards, tmp_path / "run", epochs=8, steps_per_epoch=10, lr=3e-3,
+                   memory_budget=0, pool_shards=2, **TINY)
+    config = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert config["memory_budget"] == 0
+    for name in ("rv", "myo", "lv"):
+        assert result.best_dice[name] > 0.4, result.best_dice
