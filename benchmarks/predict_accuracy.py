@@ -36,14 +36,14 @@ def crop_dice(run_dir: Path, raw: Path, out: Path) -> dict[str, float]:
     from cmrprep.cases import CLASSES
     from cmrprep.metrics import dice
     from cmrprep.plan import Plan
-    from pipelines.build import build
+    from pipelines.build import BuildConfig, build
     from pipelines.predict import load_run, softmax_probs
 
     plan = Plan.from_json((run_dir / "plan.json").read_text()).updated(crop_jitter_mm=0.0)
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan_nojitter.json").write_text(json.dumps(plan.to_dict()))
     shutil.rmtree(out / "store", ignore_errors=True)
-    build(raw, out / "store", plan_file=str(out / "plan_nojitter.json"), progress=False, report=False)
+    build(BuildConfig(raw, out / "store", plan_file=str(out / "plan_nojitter.json"), progress=False, report=False))
     g = zarr.open_group(str(out / "store" / "store.zarr"), mode="r")
     images, labels = np.asarray(g["images"][...], np.float32), np.asarray(g["labels"][...])
     frames = np.asarray(g["frame_index"][...])

@@ -35,7 +35,7 @@ SETUPS = {
 
 
 def _build(raw: Path, out: Path, spec: dict, workers: int) -> None:
-    from pipelines.build import build
+    from pipelines.build import BuildConfig, build
 
     if (out / "store.zarr").exists():
         return
@@ -45,12 +45,12 @@ def _build(raw: Path, out: Path, spec: dict, workers: int) -> None:
         from pipelines.build import resolve_plan  # noqa: F401 - documents the plan rule
 
         probe = out.parent / (out.name + "_probe")
-        build(raw, probe, workers=workers, report=False, progress=False)
+        build(BuildConfig(raw, probe, workers=workers, report=False, progress=False))
         spacing = Plan.from_json((probe / "plan.json").read_text()).target_spacing
         kw["crop_mm"] = spec["crop_mm_px"] * spacing
         kw["spacing"] = spacing
-    build(raw, out, workers=workers, foreground_share=spec.get("foreground_share"),
-          progress=False, **kw)
+    build(BuildConfig(raw, out, workers=workers, foreground_share=spec.get("foreground_share"),
+          progress=False, **kw))
 
 
 def main(argv: list[str] | None = None) -> int:

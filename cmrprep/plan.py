@@ -77,7 +77,7 @@ class Plan:
         the memory a loader needs.  Loaders convert to float32.
     shard_slices : int
         Slices per shard (inner chunks of up to 16 slices, see
-        :data:`pipelines.store.CHUNK_SLICES`).
+        :data:`pipelines.build.store.CHUNK_SLICES`).
     phases : tuple of str
         Frames to use where a case offers several (``ED``, ``ES``).
     seed : int

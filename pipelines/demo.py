@@ -21,7 +21,7 @@ log = logging.getLogger("pipelines.demo")
 def run_demo(out: str | Path = "demo_out", *, cases: int = 24, test_cases: int = 4, seed: int = 0,
              train_minutes: float = 4.0, workers: int = 2, train: bool = True) -> int:
     """Run the whole chain; returns an exit code (0 ok)."""
-    from pipelines.build import build
+    from pipelines.build import BuildConfig, build
     from pipelines.synthesize import synthesize
 
     out = Path(out)
@@ -30,7 +30,7 @@ def run_demo(out: str | Path = "demo_out", *, cases: int = 24, test_cases: int =
         synthesize(raw, cases, seed, layout="acdc")
     if not test_raw.exists():
         synthesize(test_raw, test_cases, seed + 1000, layout="acdc", with_4d=True)
-    res = build(raw, shards, workers=workers, seed=seed)
+    res = build(BuildConfig(raw, shards, workers=workers, seed=seed))
     log.info("store: %s (%d slices, %d quarantined); report: %s", shards / "store.zarr",
              res.n_slices, len(res.quarantined), shards / "report" / "index.html")
     if not train:
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-train", action="store_true", help="stop after the build")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from pipelines.cluster import quiet_dask_logs
+    from pipelines.build.cluster import quiet_dask_logs
 
     quiet_dask_logs()
     return run_demo(a.out, cases=a.cases, seed=a.seed, train_minutes=a.train_minutes,

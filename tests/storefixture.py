@@ -1,7 +1,8 @@
 """Write a tiny slice store following the schema of docs/DESIGN.md ("Store").
 
-Used by the model/trainer tests until the real builder (``pipelines.store``)
-exists.  Each synthetic 'patient' is a short-axis stack: an LV disc (3)
+The arrays are created and the shards written by the build's own store code
+(:func:`pipelines.build.store.create_store`, :func:`~pipelines.build.store.write_shard`),
+so the schema cannot drift; only the content is synthetic.  Each synthetic 'patient' is a short-axis stack: an LV disc (3)
 ringed by myocardium (2) with an RV crescent (1) beside it, shrinking towards
 the apex; the first and last slices of each stack hold background only.
 Images are bright blood pools, dark myocardium and mid-grey background plus
@@ -13,9 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import zarr
-
 from cmrprep.plan import Plan
+from pipelines.build.store import create_store, write_shard
 
 __all__ = ["write_store", "synthetic_case"]
 
@@ -101,7 +101,7 @@ def write_store(path: str | Path, *, n_patients: int = 6, slices_per_patient: in
     foreground_share : float
         Minimum sampling mass of slices with foreground.
     shard_slices : int
-        Slices per shard (one slice per chunk).
+        Slices per shard (inner chunks of up to 16 slices, as the build writes).
     with_weights, with_class_weights : bool
         Omit the ``weights`` array / ``class_weights`` attribute to test refusals.
     bad_label : int, optional
@@ -116,21 +116,22 @@ def write_store(path: str | Path, *, n_patients: int = 6, slices_per_patient: in
     counts = np.stack([np.bincount(lab.ravel(), minlength=4)[:4] for lab in labels]).astype(np.int64)
     weights = _weights(counts, foreground_share)
     store = Path(path) / "store.zarr"
-    root = zarr.open_group(str(store), mode="w", zarr_format=3)
     n = images.shape[0]
-    for name, data in (("images", images), ("labels", labels)):
-        arr = root.create_array(name, shape=data.shape, dtype=data.dtype, chunks=(1, size, size),
-                                shards=(shard_slices, size, size), fill_value=0)
-        arr[...] = data
+    root = create_store(store, n_slices=n, slice_shape=(size, size), image_dtype="float32",
+                        shard_slices=shard_slices)
+    for start in range(0, n, root["images"].shards[0]):  # whole shards, as the build writes them
+        stop = start + root["images"].shards[0]
+        write_shard(store, start, images[start:stop], labels[start:stop])
     case_index = np.repeat(np.arange(n_patients, dtype=np.int32), slices_per_patient)
     small = {"case_index": case_index, "frame_index": case_index.copy(),
              "slice_index": np.tile(np.arange(slices_per_patient, dtype=np.int32), n_patients),
              "phase": np.zeros(n, np.int8), "class_counts": counts}
-    if with_weights:
-        small["weights"] = weights
     for name, data in small.items():
-        root.create_array(name, shape=data.shape, dtype=data.dtype, chunks=data.shape,
-                          fill_value=0)[...] = data
+        root[name][...] = data
+    if with_weights:
+        root["weights"][...] = weights
+    else:
+        del root["weights"]
     root.attrs.update(_attrs(counts, weights, n_patients, slices_per_patient, foreground_share,
                              with_class_weights))
     return store

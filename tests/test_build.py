@@ -10,7 +10,8 @@ import pytest
 import zarr
 
 from cmrprep.plan import ConfigError
-from pipelines.build import build, main
+from pipelines.build import BuildConfig, build
+from pipelines.build.__main__ import main
 from pipelines.synthesize import synthesize
 
 ARRAYS = ("images", "labels", "weights", "case_index", "frame_index", "slice_index", "phase",
@@ -28,7 +29,7 @@ def raw(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def serial_build(raw, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("serial")
-    res = build(raw, out, workers=0, progress=False)
+    res = build(BuildConfig(raw, out, workers=0, progress=False))
     assert res.exit_code == 0
     return out
 
@@ -94,7 +95,7 @@ def test_report_is_written(serial_build):
 def test_parallel_equals_serial(raw, serial_build, tmp_path, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setenv("MKL_NUM_THREADS", "3")
-    res = build(raw, tmp_path / "par", workers=2, progress=False)
+    res = build(BuildConfig(raw, tmp_path / "par", workers=2, progress=False))
     assert res.exit_code == 0
     _same_store(serial_build, tmp_path / "par")
     # the nanny's worker environment must not leak into this process (torch would get 1 thread)
@@ -107,8 +108,8 @@ def test_small_shards_written_in_parallel_equal_one_shard(raw, serial_build, tmp
 
     plan = Plan.from_json((serial_build / "plan.json").read_text()).updated(shard_slices=16)
     (tmp_path / "plan.json").write_text(plan.to_json())
-    res = build(raw, tmp_path / "small", plan_file=str(tmp_path / "plan.json"), workers=2,
-                progress=False)
+    res = build(BuildConfig(raw, tmp_path / "small", plan_file=str(tmp_path / "plan.json"), workers=2,
+                progress=False))
     assert res.exit_code == 0
     g = _store(tmp_path / "small")
     assert g["images"].shards[0] == 16 and g["images"].shape[0] > 3 * 16
@@ -119,15 +120,15 @@ def test_small_shards_written_in_parallel_equal_one_shard(raw, serial_build, tmp
     assert len(shard_files) == -(-g["images"].shape[0] // 16)
 
 
-@pytest.mark.parametrize("where", ["render", "inputs"])
+@pytest.mark.parametrize("where", ["write_report", "_save_montage"])
 def test_failed_report_keeps_the_published_store(raw, tmp_path, monkeypatch, caplog, where):
-    from pipelines import qc
+    from pipelines.build import report
 
     def broken(*args, **kwargs):
         raise RuntimeError("no fonts today")
 
-    monkeypatch.setattr(qc, "report_task" if where == "render" else "report_inputs", broken)
-    res = build(raw, tmp_path / "out", workers=0, progress=False)
+    monkeypatch.setattr(report, where, broken)
+    res = build(BuildConfig(raw, tmp_path / "out", workers=0, progress=False))
     assert res.exit_code == 0 and res.published
     assert _store(tmp_path / "out")["images"].shape[0] > 0
     assert "QC report failed" in caplog.text and "no fonts today" in caplog.text
@@ -139,7 +140,7 @@ def test_rerun_does_no_work_and_keeps_the_store(raw, serial_build, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(serial_build, out, symlinks=True)
     before = os.readlink(out / "store.zarr")
-    res = build(raw, out, workers=0, progress=False)
+    res = build(BuildConfig(raw, out, workers=0, progress=False))
     assert res.processed == [] and len(res.reused) == 5 and not res.published
     assert os.readlink(out / "store.zarr") == before
 
@@ -149,7 +150,7 @@ def test_bad_case_is_quarantined_and_others_survive(raw, tmp_path):
     shutil.copytree(raw, bad_raw)
     gt = bad_raw / "patient002" / "patient002_frame01_gt.nii.gz"
     gt.write_bytes(gt.read_bytes()[:200])  # truncated gzip
-    res = build(bad_raw, tmp_path / "out", workers=0, progress=False)
+    res = build(BuildConfig(bad_raw, tmp_path / "out", workers=0, progress=False))
     assert res.exit_code == 3
     assert [q["case_id"] for q in res.quarantined] == ["patient002"]
     assert "patient002_frame01_gt" in json.dumps(res.quarantined)
@@ -161,7 +162,7 @@ def test_bad_case_is_quarantined_and_others_survive(raw, tmp_path):
 
 def test_unreadable_input_while_hashing_quarantines_only_its_case(raw, tmp_path, monkeypatch):
     """An I/O error on one file while hashing (e.g. a flaky network share) names case and file."""
-    from pipelines import cache
+    from pipelines.build import incremental as cache
 
     real = cache.file_digest
 
@@ -171,7 +172,7 @@ def test_unreadable_input_while_hashing_quarantines_only_its_case(raw, tmp_path,
         return real(path, **kw)
 
     monkeypatch.setattr(cache, "file_digest", flaky)
-    res = build(raw, tmp_path / "out", workers=0, progress=False)
+    res = build(BuildConfig(raw, tmp_path / "out", workers=0, progress=False))
     assert res.exit_code == 3
     [q] = res.quarantined
     assert q["case_id"] == "patient004" and q["file"].endswith("patient004_frame01_gt.nii.gz")
@@ -188,7 +189,7 @@ def test_unreadable_input_while_hashing_quarantines_only_its_case(raw, tmp_path,
 def test_configuration_errors_before_any_work(raw, tmp_path, kwargs, match):
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match=match):
-        build(raw, out, workers=0, progress=False, **kwargs)
+        build(BuildConfig(raw, out, workers=0, progress=False, **kwargs))
     assert not (out / "store.zarr").exists()
     assert not list((out / "cache").glob("*.npz")) if (out / "cache").exists() else True
 
@@ -206,7 +207,7 @@ def test_unwritable_output_is_a_configuration_error(raw, tmp_path):
 @pytest.mark.parametrize("sizes,shard", [([3, 4, 2], 4), ([20], 8), ([1] * 9, 4), ([5, 0, 7], 16),
                                          ([], 4)])
 def test_shard_plan_covers_every_slice_once_within_shards(sizes, shard):
-    from pipelines.store import shard_plan
+    from pipelines.build.store import shard_plan
 
     seen = []
     for start, pieces in shard_plan(sizes, shard):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import zarr
 
-from pipelines.build import build
+from pipelines.build import BuildConfig, build
 from pipelines.synthesize import synthesize
 
 ARRAYS = ("images", "labels", "weights", "case_index", "frame_index", "slice_index", "phase",
@@ -64,8 +64,8 @@ def cluster(tmp_path):
 def test_scheduler_build_equals_local_build(cluster, tmp_path):
     raw = tmp_path / "raw"
     synthesize(raw, 4, 5, layout="acdc")
-    local = build(raw, tmp_path / "local", workers=0, progress=False)
-    dist = build(raw, tmp_path / "dist", scheduler=cluster, progress=False)
+    local = build(BuildConfig(raw, tmp_path / "local", workers=0, progress=False))
+    dist = build(BuildConfig(raw, tmp_path / "dist", scheduler=cluster, progress=False))
     assert local.exit_code == dist.exit_code == 0
     a = zarr.open_group(str(tmp_path / "local" / "store.zarr"), mode="r")
     b = zarr.open_group(str(tmp_path / "dist" / "store.zarr"), mode="r")
@@ -84,14 +84,13 @@ def _worker_env() -> dict:
                                            "MALLOC_TRIM_THRESHOLD_")}
 
 
-def test_local_workers_forked_from_prestarted_server_are_single_threaded():
-    """Workers forked from the early fork server get the one-thread environment, the client not."""
+def test_local_workers_are_single_threaded_and_the_client_environment_is_restored():
+    """Workers get the one-thread environment; the client process keeps its own."""
     import os
 
-    from pipelines.cluster import dask_client, prestart_workers
+    from pipelines.build.cluster import dask_client
 
     before = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-    prestart_workers()
     with dask_client(2) as client:
         envs = list(client.run(_worker_env).values())
     assert len(envs) == 2

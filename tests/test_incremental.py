@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import zarr
 
-from pipelines.build import build, main
-from pipelines.outdir import BuildLocked, build_lock
+from pipelines.build import BuildConfig, build
+from pipelines.build.__main__ import main
+from pipelines.build.outdir import BuildLocked, build_lock
 from pipelines.synthesize import synthesize
 
 ARRAYS = ("images", "labels", "weights", "case_index", "frame_index", "slice_index", "phase",
@@ -53,27 +54,27 @@ def _assert_same(a: dict, b: dict) -> None:
 def reference(pool, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("ref")
     raw = _raw(pool, tmp / "raw", [1, 2, 3, 4])
-    build(raw, tmp / "out", workers=0, progress=False)
+    build(BuildConfig(raw, tmp / "out", workers=0, progress=False))
     return {"raw": raw, "out": tmp / "out", "snap": _snapshot(tmp / "out")}
 
 
 def test_add_change_remove_matches_a_fresh_build(pool, reference, tmp_path):
     raw = _raw(pool, tmp_path / "raw", [1, 2, 3, 5])
     out = tmp_path / "out"
-    build(raw, out, workers=0, progress=False)
+    build(BuildConfig(raw, out, workers=0, progress=False))
     # remove 5, add 4: now the same inputs as the reference
     shutil.rmtree(raw / "patient005")
     _raw(pool, raw, [4])
-    res = build(raw, out, workers=0, progress=False)
+    res = build(BuildConfig(raw, out, workers=0, progress=False))
     assert res.processed == ["patient004"] and res.removed == ["patient005"]
-    build(raw, tmp_path / "fresh", workers=0, progress=False)
+    build(BuildConfig(raw, tmp_path / "fresh", workers=0, progress=False))
     _assert_same(_snapshot(out), _snapshot(tmp_path / "fresh"))
     # change one case's content: only that case is reprocessed
     img = raw / "patient002" / "patient002_frame01.nii.gz"
     shutil.copy(pool / "patient006" / "patient006_frame01.nii.gz", img)
     shutil.copy(pool / "patient006" / "patient006_frame01_gt.nii.gz",
                 raw / "patient002" / "patient002_frame01_gt.nii.gz")
-    res = build(raw, out, workers=0, progress=False)
+    res = build(BuildConfig(raw, out, workers=0, progress=False))
     assert res.processed == ["patient002"] and res.published
 
 
@@ -88,13 +89,13 @@ def test_unchanged_rerun_reads_no_input_and_a_touched_file_is_checked_again(refe
     opened = []
     real = ingest.read_header
     monkeypatch.setattr(ingest, "read_header", lambda path, **kw: opened.append(str(path)) or real(path, **kw))
-    res = build(reference["raw"], out, workers=0, progress=False)
+    res = build(BuildConfig(reference["raw"], out, workers=0, progress=False))
     assert res.processed == [] and len(res.reused) == 4 and opened == []
     img = reference["raw"] / "patient003" / "patient003_frame01.nii.gz"
     st = img.stat()
     os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same bytes, new mtime
     try:
-        res = build(reference["raw"], out, workers=0, progress=False)
+        res = build(BuildConfig(reference["raw"], out, workers=0, progress=False))
     finally:
         os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert res.processed == [] and len(res.reused) == 4  # same content: nothing to redo
@@ -104,7 +105,7 @@ def test_unchanged_rerun_reads_no_input_and_a_touched_file_is_checked_again(refe
 def test_plan_change_triggers_full_rebuild(reference, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(reference["out"], out, symlinks=True)
-    res = build(reference["raw"], out, workers=0, progress=False, spacing=1.5)
+    res = build(BuildConfig(reference["raw"], out, workers=0, progress=False, spacing=1.5))
     assert res.full_rebuild and len(res.processed) == 4
     assert zarr.open_group(str(out / "store.zarr"), mode="r").attrs["spacing"] == [1.5, 1.5]
 
@@ -112,7 +113,7 @@ def test_plan_change_triggers_full_rebuild(reference, tmp_path):
 def test_dry_run_lists_changes_and_touches_nothing(pool, tmp_path, capsys):
     out = tmp_path / "out"
     raw = _raw(pool, tmp_path / "raw", [1, 2])
-    build(raw, out, workers=0, progress=False)
+    build(BuildConfig(raw, out, workers=0, progress=False))
     _raw(pool, raw, [6])
     before = os.readlink(out / "store.zarr")
     assert main([str(raw), str(out), "--dry-run", "--workers", "0", "--quiet"]) == 0
@@ -127,14 +128,14 @@ def test_second_build_refuses_while_one_runs(reference, tmp_path):
     out.mkdir()
     with build_lock(out):
         with pytest.raises(BuildLocked, match="--wait"):
-            build(reference["raw"], out, workers=0, progress=False)
+            build(BuildConfig(reference["raw"], out, workers=0, progress=False))
         assert main([str(reference["raw"]), str(out), "--workers", "0", "--quiet"]) == 2
 
 
 def test_lock_of_a_killed_build_does_not_block(reference, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    code = ("import sys, time; from pathlib import Path; from pipelines.outdir import build_lock\n"
+    code = ("import sys, time; from pathlib import Path; from pipelines.build.outdir import build_lock\n"
             "with build_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"

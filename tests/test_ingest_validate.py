@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from cmrprep.cases import CaseError, CaseSpec, FrameSpec
-from pipelines.defects import DEFECTS, EXPECTED_CHECK, inject_defects
-from pipelines.defects import main as defects_main
+from defects import DEFECTS, EXPECTED_CHECK, inject_defects
+from defects import main as defects_main
 from pipelines.ingest import discover, ingest, load_cine, load_frame, validate_case
 from pipelines.ingest.__main__ import main as ingest_main
 

@@ -10,7 +10,7 @@ import pytest
 
 from model.data import SliceDataset
 from model.reader import AliasTable, ShardPool, ShardStore, StoreError, split_by_patient
-from pipelines import outdir
+from pipelines.build import outdir
 from storefixture import write_store
 
 

@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipelines.build import build
+from pipelines.build import BuildConfig, build
 from pipelines.evaluate import evaluate
 from pipelines.evaluate import main as evaluate_main
 from pipelines.predict import main as predict_main
@@ -22,7 +22,7 @@ def run_dir(tmp_path_factory) -> Path:
 
     tmp = tmp_path_factory.mktemp("run")
     synthesize(tmp / "raw", 3, 31, layout="acdc")
-    build(tmp / "raw", tmp / "shards", workers=0, progress=False, report=False)
+    build(BuildConfig(tmp / "raw", tmp / "shards", workers=0, progress=False, report=False))
     train(tmp / "shards", tmp / "run", epochs=1, steps_per_epoch=2, batch_size=4,
           filters=(4, 8, 16), augment=False, verbose=0, collapse_patience=0)
     return tmp / "run"

@@ -1,4 +1,4 @@
-"""Tests of pipelines.report: files exist, PNGs decode, Markdown names quarantined cases."""
+"""Tests of pipelines.build.report: files exist, PNGs decode, Markdown names quarantined cases."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import matplotlib.image as mpimg
 import numpy as np
 
 from cmrprep import sampling, stats
-from pipelines.report import write_report
+from pipelines.build.report import write_report
 
 
 def _data(n=40, size=32, seed=0):

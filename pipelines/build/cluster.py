@@ -1,13 +1,12 @@
-"""Dask client handling: a LocalCluster by default, an existing scheduler when given."""
+"""The build's Dask client (a LocalCluster by default, an existing scheduler when given) and
+task mapping with per-task failure capture."""
 
 from __future__ import annotations
 
 import logging
 import os
 import shutil
-import sys
 import tempfile
-import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -64,145 +63,17 @@ def _client(workers: int, threads_per_worker: int, memory_limit: str,
         with Client(scheduler, timeout="30s") as client:
             yield client
         return
-    import dask
-
     local_dir = tempfile.mkdtemp(prefix="cmrprep-dask-")
     log.info("starting LocalCluster: %d workers x %d threads, memory limit %s",
              workers, threads_per_worker, memory_limit)
-    method = "forkserver" if _forkserver_ready() else "spawn"
     try:
-        with dask.config.set({"distributed.worker.multiprocessing-method": method}):
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker,
-                                   processes=True, memory_limit=memory_limit, dashboard_address=None,
-                                   local_directory=local_dir, silence_logs=logging.WARNING)
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker,
+                               processes=True, memory_limit=memory_limit, dashboard_address=None,
+                               local_directory=local_dir, silence_logs=logging.WARNING)
         with cluster, Client(cluster) as client:
             yield client
     finally:
         shutil.rmtree(local_dir, ignore_errors=True)  # workers' scratch space (spill, locks)
-
-
-#: Environment of worker processes (distributed's ``distributed.nanny.pre-spawn-environ``
-#: defaults): one BLAS/OpenMP thread per single-threaded worker, glibc trimming.
-WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-              "MALLOC_TRIM_THRESHOLD_": "65536"}
-
-
-def prestart_workers() -> None:
-    """Launch the fork server now, so its imports overlap this process's own start-up.
-
-    Call before :func:`dask_client` / :class:`BackgroundClient` for a local
-    cluster; it returns at once (the server imports :data:`WORKER_PRELOAD` in
-    its own process) and imports nothing heavy here (not even distributed).
-    The server gets :data:`WORKER_ENV` (updated with dask's
-    ``distributed.nanny.pre-spawn-environ`` when dask is already imported),
-    which the workers forked from it inherit.
-    """
-    if not _forkserver_available():
-        return
-    from multiprocessing import forkserver
-
-    env = dict(WORKER_ENV)
-    if "dask" in sys.modules:
-        import dask
-
-        env.update({k: str(v) for k, v in
-                    (dask.config.get("distributed.nanny.pre-spawn-environ", None) or {}).items()})
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        forkserver.ensure_running()
-    finally:
-        _restore_env(saved)
-
-
-#: Modules every local worker needs; the fork server imports them once for all workers.
-WORKER_PRELOAD = ("distributed", "numpy", "nibabel", "SimpleITK", "isal.igzip", "zarr",
-                  "pipelines.worker", "pipelines.ingest", "pipelines.assemble", "cmrprep.preprocess")
-_FORKSERVER: bool | None = None
-
-
-def _forkserver_available() -> bool:
-    """Whether local workers start from a fork server (set up once per process).
-
-    With ``spawn`` (distributed's default) every worker process imports
-    distributed, NumPy, nibabel, SimpleITK and cmrprep itself: ~0.9 s of CPU
-    each, competing with the client's header checks on a small machine.  The
-    fork server imports them once and forks the workers from that
-    single-threaded process (fork-safe, unlike forking the client).  The
-    server lives as long as this process (idle, ~150 MB, shared with later
-    clusters of the same process) and exits with it.  A worker the nanny
-    restarts later (after a crash) is spawned as usual, as are all workers
-    where ``forkserver`` is unavailable (Windows).
-    """
-    global _FORKSERVER
-    if _FORKSERVER is None:
-        import multiprocessing
-
-        _FORKSERVER = "forkserver" in multiprocessing.get_all_start_methods()
-        if _FORKSERVER:
-            multiprocessing.get_context("forkserver").set_forkserver_preload(list(WORKER_PRELOAD))
-    return _FORKSERVER
-
-
-def _forkserver_ready() -> bool:
-    """:func:`_forkserver_available`, and distributed told to use our preload list."""
-    if not _forkserver_available():
-        return False
-    import distributed.utils as dutils
-
-    # distributed would otherwise set its own preload list (importing pandas here)
-    dutils._forkserver_preload_set = True
-    return True
-
-
-class BackgroundClient:
-    """:func:`dask_client` run in a thread, so cluster start-up overlaps other work.
-
-    A LocalCluster takes 1-2 s to start its worker processes; the build starts
-    one while it reads headers (and hashes cached inputs).  The thread enters and later
-    exits the context (``distributed`` keeps the current client in a context
-    variable, which must be reset in the context that set it).  :meth:`get`
-    waits for the client (re-raising a start-up error); :meth:`close` tears it
-    down and may be called more than once.
-    """
-
-    def __init__(self, workers: int = 2, *, memory_limit: str = "auto",
-                 scheduler: str | None = None) -> None:
-        self._args = (workers, memory_limit, scheduler)
-        self._client: Any = None
-        self._error: BaseException | None = None
-        self._ready = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="cmrprep-cluster", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        workers, memory_limit, scheduler = self._args
-        try:
-            with dask_client(workers, memory_limit=memory_limit, scheduler=scheduler) as client:
-                self._client = client
-                self._ready.set()
-                self._stop.wait()
-        except BaseException as exc:  # noqa: BLE001 - re-raised by get()
-            if self._error is None and self._client is None:
-                self._error = exc
-            else:
-                log.warning("error while closing the Dask cluster: %s", exc)
-        finally:
-            self._ready.set()
-
-    def get(self) -> Any:
-        """The connected client (waits for start-up)."""
-        self._ready.wait()
-        if self._error is not None:
-            raise self._error
-        return self._client
-
-    def close(self, wait: bool = True) -> None:
-        """Shut the cluster down; ``wait=False`` lets it finish in the background."""
-        self._stop.set()
-        if wait:
-            self._thread.join()
 
 
 def map_tasks(func: Callable[..., dict], items: list[tuple], *, client: Any | None,

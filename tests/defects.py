@@ -2,7 +2,7 @@
 
 Used to check that ingest quarantines exactly the defective cases::
 
-    python -m pipelines.defects ROOT --seed 0 [--kinds truncated_gzip,empty_file]
+    python tests/defects.py ROOT --seed 0 [--kinds truncated_gzip,empty_file]
 
 writes ``ROOT/defects.json`` = ``{case_id: defect}``.  Only run it on a
 throw-away copy: files are overwritten.
@@ -185,8 +185,8 @@ def inject_defects(root: str | Path, seed: int, kinds: list[str] | None = None) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ``python -m pipelines.defects ROOT --seed S [--kinds a,b]``."""
-    p = argparse.ArgumentParser(prog="python -m pipelines.defects", description=__doc__.split("\n")[0])
+    """CLI: ``python tests/defects.py ROOT --seed S [--kinds a,b]``."""
+    p = argparse.ArgumentParser(prog="python tests/defects.py", description=__doc__.split("\n")[0])
     p.add_argument("root")
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--kinds", help=f"comma-separated subset of {','.join(DEFECTS)}")

@@ -1,4 +1,4 @@
-"""Per-case task run on Dask workers: read, validate, preprocess, cache.
+"""Tasks run on the Dask workers: one case (read, validate, preprocess, cache), one store shard.
 
 The task takes and returns plain JSON-like dicts (so it crosses process
 boundaries without pickled custom objects) and writes its arrays to the
@@ -19,7 +19,7 @@ import numpy as np
 
 from cmrprep.cases import CaseError, CaseSpec, FrameSpec, Problem, phase_code
 from cmrprep.plan import Plan
-from pipelines import cache as cache_mod
+from pipelines.build import incremental as cache_mod
 
 log = logging.getLogger(__name__)
 
@@ -194,3 +194,20 @@ def _process(case: CaseSpec, plan: Plan, cache_dir: Path, key: str) -> dict[str,
     cache_mod.write_entry(cache_dir, case.case_id, merged, meta)
     return {"case_id": case.case_id, "ok": True, "key": key, "n_slices": meta["n_slices"],
             "warnings": warnings}
+
+
+def shard_task(store_path: str, cache_dir: str, pieces: list[tuple[str, int, int]],
+               start: int) -> dict[str, Any]:
+    """Dask task: fill one shard of ``images``/``labels`` from cached cases.
+
+    ``pieces`` are ``(case_id, lo, hi)`` slice ranges (see :func:`pipelines.build.store.shard_plan`).
+    """
+    from pipelines.build.store import write_shard
+
+    images, labels = [], []
+    for case_id, lo, hi in pieces:
+        z = cache_mod.read_arrays(cache_dir, case_id, ("images", "labels"))
+        images.append(z["images"][lo:hi])
+        labels.append(z["labels"][lo:hi])
+    write_shard(store_path, start, np.concatenate(images), np.concatenate(labels))
+    return {"ok": True, "start": start, "n": int(sum(len(a) for a in images))}

@@ -1,4 +1,4 @@
-"""Per-case cache of preprocessed frames: content-hash keys, atomic files.
+"""Incremental state: per-case cache of preprocessed frames, content-hash keys, what changed.
 
 Each processed case is kept as ``cache/<case_id>.npz`` (NumPy arrays, loaded
 with ``allow_pickle=False``) plus ``cache/<case_id>.json`` (records, counts,
@@ -193,3 +193,92 @@ def read_arrays(cache_dir: str | Path, case_id: str,
     """Load some or all of a case's cached arrays (no pickle; only ``names`` are read)."""
     with np.load(Path(cache_dir) / f"{case_id}.npz", allow_pickle=False) as z:
         return {k: z[k] for k in names}
+
+
+# -- what changed since the last build ---------------------------------------------
+def survey(cases: list, digests: DigestIndex, cache_dir: Path) -> tuple[list, list, dict]:
+    """Check each case's first header; hash the inputs of cases the cache knows.
+
+    Returns ``(headers, problems, file_digests)``: ``{"case", "spacing"}``
+    records of the usable cases, :class:`~cmrprep.cases.Problem` records of
+    the others and the digests known so far.  A cached case whose files all
+    have the size and mtime recorded when it was built is taken as it is (its
+    header was checked then): an unchanged re-run reads no file and does not
+    even import nibabel.  Its ``spacing`` is ``None`` until
+    :func:`pipelines.build.planning.resolve_plan` needs it.  A case without a
+    cache entry is processed whatever its digests are, so its files are hashed
+    by the worker that reads them (see :func:`pipelines.build.tasks.process_case`)
+    instead of being read twice.
+    """
+    from cmrprep.cases import CaseError, Problem
+    from pipelines.build.planning import header_spacing
+
+    ok, problems, file_digests, to_hash = [], [], {}, {}
+    for case in cases:
+        files = case_files(case.to_dict())
+        cached = (cache_dir / f"{case.case_id}.json").exists()
+        known = digests.unchanged(files) if cached else None
+        if known is not None:
+            file_digests.update(known)
+            ok.append({"case": case, "spacing": None})
+            continue
+        try:
+            ok.append({"case": case, "spacing": header_spacing(case)})
+        except CaseError as exc:
+            problems.append(exc.problem)
+            continue
+        except OSError as exc:
+            problems.append(Problem(case.case_id, getattr(exc, "filename", None), "readable",
+                                    f"cannot read: {exc}"))
+            continue
+        if cached:
+            to_hash[case.case_id] = files
+    try:
+        file_digests.update(digests.digest_many([f for fs in to_hash.values() for f in fs]))
+    except OSError:  # find which case's file vanished or is unreadable; keep the others
+        keep = []
+        for h in ok:
+            try:
+                file_digests.update({f: digests.digest(f) for f in to_hash.get(h["case"].case_id, [])})
+                keep.append(h)
+            except OSError as exc:
+                problems.append(Problem(h["case"].case_id, getattr(exc, "filename", None), "readable",
+                                        f"cannot read: {exc}"))
+        ok = keep
+    return ok, problems, file_digests
+
+
+def plan_work(cases: list, digests: dict[str, str], phash: str,
+              cache_dir: Path) -> tuple[list, dict[str, str | None]]:
+    """Cases to process and every case's key (``None``: not hashed yet, the worker hashes it)."""
+    keys: dict[str, str | None] = {}
+    todo = []
+    for case in cases:
+        d = case.to_dict()
+        files = case_files(d)
+        keys[case.case_id] = None
+        if all(f in digests for f in files):
+            keys[case.case_id] = case_key(d, {f: digests[f] for f in files}, phash)
+            if read_meta(cache_dir, case.case_id, keys[case.case_id]) is not None:
+                continue
+        todo.append(case)
+    return todo, keys
+
+
+def stale_entries(cache_dir: Path, present: set[str]) -> list[str]:
+    """Ids of cached cases that are no longer among the inputs."""
+    return sorted(p.stem for p in cache_dir.glob("*.json")
+                  if p.stem != "digests" and p.stem not in present)
+
+
+def remove_entries(cache_dir: Path, ids: list[str]) -> None:
+    """Delete the cache entries of ``ids``."""
+    for cid in ids:
+        for suffix in (".json", ".npz"):
+            (cache_dir / f"{cid}{suffix}").unlink(missing_ok=True)
+
+
+def remove_leftovers(cache_dir: Path) -> None:
+    """Delete temporary files of a killed build."""
+    for leftover in cache_dir.glob(".*.tmp"):
+        leftover.unlink(missing_ok=True)

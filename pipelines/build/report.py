@@ -357,3 +357,59 @@ def _html(sections: list[tuple[str, str | Table]], paths: dict[str, Path]) -> st
         parts.append("</table>")
     parts.append(f"<p><a href='{esc(paths['summary_json'].name)}'>summary.json</a></p></body></html>")
     return "\n".join(parts) + "\n"
+
+
+# -- the build's report ------------------------------------------------------------
+N_MONTAGE = 24
+
+
+def render_build_report(out: Path, result: Any, plan: Any) -> Path:
+    """Render ``OUT/report`` from the published store ``OUT/store.zarr``.
+
+    The report reads the store it describes (montage slices, per-slice class
+    counts, sampling weights, attributes), so it shows what a trainer will
+    read.  It is written beside ``OUT/report`` and swapped in by a rename, so
+    a failed rendering leaves the previous report whole.  ``result`` is the
+    :class:`~pipelines.build.config.BuildResult` (counts, quarantined cases,
+    warnings); ``plan`` the :class:`~cmrprep.plan.Plan`.
+    """
+    import os
+    import shutil
+
+    import zarr
+
+    root = zarr.open_group(str(out / "store.zarr"), mode="r")
+    attrs = dict(root.attrs)
+    summary = {
+        "plan": plan.to_dict(), "class_weight_scheme": plan.weight_scheme,
+        "class_weights_all": attrs.get("class_weights_all"),
+        "class_counts_raw": attrs.get("class_counts_raw"), "class_counts": attrs.get("class_counts"),
+        "expected_class_share": attrs.get("sampling", {}).get("expected_class_share"),
+        "cases": result.n_cases, "slices": result.n_slices,
+        "processed": len(result.processed), "reused": len(result.reused),
+    }
+    tmp = out / f".report-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write_report(tmp, images=root["images"], labels=root["labels"],
+                     slice_counts_raw=np.asarray(attrs.get("class_counts_raw", [0] * len(CLASSES))),
+                     slice_counts=np.asarray(root["class_counts"][...]),
+                     weights=np.asarray(root["weights"][...]), summary=summary,
+                     quarantined=list(result.quarantined), warnings=list(result.warnings),
+                     seed=int(plan.seed), n_montage=N_MONTAGE)
+        final, old = out / "report", out / f".report-old-{os.getpid()}"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out / "report"
+
+
+def remove_stale(out: Path) -> None:
+    """Delete report folders left half-written by a killed build."""
+    import shutil
+
+    for p in list(out.glob(".report-tmp-*")) + list(out.glob(".report-old-*")):
+        shutil.rmtree(p, ignore_errors=True)
