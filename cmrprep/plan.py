@@ -77,7 +77,13 @@ class Plan:
         the memory a loader needs.  Loaders convert to float32.
     shard_slices : int
         Slices per shard (inner chunks of up to 16 slices, see
-        :data:`pipelines.build.store.CHUNK_SLICES`).
+        :data:`pipelines.build.store.CHUNK_SLICES`).  Each case group starts
+        at a shard boundary, so smaller shards waste less padding.
+    group_cases : int
+        Mean number of cases per store group (content-defined: a group ends
+        after a case whose id hashes to 0 modulo this number).  A changed case
+        rewrites only its group; smaller groups mean less rewriting per
+        change and more padding slices.
     phases : tuple of str
         Frames to use where a case offers several (``ED``, ``ES``).
     seed : int
@@ -96,7 +102,8 @@ class Plan:
     balance_classes: bool = True
     replicate: bool = False
     store_dtype: str = "float16"
-    shard_slices: int = 256
+    shard_slices: int = 64
+    group_cases: int = 8
     phases: tuple[str, ...] = ("ED", "ES")
     num_classes: int = 4
     seed: int = 0
@@ -146,6 +153,8 @@ class Plan:
             raise ConfigError(f"crop_jitter_mm must be >= 0, got {self.crop_jitter_mm}")
         if self.shard_slices < 1:
             raise ConfigError(f"shard_slices must be >= 1, got {self.shard_slices}")
+        if self.group_cases < 1:
+            raise ConfigError(f"group_cases must be >= 1, got {self.group_cases}")
         if self.num_classes != 4:
             raise ConfigError("num_classes must be 4 (background, RV, MYO, LV)")
         if self.version != PLAN_VERSION:

@@ -279,6 +279,16 @@ class ShardStore:
             raise StoreError("store lacks `class_counts`; rebuild it")
         return self.class_counts[:, 1:].sum(axis=1) > 0
 
+    def case_ids(self) -> list[str]:
+        """Case id of each ``case_index`` value (from the store's ``case_table``)."""
+        if "case_table" in self.array_names:
+            import json
+
+            meta = json.loads((self.path / "case_table" / "zarr.json").read_text())["attributes"]
+            return list(meta["case_ids"])
+        return [c.get("case_id", str(i)) if isinstance(c, dict) else str(c)
+                for i, c in enumerate(self.attrs.get("cases") or [])]
+
     def check_attrs(self) -> dict[str, Any]:
         """Store attributes plus ``arrays`` (array names), for :func:`model.checks.check_wiring`."""
         return {**self.attrs, "arrays": list(self.array_names)}
@@ -308,18 +318,19 @@ def split_by_patient(store: ShardStore, val_fraction: float = 0.2,
     Returns
     -------
     train_idx, val_idx : ndarray of int64
-        Sorted slice indices.
+        Sorted slice indices (padding slices, ``case_index == -1``, in neither).
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    cases = np.unique(store.case_index)
+    cases = np.unique(store.case_index[store.case_index >= 0])  # -1: padding slices
     n_val = 0 if val_fraction == 0 else max(1, int(round(val_fraction * cases.size)))
     if n_val >= cases.size:
         raise ConfigError(f"val_fraction {val_fraction} leaves no training case out of "
                           f"{cases.size}; lower it or add cases")
     val_cases = np.random.default_rng(seed).permutation(cases)[:n_val]
     is_val = np.isin(store.case_index, val_cases)
-    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    real = store.case_index >= 0
+    return np.flatnonzero(~is_val & real), np.flatnonzero(is_val)
 
 
 class ShardPool:

@@ -161,8 +161,8 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def _write_metadata(run_dir: Path, config: dict, store: ShardStore, train_idx: np.ndarray,
                     val_idx: np.ndarray) -> None:
-    cases = store.attrs.get("cases") or []
-    ids = [c.get("case_id", str(i)) if isinstance(c, dict) else str(c) for i, c in enumerate(cases)]
+    ids = store.case_ids()
+
     def names(idx: np.ndarray) -> list[str]:
         return [ids[c] if c < len(ids) else str(c) for c in np.unique(store.case_index[idx])]
     split = {"train_cases": names(train_idx), "val_cases": names(val_idx),

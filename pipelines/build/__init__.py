@@ -6,10 +6,11 @@ Flow, one module per step:
    (:mod:`~pipelines.build.incremental`: which cases are unchanged, their
    header checks and input digests);
 2. plan (:mod:`~pipelines.build.planning`: ``OUT/plan.json``);
-3. per-case preprocessing on Dask (:mod:`~pipelines.build.tasks`), cached by
-   content hash;
+3. per-case preprocessing on Dask (:mod:`~pipelines.build.tasks`) of the new
+   and changed cases only (content-hash keys), staged until published;
 4. dataset statistics, class and sampling weights, a new sharded Zarr v3
-   store version (:mod:`~pipelines.build.store`), published atomically
+   store version (:mod:`~pipelines.build.store`) that hard-links the unchanged
+   case groups of the previous one and writes the others, published atomically
    (:mod:`~pipelines.build.outdir`);
 5. the QC report rendered from the published store (:mod:`~pipelines.build.report`).
 
@@ -61,8 +62,9 @@ class _Build:
 
     def __init__(self, config: BuildConfig) -> None:
         self.cfg = config
-        self.raw, self.out = Path(config.raw), Path(config.out)
-        self.cache_dir = self.out / "cache"
+        # resolved: ``../raw`` and ``/abs/raw`` are the same inputs (case keys hold paths)
+        self.raw, self.out = Path(config.raw).resolve(), Path(config.out)
+        self.staging, self.state = self.out / "staging", self.out / "state"
         self.t0 = time.perf_counter()
         self.runlog = RunLog(self.out / "logs" / "build.jsonl")
         self.result = BuildResult(out=self.out)
@@ -71,60 +73,67 @@ class _Build:
         from pipelines.build.report import remove_stale
         from pipelines.ingest import discover
 
-        cfg, result = self.cfg, self.result
+        cfg, result, out = self.cfg, self.result, self.out
         self.runlog.event("start", raw=str(self.raw), dry_run=cfg.dry_run)
         disc = discover(self.raw, cfg.layout)
         result.quarantined.extend(p.to_dict() for p in disc.problems)
-        self.cache_dir.mkdir(exist_ok=True)
-        incremental.remove_leftovers(self.cache_dir)
-        remove_stale(self.out)
-        index = incremental.DigestIndex(self.cache_dir / "digests.json")
-        headers, problems, digests = incremental.survey(disc.cases, index, self.cache_dir)
+        for folder in (self.staging, self.state):
+            folder.mkdir(exist_ok=True)
+        incremental.remove_leftovers(self.staging)
+        remove_stale(out)
+        current = outdir.current_version(out)
+        index = incremental.StoreIndex(current)
+        digest_index = incremental.DigestIndex(self.state / "digests.json")
+        headers, problems, digests = incremental.survey(disc.cases, digest_index, index)
         result.quarantined.extend(p.to_dict() for p in problems)
-        plan = resolve_plan(self.out, headers, plan_file=cfg.plan_file,
+        if not headers:  # an empty or unmounted RAW, or every case unreadable: change nothing
+            raise ConfigError(_nothing_usable(result.quarantined, self.raw))
+        plan = resolve_plan(out, headers, plan_file=cfg.plan_file,
                             overrides=cfg.plan_overrides(), crop_mm=cfg.crop_mm)
         phash = incremental.plan_hash(plan.to_dict())
-        previous = _previous_plan_hash(self.out)
-        result.full_rebuild = previous is not None and previous != phash
+        result.full_rebuild = index.plan is not None and incremental.plan_hash(index.plan) != phash
         if result.full_rebuild:
             log.warning("plan changed since the last build: full rebuild of every case")
-        cases = [h["case"] for h in headers]
-        todo, keys = incremental.plan_work(cases, digests, phash, self.cache_dir)
+        cases = sorted((h["case"] for h in headers), key=lambda c: c.case_id)
+        todo, keys, staged = incremental.plan_work(cases, digests, phash, index, self.staging)
         todo_ids = {c.case_id for c in todo}
         result.n_cases = len(cases)
         result.processed = [c.case_id for c in todo]
         result.reused = [c.case_id for c in cases if c.case_id not in todo_ids]
-        result.removed = incremental.stale_entries(self.cache_dir, {c.case_id for c in cases})
+        result.removed = incremental.removed_cases(index, {c.case_id for c in cases})
         self.runlog.event("plan", plan_hash=phash, full_rebuild=result.full_rebuild,
                           to_process=result.processed, reused=len(result.reused),
                           removed=result.removed)
         if cfg.dry_run:
             result.seconds = time.perf_counter() - self.t0
             return result
-        _write_json(self.out / "plan.json", plan.to_dict())
-        reused_metas = self._metas([c for c in cases if c.case_id not in todo_ids], keys)
-        needs_cluster = bool(todo) or not _store_is_current(
-            self.out, _build_key(phash, [m["key"] for m in reused_metas]))
-        with self._client(needs_cluster) as client:
+        unchanged = not todo and cases and (
+            _build_key(phash, [keys[c.case_id] for c in cases]) == _current_key(current))
+        with self._client(not unchanged) as client:
             outcomes = self._process(todo, keys, plan, phash, client)
-            self._learn(outcomes, keys, digests, index)
+            self._learn(outcomes, keys, digests, digest_index)
             result.quarantined.extend(_quarantine_records(outcomes, todo))
             bad = {q["case_id"] for q in result.quarantined}
-            metas = self._metas([c for c in cases if c.case_id not in bad], keys)
-            for meta in metas:
-                result.warnings.extend(meta.get("warnings", []))
-            incremental.remove_entries(self.cache_dir, result.removed)
-            build_key = _build_key(phash, [m["key"] for m in metas])
-            result.n_slices = int(sum(m["n_slices"] for m in metas))
-            if _store_is_current(self.out, build_key):
-                log.info("store is up to date (%d cases); nothing to publish", len(metas))
+            done = {r["case_id"]: r for r in outcomes if r.get("ok")}
+            entries = self._entries([c for c in cases if c.case_id not in bad], keys, digests,
+                                    done, staged, index)
+            if not entries:
+                raise ConfigError(_nothing_usable(result.quarantined, self.raw))
+            for entry in entries:
+                result.warnings.extend(entry.get("warnings") or [])
+            build_key = _build_key(phash, [e["key"] for e in entries])
+            result.n_slices = int(sum(e["n_slices"] for e in entries))
+            if build_key == _current_key(current):
+                log.info("store is up to date (%d cases); nothing to publish", len(entries))
             else:
-                self._publish(metas, plan, digests, build_key, client)
+                self._publish(entries, plan, build_key, current, index, client)
+        _write_json(out / "plan.json", plan.to_dict())  # the plan of the published version
+        incremental.clear_staging(self.staging)
         if result.published and cfg.report:
             self._report(plan)
-        _write_json(self.out / "fingerprint.json", fingerprint(metas, plan))
+        self._fingerprint(entries, plan)
         result.seconds = time.perf_counter() - self.t0
-        _write_json(self.out / "build_report.json", result.to_dict())
+        _write_json(out / "build_report.json", result.to_dict())
         self.runlog.event("end", **{k: v for k, v in result.to_dict().items() if k in
                                     ("n_cases", "n_slices", "exit_code", "seconds", "published")},
                           quarantined=[q["case_id"] for q in result.quarantined])
@@ -136,17 +145,12 @@ class _Build:
             return nullcontext(None)
         return dask_client(cfg.workers, memory_limit=cfg.memory_limit, scheduler=cfg.scheduler)
 
-    def _metas(self, cases: list[CaseSpec], keys: dict[str, str | None]) -> list[dict[str, Any]]:
-        """Cached metadata of ``cases`` whose entry matches their key, in case order."""
-        return [m for c in cases if keys.get(c.case_id) is not None
-                and (m := incremental.read_meta(self.cache_dir, c.case_id, keys[c.case_id])) is not None]
-
     def _process(self, todo, keys, plan: Plan, phash: str, client) -> list[dict]:
         from pipelines.build.tasks import process_case
 
         if not todo:
             return []
-        items = [(c.to_dict(), plan.to_dict(), str(self.cache_dir), keys[c.case_id], phash)
+        items = [(c.to_dict(), plan.to_dict(), str(self.staging), keys[c.case_id], phash)
                  for c in todo]
 
         def note(res: dict) -> None:
@@ -168,21 +172,41 @@ class _Build:
                 index.record(f, entry)
         index.save()
 
-    def _publish(self, metas, plan: Plan, digests, build_key: str, client) -> None:
-        """Write a new store version (shards as tasks on the cluster) and publish it."""
+    def _entries(self, cases: list[CaseSpec], keys: dict, digests: dict, done: dict,
+                 staged: dict, index: incremental.StoreIndex) -> list[dict[str, Any]]:
+        """Per usable case, in store order: key, where its data is, and its summary."""
+        old = _OldSlices(index)
+        entries = []
+        for case in cases:
+            cid = case.case_id
+            hashes = {f: digests[f] for f in incremental.case_files(case.to_dict()) if f in digests}
+            base = {"case_id": cid, "key": keys[cid], "hashes": hashes}
+            if cid in done or cid in staged:
+                src = done.get(cid) or staged[cid]
+                entries.append({**base, "source": "staged", **{k: src[k] for k in _SUMMARY},
+                                "fingerprint": src.get("fingerprint")})
+            else:
+                entries.append({**base, "source": "store", **old.summary(cid)})
+        return entries
+
+    def _publish(self, entries, plan: Plan, build_key: str, current: Path | None,
+                 index: incremental.StoreIndex, client) -> None:
+        """Write a new store version (groups as tasks on the cluster) and publish it."""
         from pipelines.build import store
 
-        stats = store.dataset_statistics(metas, plan)
+        stats = store.dataset_statistics(entries, plan)
         tmp = outdir.new_version_dir(self.out, build_key[:12])
 
         def run_tasks(func, items):
-            return map_tasks(func, items, client=client, retries=1, desc="shards", progress=False)
+            return map_tasks(func, items, client=client, retries=1, desc="groups", progress=False)
 
-        store.write_version(tmp, self.cache_dir, metas, plan, stats, digests, build_key, run_tasks)
+        counts = store.write_version(tmp, current, self.staging, entries, plan, stats, build_key,
+                                     run_tasks, old_groups={g[0]: g[1] for g in index.groups})
         final = outdir.publish(self.out, tmp, build_key[:12] + "-" + uuid.uuid4().hex[:6])
         self.result.published = True
-        log.info("published %s (%d slices from %d cases)", final.name, self.result.n_slices, len(metas))
-        self.runlog.event("published", seconds=round(time.perf_counter() - self.t0, 3))
+        log.info("published %s (%d slices from %d cases; %d of %d groups rewritten)", final.name,
+                 self.result.n_slices, len(entries), counts["groups_written"], counts["groups"])
+        self.runlog.event("published", seconds=round(time.perf_counter() - self.t0, 3), **counts)
 
     def _report(self, plan: Plan) -> None:
         from pipelines.build.report import render_build_report
@@ -192,6 +216,25 @@ class _Build:
         except Exception as exc:  # noqa: BLE001 - the store is published and fine; keep going
             log.warning("QC report failed (%s: %s); the store is published, the previous report kept",
                         type(exc).__name__, exc)
+
+    def _fingerprint(self, entries: list[dict[str, Any]], plan: Plan) -> None:
+        """``OUT/fingerprint.json``, updated for the cases processed now."""
+        path = self.out / "fingerprint.json"
+        try:
+            previous = json.loads(path.read_text()).get("cases", {})
+        except (OSError, ValueError, AttributeError):
+            previous = {}
+        cases, records = {}, None
+        for e in entries:
+            fp = e.get("fingerprint") or previous.get(e["case_id"])
+            if fp is None:  # fingerprint.json lost: the store's records have it
+                if records is None:
+                    from pipelines.build.store import read_records
+
+                    records = {c["case_id"]: c for c in read_records(self.out / "store.zarr")[0]}
+                fp = records[e["case_id"]]["fingerprint"]
+            cases[e["case_id"]] = fp
+        _write_json(path, {"cases": cases, "target_spacing": plan.target_spacing})
 
 
 def _build_key(phash: str, keys: list[str]) -> str:
@@ -211,23 +254,57 @@ def _quarantine_records(outcomes: list[dict], todo: list[CaseSpec]) -> list[dict
     return recs
 
 
-def _store_is_current(out: Path, build_key: str) -> bool:
-    current = outdir.current_version(out)
+_SUMMARY = ("n_slices", "n_frames", "class_counts", "class_counts_raw", "slice_index", "phase",
+            "frame_local", "warnings")
+
+
+class _OldSlices:
+    """Summaries of the cases the published version holds, from its small arrays (read once)."""
+
+    def __init__(self, index: incremental.StoreIndex) -> None:
+        self.index = index
+        self._arrays: dict[str, Any] | None = None
+
+    def _load(self) -> dict[str, Any]:
+        if self._arrays is None:
+            import zarr
+
+            root = zarr.open_group(str(self.index.version), mode="r")
+            self._arrays = {k: root[k][...] for k in ("slice_index", "phase", "frame_index",
+                                                      "class_counts")}
+        return self._arrays
+
+    def summary(self, case_id: str) -> dict[str, Any]:
+        a, row = self._load(), self.index.table[self.index.row(case_id)]
+        first, n = int(row[0]), int(row[1])
+        sl = slice(first, first + n)
+        frames = a["frame_index"][sl]
+        return {"n_slices": n, "n_frames": int(row[3]), "class_counts": a["class_counts"][sl].tolist(),
+                "class_counts_raw": [int(v) for v in row[4:8]],
+                "slice_index": a["slice_index"][sl].tolist(), "phase": a["phase"][sl].tolist(),
+                "frame_local": (frames - frames.min()).tolist(),
+                "warnings": self.index.warnings.get(case_id, []),
+                "old_first_slice": first, "old_group": self.index.groups[int(row[2])][0]}
+
+
+def _current_key(current: Path | None) -> str | None:
     if current is None:
-        return False
+        return None
     try:
-        return json.loads((current / "zarr.json").read_text())["attributes"].get("build_key") == build_key
+        return json.loads((current / "zarr.json").read_text())["attributes"].get("build_key")
     except (OSError, ValueError, KeyError):
-        return False
+        return None
 
 
-def _previous_plan_hash(out: Path) -> str | None:
-    if not (out / "plan.json").exists() or outdir.current_version(out) is None:
-        return None
-    try:
-        return incremental.plan_hash(Plan.from_json((out / "plan.json").read_text()).to_dict())
-    except ConfigError:
-        return None
+def _nothing_usable(quarantined: list[dict[str, Any]], raw: Path) -> str:
+    if not quarantined:
+        return (f"no case found in {raw}: check the folder (an unmounted share?) and --layout; "
+                "nothing was changed")
+    lines = [f"  {q['case_id']}: {q.get('check')}: {q.get('message')} [{q.get('file')}]"
+             for q in quarantined[:20]]
+    more = f"\n  ... and {len(quarantined) - 20} more" if len(quarantined) > 20 else ""
+    return (f"no usable case in {raw}: all {len(quarantined)} were quarantined; nothing was "
+            "published:\n" + "\n".join(lines) + more)
 
 
 def _write_json(path: Path, obj: Any) -> None:

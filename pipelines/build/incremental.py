@@ -1,13 +1,17 @@
-"""Incremental state: per-case cache of preprocessed frames, content-hash keys, what changed.
+"""Incremental state: input digests, case keys, staged cases and what changed.
 
-Each processed case is kept as ``cache/<case_id>.npz`` (NumPy arrays, loaded
-with ``allow_pickle=False``) plus ``cache/<case_id>.json`` (records, counts,
-fingerprint and the key).  The JSON is written last and names the key, so a
-cache entry is valid only when both exist and the key matches: a build killed
-mid-write leaves at worst an orphan ``.tmp`` file that the next run ignores.
+A case's *key* hashes its description, its input file contents, the plan and
+the cmrprep version: an unchanged case is never preprocessed twice and any
+change is detected.  The published store version is the only copy of the
+prepared data; its ``case_table`` records each case's key (see
+:class:`StoreIndex`).  A case processed by this build is *staged* as
+``OUT/staging/<key>.npz`` + ``<key>.json`` (the JSON is written last, so an
+entry is valid only when both exist) until the store version holding it is
+published; then the staging folder is emptied.  A killed build leaves its
+staged cases for the next run, which takes them instead of processing again.
 
-The key hashes the input file contents, the plan and the cmrprep version, so
-an unchanged case is never preprocessed twice and any change is detected.
+``OUT/state/digests.json`` remembers each input file's digest by its stat
+stamp, so unchanged files are not re-read.
 """
 
 from __future__ import annotations
@@ -162,51 +166,100 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_entry(cache_dir: Path, case_id: str, arrays: dict[str, np.ndarray],
-                meta: dict[str, Any]) -> None:
-    """Atomically write one case's arrays then its JSON (the commit marker)."""
-    npz = cache_dir / f"{case_id}.npz"
-    tmp = cache_dir / f".{case_id}.{os.getpid()}.npz.tmp"
+def write_staged(staging: Path, key: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    """Atomically stage one processed case: its arrays, then its JSON (the commit marker)."""
+    staging.mkdir(parents=True, exist_ok=True)
+    tmp = staging / f".{key}.{os.getpid()}.npz.tmp"
     with open(tmp, "wb") as fh:
         np.savez(fh, **{k: arrays[k] for k in CACHE_ARRAYS})
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, npz)
-    atomic_write_text(cache_dir / f"{case_id}.json", json.dumps(meta, sort_keys=True))
+    os.replace(tmp, staging / f"{key}.npz")
+    atomic_write_text(staging / f"{key}.json", json.dumps(meta, sort_keys=True))
 
 
-def read_meta(cache_dir: Path, case_id: str, key: str | None = None) -> dict[str, Any] | None:
-    """The cached JSON of a case, or ``None`` when absent, unreadable or stale."""
+def read_staged_meta(staging: Path, key: str) -> dict[str, Any] | None:
+    """The staged JSON of a case key, or ``None`` when absent, unreadable or incomplete."""
     try:
-        meta = json.loads((cache_dir / f"{case_id}.json").read_text())
+        meta = json.loads((staging / f"{key}.json").read_text())
     except (OSError, ValueError):
         return None
-    if key is not None and meta.get("key") != key:
-        return None
-    if not (cache_dir / f"{case_id}.npz").exists():
+    if meta.get("key") != key or not (staging / f"{key}.npz").exists():
         return None
     return meta
 
 
-def read_arrays(cache_dir: str | Path, case_id: str,
-                names: tuple[str, ...] = CACHE_ARRAYS) -> dict[str, np.ndarray]:
-    """Load some or all of a case's cached arrays (no pickle; only ``names`` are read)."""
-    with np.load(Path(cache_dir) / f"{case_id}.npz", allow_pickle=False) as z:
+def read_staged_arrays(staging: str | Path, key: str,
+                       names: tuple[str, ...] = CACHE_ARRAYS) -> dict[str, np.ndarray]:
+    """Load some or all of a staged case's arrays (no pickle; only ``names`` are read)."""
+    with np.load(Path(staging) / f"{key}.npz", allow_pickle=False) as z:
         return {k: z[k] for k in names}
 
 
+def clear_staging(staging: Path) -> None:
+    """Remove every staged case (after the version holding them is published)."""
+    if staging.is_dir():
+        for p in staging.iterdir():
+            p.unlink(missing_ok=True)
+
+
+class StoreIndex:
+    """What the published store version holds, per case: key, slices, frames, group.
+
+    Read from the version's ``case_table`` array (one small JSON document and
+    one array, whatever the store's size); empty when there is no version or
+    it predates this layout.
+    """
+
+    def __init__(self, version: Path | None) -> None:
+        self.version = version
+        self.case_ids: list[str] = []
+        self.keys: list[str] = []
+        self.table = np.zeros((0, 8), dtype=np.int64)
+        self.groups: list[list[Any]] = []
+        self.warnings: dict[str, list[dict[str, Any]]] = {}
+        self.plan: dict[str, Any] | None = None
+        self._row: dict[str, int] = {}
+        if version is None:
+            return
+        try:
+            meta = json.loads((version / "case_table" / "zarr.json").read_text())["attributes"]
+            self.plan = json.loads((version / "zarr.json").read_text())["attributes"].get("plan")
+        except (OSError, ValueError, KeyError):
+            return
+        import zarr
+
+        self.table = np.asarray(zarr.open_array(str(version / "case_table"), mode="r")[...],
+                                dtype=np.int64).reshape(-1, 8)
+        self.case_ids, self.keys = list(meta["case_ids"]), list(meta["keys"])
+        self.groups, self.warnings = list(meta["groups"]), dict(meta.get("warnings", {}))
+        self._row = {cid: i for i, cid in enumerate(self.case_ids)}
+
+    def key_of(self, case_id: str) -> str | None:
+        """The key the store holds for ``case_id`` (``None``: not in the store)."""
+        i = self._row.get(case_id)
+        return self.keys[i] if i is not None else None
+
+    def row(self, case_id: str) -> int:
+        """Row of ``case_id`` in :attr:`table` (first_slice, n_slices, group, n_frames, raw counts)."""
+        return self._row[case_id]
+
+    def __contains__(self, case_id: str) -> bool:
+        return case_id in self._row
+
+
 # -- what changed since the last build ---------------------------------------------
-def survey(cases: list, digests: DigestIndex, cache_dir: Path) -> tuple[list, list, dict]:
+def survey(cases: list, digests: DigestIndex, index: StoreIndex) -> tuple[list, list, dict]:
     """Check each case's first header; hash the inputs of cases the cache knows.
 
     Returns ``(headers, problems, file_digests)``: ``{"case", "spacing"}``
     records of the usable cases, :class:`~cmrprep.cases.Problem` records of
-    the others and the digests known so far.  A cached case whose files all
+    the others and the digests known so far.  A case the store holds whose files all
     have the size and mtime recorded when it was built is taken as it is (its
     header was checked then): an unchanged re-run reads no file and does not
     even import nibabel.  Its ``spacing`` is ``None`` until
-    :func:`pipelines.build.planning.resolve_plan` needs it.  A case without a
-    cache entry is processed whatever its digests are, so its files are hashed
+    :func:`pipelines.build.planning.resolve_plan` needs it.  A case the store
+    does not hold is processed whatever its digests are, so its files are hashed
     by the worker that reads them (see :func:`pipelines.build.tasks.process_case`)
     instead of being read twice.
     """
@@ -216,7 +269,7 @@ def survey(cases: list, digests: DigestIndex, cache_dir: Path) -> tuple[list, li
     ok, problems, file_digests, to_hash = [], [], {}, {}
     for case in cases:
         files = case_files(case.to_dict())
-        cached = (cache_dir / f"{case.case_id}.json").exists()
+        cached = case.case_id in index
         known = digests.unchanged(files) if cached else None
         if known is not None:
             file_digests.update(known)
@@ -248,37 +301,40 @@ def survey(cases: list, digests: DigestIndex, cache_dir: Path) -> tuple[list, li
     return ok, problems, file_digests
 
 
-def plan_work(cases: list, digests: dict[str, str], phash: str,
-              cache_dir: Path) -> tuple[list, dict[str, str | None]]:
-    """Cases to process and every case's key (``None``: not hashed yet, the worker hashes it)."""
+def plan_work(cases: list, digests: dict[str, str], phash: str, index: StoreIndex,
+              staging: Path) -> tuple[list, dict[str, str | None], dict[str, dict[str, Any]]]:
+    """Cases to process, every case's key and the staged cases to take as they are.
+
+    A case whose key is known (all its digests are) and equals the key the
+    store holds for it is reused from the store; one staged by an earlier,
+    interrupted build under that key is taken from the staging folder.  Every
+    other case is processed (key ``None``: the worker hashes its files).
+    """
     keys: dict[str, str | None] = {}
+    staged: dict[str, dict[str, Any]] = {}
     todo = []
     for case in cases:
         d = case.to_dict()
         files = case_files(d)
         keys[case.case_id] = None
         if all(f in digests for f in files):
-            keys[case.case_id] = case_key(d, {f: digests[f] for f in files}, phash)
-            if read_meta(cache_dir, case.case_id, keys[case.case_id]) is not None:
+            key = keys[case.case_id] = case_key(d, {f: digests[f] for f in files}, phash)
+            if index.key_of(case.case_id) == key:
+                continue
+            meta = read_staged_meta(staging, key)
+            if meta is not None:
+                staged[case.case_id] = meta
                 continue
         todo.append(case)
-    return todo, keys
+    return todo, keys, staged
 
 
-def stale_entries(cache_dir: Path, present: set[str]) -> list[str]:
-    """Ids of cached cases that are no longer among the inputs."""
-    return sorted(p.stem for p in cache_dir.glob("*.json")
-                  if p.stem != "digests" and p.stem not in present)
+def removed_cases(index: StoreIndex, present: set[str]) -> list[str]:
+    """Ids of cases the store holds that are no longer among the inputs."""
+    return sorted(cid for cid in index.case_ids if cid not in present)
 
 
-def remove_entries(cache_dir: Path, ids: list[str]) -> None:
-    """Delete the cache entries of ``ids``."""
-    for cid in ids:
-        for suffix in (".json", ".npz"):
-            (cache_dir / f"{cid}{suffix}").unlink(missing_ok=True)
-
-
-def remove_leftovers(cache_dir: Path) -> None:
+def remove_leftovers(staging: Path) -> None:
     """Delete temporary files of a killed build."""
-    for leftover in cache_dir.glob(".*.tmp"):
+    for leftover in staging.glob(".*.tmp"):
         leftover.unlink(missing_ok=True)

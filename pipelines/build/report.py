@@ -380,6 +380,7 @@ def render_build_report(out: Path, result: Any, plan: Any) -> Path:
 
     root = zarr.open_group(str(out / "store.zarr"), mode="r")
     attrs = dict(root.attrs)
+    real = np.flatnonzero(np.asarray(root["case_index"][...]) >= 0)  # padding slices left out
     summary = {
         "plan": plan.to_dict(), "class_weight_scheme": plan.weight_scheme,
         "class_weights_all": attrs.get("class_weights_all"),
@@ -391,10 +392,10 @@ def render_build_report(out: Path, result: Any, plan: Any) -> Path:
     tmp = out / f".report-tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        write_report(tmp, images=root["images"], labels=root["labels"],
+        write_report(tmp, images=_Rows(root["images"], real), labels=_Rows(root["labels"], real),
                      slice_counts_raw=np.asarray(attrs.get("class_counts_raw", [0] * len(CLASSES))),
-                     slice_counts=np.asarray(root["class_counts"][...]),
-                     weights=np.asarray(root["weights"][...]), summary=summary,
+                     slice_counts=np.asarray(root["class_counts"][...])[real],
+                     weights=np.asarray(root["weights"][...])[real], summary=summary,
                      quarantined=list(result.quarantined), warnings=list(result.warnings),
                      seed=int(plan.seed), n_montage=N_MONTAGE)
         final, old = out / "report", out / f".report-old-{os.getpid()}"
@@ -405,6 +406,16 @@ def render_build_report(out: Path, result: Any, plan: Any) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out / "report"
+
+
+class _Rows:
+    """Row ``i`` of ``array`` is ``array[rows[i]]`` (the store's real slices, read one at a time)."""
+
+    def __init__(self, array: Any, rows: np.ndarray) -> None:
+        self.array, self.rows = array, rows
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return np.asarray(self.array[int(self.rows[int(i)])])
 
 
 def remove_stale(out: Path) -> None:

@@ -3,23 +3,32 @@
 Schema (see README "Store format"): arrays ``images`` (N, H, W) float32|float16,
 ``labels`` (N, H, W) uint8, ``weights`` (N,) float64, ``case_index``,
 ``frame_index``, ``slice_index`` (N,) int32, ``phase`` (N,) int8 (0 ED, 1 ES,
-2 other), ``class_counts`` (N, 4) int64 and optionally ``replicated_index``.
+2 other), ``class_counts`` (N, 4) int64, optionally ``replicated_index``; the
+per-case ``case_table`` and the per-group ``records/<group key>`` arrays.
 Image/label chunks are 16 slices; shards hold ``plan.shard_slices`` slices.
 
-Writes are shard-aligned by construction: :func:`shard_plan` assigns every
-slice to exactly one shard and each shard is written by one call of
-:func:`write_shard` (concurrent writes into one shard silently corrupt data in
-zarr-python 3.x; different shards are different files and safe in parallel).
+Layout.  Cases are in sorted ``case_id`` order and form *groups* whose
+boundaries depend only on the case ids (:func:`group_layout`), so the layout
+is a function of the set of cases: an incremental build gives the same store
+as a fresh one.  Each group starts at a shard boundary; the tail of its last
+shard is padding (``case_index == -1``, weight 0, zero images and labels).  A
+new version hard-links the shard files of every group whose cases are
+unchanged from the previous version and writes only the other groups, so the
+cost of a build follows what changed, and versions share their data on disk.
 
-Cases are assembled in sorted ``case_id`` order, so the store does not depend
-on which worker finished first; each shard task reads only the cases it holds.
-Readers live in :mod:`model.reader`.
+Writes are shard-aligned by construction: each group's shards are written by
+one :func:`write_group` call (concurrent writes into one shard silently
+corrupt data in zarr-python 3.x; different shards are different files and safe
+in parallel).  Readers live in :mod:`model.reader`.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
+import json
 import logging
+import os
 import platform
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -39,7 +48,9 @@ from pipelines.build.outdir import fsync_path
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Values of the per-slice arrays for padding slices (the tail of a case group's last shard).
+PAD = -1
 SLICE_ARRAYS = ("case_index", "frame_index", "slice_index", "phase")
 #: Slices per inner chunk of ``images``/``labels``.  Readers take whole shards; 16 slices
 #: (256 KiB of float16 at 128x128) make writing 4x and whole-shard reads 8x faster than
@@ -63,14 +74,12 @@ def create_store(path: str | Path, *, n_slices: int, slice_shape: tuple[int, int
                  image_dtype: str, shard_slices: int) -> zarr.Group:
     """Create an empty store with the full schema (arrays sized ``n_slices``).
 
-    ``images`` and ``labels`` are sharded by ``shard_slices`` slices (rounded up to
-    a multiple of the inner chunk for stores smaller than one shard) with inner
+    ``images`` and ``labels`` are sharded by ``shard_slices`` slices with inner
     chunks of :func:`chunk_slices` slices.
     """
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     h, w = slice_shape
-    chunk = chunk_slices(shard_slices)
-    shard = min(shard_slices, -(-max(n_slices, 1) // chunk) * chunk)  # a whole number of chunks
+    chunk, shard = chunk_slices(shard_slices), shard_slices
     for name, dtype in (("images", image_dtype), ("labels", "uint8")):
         root.create_array(name, shape=(n_slices, h, w), dtype=dtype, chunks=(chunk, h, w),
                           shards=(shard, h, w), compressors=_compressor(), fill_value=0,
@@ -85,41 +94,6 @@ def create_store(path: str | Path, *, n_slices: int, slice_shape: tuple[int, int
     root.create_array("class_counts", shape=(n_slices, 4), dtype="int64", chunks=(one_d, 4),
                       fill_value=0, dimension_names=("slice", "class"))
     return root
-
-
-def shard_plan(case_slices: Sequence[int], shard: int) -> list[tuple[int, list[tuple[int, int, int]]]]:
-    """Which slices of which cases make up each shard of a store.
-
-    Parameters
-    ----------
-    case_slices : sequence of int
-        Number of slices of each case, in store order.
-    shard : int
-        Slices per shard (``images.shards[0]``).
-
-    Returns
-    -------
-    list of (start, pieces)
-        One entry per shard: its first store index and ``(case_no, lo, hi)``
-        ranges of the cases' own slices that fill it, in order.
-
-    Examples
-    --------
-    >>> shard_plan([3, 4, 2], 4)
-    [(0, [(0, 0, 3), (1, 0, 1)]), (4, [(1, 1, 4), (2, 0, 1)]), (8, [(2, 1, 2)])]
-    """
-    out: list[tuple[int, list[tuple[int, int, int]]]] = []
-    pos = 0
-    for case_no, n in enumerate(case_slices):
-        lo = 0
-        while lo < n:
-            if pos % shard == 0:
-                out.append((pos, []))
-            take = min(n - lo, shard - pos % shard)
-            out[-1][1].append((case_no, lo, lo + take))
-            lo += take
-            pos += take
-    return out
 
 
 def write_shard(store_path: str | Path, start: int, images: np.ndarray, labels: np.ndarray) -> None:
@@ -140,10 +114,78 @@ def write_shard(store_path: str | Path, start: int, images: np.ndarray, labels: 
             fsync_path(shard_file)
 
 
-def dataset_statistics(metas: list[dict[str, Any]], plan: Plan) -> dict[str, Any]:
-    """Class counts, class weights (all schemes) and sampling weights from cached metadata."""
-    counts = _slice_counts(metas)
-    raw = np.array([m["class_counts_raw"] for m in metas], dtype=np.int64).reshape(-1, 4)
+def _boundary(case_id: str, mean_cases: int) -> bool:
+    h = hashlib.blake2b(case_id.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return int.from_bytes(h, "little") % mean_cases == 0
+
+
+def group_layout(case_ids: Sequence[str], n_slices: Sequence[int], shard: int,
+                 mean_cases: int = 8) -> list[dict[str, Any]]:
+    """Content-defined case groups and their shard positions.
+
+    A group ends after a case whose id hashes to 0 modulo ``mean_cases`` (or
+    after ``4 * mean_cases`` cases), so inserting or removing a case changes
+    only the group it falls in; every group starts at a shard boundary.
+
+    Parameters
+    ----------
+    case_ids : sequence of str
+        Case ids in store (sorted) order.
+    n_slices : sequence of int
+        Slices of each case.
+    shard : int
+        Slices per shard.
+    mean_cases : int
+        Mean number of cases per group.
+
+    Returns
+    -------
+    list of dict
+        Per group: ``cases`` (positions in ``case_ids``), ``first_shard``,
+        ``n_shards``, ``first_slice`` and ``n_slices`` (without padding).
+
+    Examples
+    --------
+    >>> g = group_layout(["a", "b", "c"], [30, 40, 10], shard=64, mean_cases=1)
+    >>> [(x["cases"], x["first_shard"], x["n_shards"]) for x in g]
+    [([0], 0, 1), ([1], 1, 1), ([2], 2, 1)]
+    """
+    groups: list[list[int]] = []
+    current: list[int] = []
+    for i, cid in enumerate(case_ids):
+        current.append(i)
+        if _boundary(cid, mean_cases) or len(current) >= 4 * mean_cases:
+            groups.append(current)
+            current = []
+    if current:
+        groups.append(current)
+    out, first = [], 0
+    for members in groups:
+        total = int(sum(n_slices[i] for i in members))
+        n_shards = max(1, -(-total // shard))
+        out.append({"cases": members, "first_shard": first, "n_shards": n_shards,
+                    "first_slice": first * shard, "n_slices": total})
+        first += n_shards
+    return out
+
+
+def group_key(case_keys: Sequence[str], shard: int) -> str:
+    """Key of a group: its cases' keys (which include the plan) and the shard size."""
+    blob = json.dumps({"keys": list(case_keys), "shard": shard})
+    return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
+
+
+def dataset_statistics(cases: list[dict[str, Any]], plan: Plan) -> dict[str, Any]:
+    """Class counts, class weights (all schemes) and sampling weights of the real slices.
+
+    ``cases`` are per-case summaries (:func:`pipelines.build.tasks.case_summary`),
+    in store order; padding slices are not included (their weight is 0).
+    """
+    rows = [np.asarray(m["class_counts"], dtype=np.int64).reshape(-1, 4) for m in cases]
+    counts = np.concatenate(rows) if rows else np.zeros((0, 4), dtype=np.int64)
+    if counts.shape[0] == 0:
+        raise ValueError("no usable slices to build a store from")
+    raw = np.array([m["class_counts_raw"] for m in cases], dtype=np.int64).reshape(-1, 4)
     weights_all = weights_mod.compute_all(counts, plan.weight_scheme, beta=plan.effective_number_beta)
     w = sampling_mod.sampling_weights(counts, foreground_share=plan.foreground_share,
                                       balance_classes=plan.balance_classes)
@@ -160,43 +202,258 @@ def dataset_statistics(metas: list[dict[str, Any]], plan: Plan) -> dict[str, Any
     }
 
 
-def _slice_counts(metas: list[dict[str, Any]]) -> np.ndarray:
-    rows = [np.asarray(m["class_counts"], dtype=np.int64).reshape(-1, 4) for m in metas]
-    return np.concatenate(rows) if rows else np.zeros((0, 4), dtype=np.int64)
+def slice_arrays(cases: list[dict[str, Any]], layout: list[dict[str, Any]], n_total: int,
+                 weights: np.ndarray) -> dict[str, np.ndarray]:
+    """The per-slice arrays of a version (padding rows: -1, zero counts and weight)."""
+    arrays = {name: np.full(n_total, PAD, dtype=dtype) for name, dtype in
+              (("case_index", np.int32), ("frame_index", np.int32), ("slice_index", np.int32),
+               ("phase", np.int8))}
+    arrays["class_counts"] = np.zeros((n_total, 4), dtype=np.int64)
+    arrays["weights"] = np.zeros(n_total, dtype=np.float64)
+    frame_offset, w_pos = 0, 0
+    for group in layout:
+        pos = group["first_slice"]
+        for case_no in group["cases"]:
+            m = cases[case_no]
+            n = m["n_slices"]
+            sl = slice(pos, pos + n)
+            arrays["case_index"][sl] = case_no
+            arrays["frame_index"][sl] = np.asarray(m["frame_local"], dtype=np.int32) + frame_offset
+            arrays["slice_index"][sl] = m["slice_index"]
+            arrays["phase"][sl] = m["phase"]
+            arrays["class_counts"][sl] = np.asarray(m["class_counts"], dtype=np.int64).reshape(-1, 4)
+            arrays["weights"][sl] = weights[w_pos:w_pos + n]
+            frame_offset += m["n_frames"]
+            pos += n
+            w_pos += n
+    return arrays
 
 
-def _slice_arrays(cache_dir: Path, metas: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """The per-slice arrays of the store (everything but images and labels), in store order."""
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in (*SLICE_ARRAYS, "class_counts")}
-    frame_offset = 0
-    for case_no, meta in enumerate(metas):
-        z = incremental.read_arrays(cache_dir, meta["case_id"],
-                                  ("slice_index", "phase", "class_counts", "frame_local"))
-        parts["slice_index"].append(z["slice_index"])
-        parts["phase"].append(z["phase"])
-        parts["class_counts"].append(z["class_counts"])
-        parts["frame_index"].append((z["frame_local"] + frame_offset).astype(np.int32))
-        parts["case_index"].append(np.full(len(z["slice_index"]), case_no, dtype=np.int32))
-        frame_offset += len(meta["frames"])
-    return {k: np.concatenate(v) for k, v in parts.items() if v}
+def write_version(path: Path, previous: Path | None, staging: Path, cases: list[dict[str, Any]],
+                  plan: Plan, stats: dict[str, Any], build_id: str,
+                  run_tasks: Callable[[Callable[..., dict], list[tuple]], list[dict]],
+                  old_groups: dict[str, int] | None = None) -> dict[str, int]:
+    """Write a complete store version at ``path`` (a fresh directory).
+
+    Parameters
+    ----------
+    path : Path
+        The new version's directory.
+    previous : Path or None
+        The published version whose unchanged groups are reused.
+    staging : Path
+        Folder of the cases staged by this or an interrupted build.
+    cases : list of dict
+        Per case, in store order: ``case_id``, ``key``, ``source`` (``"staged"``
+        or ``"store"``), ``hashes`` (input digests), ``old_first_slice`` for
+        cases in ``previous``, and the summary of
+        :func:`pipelines.build.tasks.case_summary` plus ``warnings``.
+    old_groups : dict, optional
+        ``{group key: first shard}`` of ``previous``.
+    run_tasks : callable
+        ``run_tasks(func, items) -> results``: the build's cluster (or serial).
+
+    Returns
+    -------
+    dict
+        ``groups``, ``groups_linked``, ``groups_written``.
+
+    This process writes the small arrays and the attributes; the groups'
+    shards and records are written (or hard-linked) by
+    :func:`pipelines.build.tasks.group_task` on the workers.
+    """
+    from pipelines.build.tasks import group_task
+
+    shard = plan.shard_slices
+    layout = group_layout([c["case_id"] for c in cases], [c["n_slices"] for c in cases], shard,
+                          plan.group_cases)
+    n_total = layout[-1]["first_slice"] + layout[-1]["n_slices"]
+    root = create_store(path, n_slices=n_total, slice_shape=tuple(plan.crop_shape),
+                        image_dtype=plan.store_dtype, shard_slices=shard)
+    for name, values in slice_arrays(cases, layout, n_total, stats["sampling_weights"]).items():
+        root[name][:] = values
+    if plan.replicate:
+        real = np.flatnonzero(root["case_index"][...] >= 0)
+        idx = real[sampling_mod.replicate_indices(stats["sampling_weights"], seed=plan.seed)]
+        root.create_array("replicated_index", data=np.asarray(idx, dtype=np.int64),
+                          chunks=(max(len(idx), 1),))
+    root.require_group("records")
+    items, table, groups_meta = [], np.zeros((len(cases), 8), dtype=np.int64), []
+    for g_no, group in enumerate(layout):
+        members = [cases[i] for i in group["cases"]]
+        gkey = group_key([m["key"] for m in members], shard)
+        groups_meta.append([gkey, group["first_shard"], group["n_shards"], group["cases"][0],
+                            len(group["cases"])])
+        pos = group["first_slice"]
+        for i, m in zip(group["cases"], members):
+            table[i] = [pos, m["n_slices"], g_no, m["n_frames"], *m["class_counts_raw"]]
+            pos += m["n_slices"]
+        reuse = (old_groups or {}).get(gkey)
+        task = {"key": gkey, "first_shard": group["first_shard"], "n_shards": group["n_shards"],
+                "shard": shard, "first_slice": group["first_slice"], "n_total": n_total,
+                "reuse_first_shard": reuse,
+                "cases": [{k: m.get(k) for k in ("case_id", "key", "source", "n_slices", "hashes",
+                                                 "old_first_slice", "old_group")} for m in members]}
+        items.append((str(path), str(previous) if previous else None, str(staging), task))
+    warnings = {c["case_id"]: c["warnings"] for c in cases if c.get("warnings")}
+    root.create_array("case_table", data=table, chunks=(max(len(cases), 1), 8),
+                      dimension_names=("case", "field"),
+                      attributes={"columns": ["first_slice", "n_slices", "group", "n_frames",
+                                              "raw_bg", "raw_rv", "raw_myo", "raw_lv"],
+                                  "case_ids": [c["case_id"] for c in cases],
+                                  "keys": [c["key"] for c in cases],
+                                  "groups": groups_meta, "warnings": warnings})
+    root.update_attributes(_attributes(plan, stats, len(cases),
+                                       int(table[:, 3].sum()), build_id))  # one write
+    results = run_tasks(group_task, items)
+    failed = [(it[3]["key"], r) for it, r in zip(items, results) if not r.get("ok")]
+    if failed:
+        key, res = failed[0]
+        raise RuntimeError(f"writing the store group {key} failed: {res.get('exception')} "
+                           f"({len(failed)} of {len(items)} groups failed)")
+    linked = sum(1 for r in results if r.get("linked"))
+    return {"groups": len(items), "groups_linked": linked, "groups_written": len(items) - linked}
 
 
-def _case_records(metas: list[dict[str, Any]], digests: dict[str, str]) -> tuple[list, list]:
+def write_group(version: Path, previous: Path | None, staging: Path,
+                group: dict[str, Any]) -> dict[str, Any]:
+    """Put one case group into a new version: hard-link it from ``previous`` or write it.
+
+    A group whose key the previous version holds keeps its shard files and
+    records (hard links: no data is copied or rewritten).  Any other group is
+    assembled from its staged cases and the previous version's slices of its
+    reused cases, then written shard by shard.
+    """
+    if group["reuse_first_shard"] is not None and previous is not None:
+        try:
+            _link_group(version, previous, group)
+            return {"ok": True, "linked": True, "key": group["key"]}
+        except FileNotFoundError:  # damaged previous version: rebuild the group from sources
+            _unlink_group(version, group)
+            log.warning("group %s: shard files missing from %s; rewriting it", group["key"], previous)
+    _write_group(version, previous, staging, group)
+    return {"ok": True, "linked": False, "key": group["key"]}
+
+
+def _shard_files(version: Path, first: int, n: int) -> list[Path]:
+    return [version / name / "c" / str(k) / "0" / "0" for name in ("images", "labels")
+            for k in range(first, first + n)]
+
+
+def _link_group(version: Path, previous: Path, group: dict[str, Any]) -> None:
+    old = _shard_files(previous, group["reuse_first_shard"], group["n_shards"])
+    new = _shard_files(version, group["first_shard"], group["n_shards"])
+    for src, dst in zip(old, new):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.link(src, dst)
+    rec_src = previous / "records" / group["key"]
+    rec_dst = version / "records" / group["key"]
+    rec_dst.mkdir(parents=True, exist_ok=True)
+    for f in rec_src.rglob("*"):
+        if f.is_file():
+            target = rec_dst / f.relative_to(rec_src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(f, target)
+
+
+def _unlink_group(version: Path, group: dict[str, Any]) -> None:
+    import shutil
+
+    for f in _shard_files(version, group["first_shard"], group["n_shards"]):
+        f.unlink(missing_ok=True)
+    shutil.rmtree(version / "records" / group["key"], ignore_errors=True)
+
+
+def _write_group(version: Path, previous: Path | None, staging: Path, group: dict[str, Any]) -> None:
+    h, w = zarr.open_array(str(version / "images"), mode="r").shape[1:]
+    shard, n = group["shard"], group["n_shards"] * group["shard"]
+    images = np.zeros((n, h, w), dtype=np.float32)
+    labels = np.zeros((n, h, w), dtype=np.uint8)
+    records, pos = [], 0
+    old = _OldVersion(previous) if previous is not None else None
+    for case in group["cases"]:
+        k = case["n_slices"]
+        if case["source"] == "staged":
+            arrays = incremental.read_staged_arrays(staging, case["key"], ("images", "labels"))
+            meta = incremental.read_staged_meta(staging, case["key"])
+            if meta is None:
+                raise FileNotFoundError(f"staged case {case['case_id']} ({case['key']}) vanished")
+            images[pos:pos + k], labels[pos:pos + k] = arrays["images"], arrays["labels"]
+            records.append(_record(meta, case["hashes"]))
+        else:
+            lo = case["old_first_slice"]
+            images[pos:pos + k], labels[pos:pos + k] = old.slices(lo, lo + k)
+            records.append(old.record(case["old_group"], case["case_id"]))
+        pos += k
+    end = min(group["first_slice"] + n, group["n_total"])  # the store's last shard may be partial
+    for j in range(group["n_shards"]):
+        start = group["first_slice"] + j * shard
+        stop = min(start + shard, end)
+        if stop > start:
+            write_shard(version, start, images[j * shard:j * shard + stop - start],
+                        labels[j * shard:j * shard + stop - start])
+    zarr.create_array(str(version / "records" / group["key"]), shape=(len(records),), dtype="int32",
+                      chunks=(max(len(records), 1),), fill_value=0, zarr_format=3,
+                      attributes={"cases": records})
+
+
+class _OldVersion:
+    """Lazy access to the previous version's slices and records (one open per task)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        root = zarr.open_group(str(path), mode="r")
+        self.images, self.labels = root["images"], root["labels"]
+        self._groups = {g[0]: g for g in root["case_table"].attrs["groups"]}
+        self._records: dict[str, dict[str, Any]] = {}
+
+    def slices(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        shard = self.images.shards[0]
+        for name in ("images", "labels"):  # zarr would read a missing shard as zeros
+            for k in range(lo // shard, (hi - 1) // shard + 1):
+                f = self.path / name / "c" / str(k) / "0" / "0"
+                if not f.is_file():
+                    raise FileNotFoundError(f"store shard {f} is missing: the previous version is "
+                                            "damaged; delete OUT/versions and OUT/store.zarr to rebuild")
+        return np.asarray(self.images[lo:hi]), np.asarray(self.labels[lo:hi])
+
+    def record(self, gkey: str, case_id: str) -> dict[str, Any]:
+        if gkey not in self._records:
+            attrs = json.loads((self.path / "records" / gkey / "zarr.json").read_text())["attributes"]
+            self._records[gkey] = {r["case_id"]: r for r in attrs["cases"]}
+        return self._records[gkey][case_id]
+
+
+def _record(meta: dict[str, Any], hashes: dict[str, str]) -> dict[str, Any]:
+    """The store's record of one case (everything needed to put a prediction back)."""
+    case = meta["case"]
+    return {"case_id": meta["case_id"], "key": meta["key"], "layout": case["layout"],
+            "source_files": incremental.case_files(case), "input_hashes": hashes,
+            "cine": case.get("cine"), "frames": meta["frames"], "fingerprint": meta["fingerprint"],
+            "warnings": meta["warnings"], "n_slices": meta["n_slices"]}
+
+
+def read_records(store_path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(cases, frames)`` of a store version: per case its record, and the frames in store order.
+
+    Each case record has ``frames``: the indices of its frames in the returned
+    ``frames`` list (the values of the ``frame_index`` array).
+    """
+    path = Path(store_path).resolve()
+    meta = json.loads((path / "case_table" / "zarr.json").read_text())["attributes"]
     cases, frames = [], []
-    for meta in metas:
-        case = meta["case"]
-        first = len(frames)
-        frames.extend(meta["frames"])
-        files = incremental.case_files(case)
-        cases.append({"case_id": meta["case_id"], "layout": case["layout"],
-                      "source_files": files, "cine": case.get("cine"),
-                      "frames": list(range(first, len(frames))),
-                      "n_slices": meta["n_slices"]})
+    for gkey, *_ in meta["groups"]:
+        attrs = json.loads((path / "records" / gkey / "zarr.json").read_text())["attributes"]
+        for rec in attrs["cases"]:
+            first = len(frames)
+            frames.extend(rec["frames"])
+            cases.append({**{k: v for k, v in rec.items() if k != "frames"},
+                          "frames": list(range(first, len(frames)))})
     return cases, frames
 
 
-def provenance(digests: dict[str, str], plan: Plan, build_id: str) -> dict[str, Any]:
-    """Input hashes, plan, package versions and time of a build."""
+def provenance(plan: Plan, build_id: str) -> dict[str, Any]:
+    """Plan, package versions and time of a build (input hashes are in the case records)."""
     from importlib.metadata import PackageNotFoundError, version
 
     def _version(dist: str) -> str | None:
@@ -207,57 +464,20 @@ def provenance(digests: dict[str, str], plan: Plan, build_id: str) -> dict[str, 
 
     versions = {"cmrprep": cmrprep.__version__, "numpy": np.__version__}
     versions.update({d: _version(d) for d in ("zarr", "dask", "nibabel", "SimpleITK")})
-    return {"build_id": build_id, "input_hashes": dict(sorted(digests.items())),
-            "plan": plan.to_dict(),
+    return {"build_id": build_id, "plan": plan.to_dict(),
             "versions": {**versions, "python": platform.python_version()},
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
 
-def write_version(path: Path, cache_dir: Path, metas: list[dict[str, Any]], plan: Plan,
-                  stats: dict[str, Any], digests: dict[str, str], build_id: str,
-                  run_tasks: Callable[[Callable[..., dict], list[tuple]], list[dict]]) -> None:
-    """Write a complete store version at ``path`` (a fresh directory).
-
-    This process creates the arrays and writes the per-slice arrays and the
-    attributes; the shards of ``images``/``labels`` are independent files,
-    written by :func:`pipelines.build.tasks.shard_task` through
-    ``run_tasks(func, items)`` (the build's cluster, or serially in process).
-    """
-    from pipelines.build.tasks import shard_task
-
-    n = int(sum(m["n_slices"] for m in metas))
-    root = create_store(path, n_slices=n, slice_shape=tuple(plan.crop_shape),
-                        image_dtype=plan.store_dtype, shard_slices=plan.shard_slices)
-    for key, values in _slice_arrays(cache_dir, metas).items():
-        root[key][:] = values
-    root["weights"][:] = stats["sampling_weights"]
-    if plan.replicate:
-        idx = sampling_mod.replicate_indices(stats["sampling_weights"], seed=plan.seed)
-        root.create_array("replicated_index", data=np.asarray(idx, dtype=np.int64),
-                          chunks=(max(len(idx), 1),))
-    cases, frames = _case_records(metas, digests)
-    root.update_attributes(_attributes(plan, stats, cases, frames, digests, build_id))  # one write
-    shard = root["images"].shards[0]
-    items = [(str(path), str(cache_dir), [(metas[c]["case_id"], lo, hi) for c, lo, hi in pieces], start)
-             for start, pieces in shard_plan([m["n_slices"] for m in metas], shard)]
-    results = run_tasks(shard_task, items)
-    failed = [(it[3], r) for it, r in zip(items, results) if not r.get("ok")]
-    if failed:
-        start, res = failed[0]
-        raise RuntimeError(f"writing the store shard at slice {start} failed: {res.get('exception')} "
-                           f"({len(failed)} of {len(items)} shards failed)")
-    written = sum(r["n"] for r in results)
-    if written != n:
-        raise RuntimeError(f"store assembly wrote {written} slices, expected {n}")
-
-
-def _attributes(plan: Plan, stats: dict[str, Any], cases: list, frames: list,
-                digests: dict[str, str], build_id: str) -> dict[str, Any]:
+def _attributes(plan: Plan, stats: dict[str, Any], n_cases: int, n_frames: int,
+                build_id: str) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
         "build_key": build_id,
         "classes": list(CLASSES),
         "spacing": [plan.target_spacing, plan.target_spacing],
+        "n_cases": n_cases,
+        "n_frames": n_frames,
         "class_counts": stats["class_counts"],
         "class_counts_raw": stats["class_counts_raw"],
         "class_weights": stats["class_weights"],
@@ -268,8 +488,6 @@ def _attributes(plan: Plan, stats: dict[str, Any], cases: list, frames: list,
                      "balance_classes": plan.balance_classes,
                      "expected_class_share": stats["expected"],
                      "natural_class_share": stats["natural"]},
-        "cases": cases,
-        "frames": frames,
         "plan": plan.to_dict(),
-        "provenance": provenance(digests, plan, build_id),
+        "provenance": provenance(plan, build_id),
     }

@@ -1,8 +1,11 @@
-"""Tasks run on the Dask workers: one case (read, validate, preprocess, cache), one store shard.
+"""Tasks run on the Dask workers: one case (read, validate, preprocess, stage), one case group of the store.
 
-The task takes and returns plain JSON-like dicts (so it crosses process
-boundaries without pickled custom objects) and writes its arrays to the
-per-case cache.  Data problems (:class:`~cmrprep.cases.CaseError`) come back
+The tasks take and return plain JSON-like dicts (so they cross process
+boundaries without pickled custom objects).  A case task stages its arrays and
+records (:func:`pipelines.build.incremental.write_staged`) and returns the
+small per-case summary the client needs (slice counts, per-slice class counts,
+fingerprint); a group task writes the shards of one case group of the new
+store version (:func:`pipelines.build.store.write_group`).  Data problems (:class:`~cmrprep.cases.CaseError`) come back
 as a quarantine record; ``OSError`` propagates so Dask can retry transient
 I/O failures.
 """
@@ -19,7 +22,7 @@ import numpy as np
 
 from cmrprep.cases import CaseError, CaseSpec, FrameSpec, Problem, phase_code
 from cmrprep.plan import Plan
-from pipelines.build import incremental as cache_mod
+from pipelines.build import incremental
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +127,9 @@ def select_frames(case: CaseSpec, plan: Plan) -> list[FrameSpec]:
     return chosen or list(case.frames)
 
 
-def process_case(case_dict: dict[str, Any], plan_dict: dict[str, Any], cache_dir: str,
+def process_case(case_dict: dict[str, Any], plan_dict: dict[str, Any], staging: str,
                  key: str | None, plan_hash: str | None = None) -> dict[str, Any]:
-    """Preprocess every frame of one case and write it to the cache.
+    """Preprocess every frame of one case and stage it for the store.
 
     ``key=None`` (a case the build has never seen) means: hash the case's input
     files here, right before reading them, and derive the key with
@@ -135,9 +138,9 @@ def process_case(case_dict: dict[str, Any], plan_dict: dict[str, Any], cache_dir
     Returns
     -------
     dict
-        ``{"case_id", "ok": True, "key", "n_slices", "warnings", "digests"}``
-        (``digests``: ``{file: [size, mtime_ns, digest]}`` when hashed here) or
-        ``{"case_id", "ok": False, "problem": {...}}``.
+        ``{"case_id", "ok": True, "key", "digests", **summary}`` (``digests``:
+        ``{file: [size, mtime_ns, digest]}`` when hashed here; ``summary``: see
+        :func:`case_summary`) or ``{"case_id", "ok": False, "problem": {...}}``.
     """
     _configure_process()
     case = CaseSpec.from_dict(case_dict)
@@ -146,7 +149,7 @@ def process_case(case_dict: dict[str, Any], plan_dict: dict[str, Any], cache_dir
         digests = {}
         if key is None:
             key, digests = _hash_inputs(case_dict, case.case_id, plan_hash)
-        return {**_process(case, plan, Path(cache_dir), key), "digests": digests}
+        return {**_process(case, plan, Path(staging), key), "digests": digests}
     except CaseError as exc:
         return {"case_id": case.case_id, "ok": False, "problem": exc.problem.to_dict()}
     except OSError:
@@ -163,17 +166,17 @@ def _hash_inputs(case_dict: dict[str, Any], case_id: str,
     """Cache key of a case from its input files hashed here; an unreadable file is a CaseError."""
     if plan_hash is None:
         raise ValueError("process_case needs plan_hash when key is None")
-    files = cache_mod.case_files(case_dict)
+    files = incremental.case_files(case_dict)
     try:
-        stamped = cache_mod.stamped_digests(files)
+        stamped = incremental.stamped_digests(files)
     except OSError as exc:
         raise CaseError(Problem(case_id, str(getattr(exc, "filename", None) or files[0]), "readable",
                                 f"cannot read: {exc}")) from exc
-    key = cache_mod.case_key(case_dict, {f: v[2] for f, v in stamped.items()}, plan_hash)
+    key = incremental.case_key(case_dict, {f: v[2] for f, v in stamped.items()}, plan_hash)
     return key, stamped
 
 
-def _process(case: CaseSpec, plan: Plan, cache_dir: Path, key: str) -> dict[str, Any]:
+def _process(case: CaseSpec, plan: Plan, staging: Path, key: str) -> dict[str, Any]:
     if not case.has_labels:
         raise CaseError(Problem(case.case_id, None, "labels",
                                 "case has no label files; the build needs labels "
@@ -185,29 +188,25 @@ def _process(case: CaseSpec, plan: Plan, cache_dir: Path, key: str) -> dict[str,
         records.append(record)
         prints.append({"phase": frame.phase, **fp})
         warnings.extend(w.to_dict() for w in warn)
-    merged = {k: np.concatenate([b[k] for b in blocks]) for k in cache_mod.CACHE_ARRAYS}
+    merged = {k: np.concatenate([b[k] for b in blocks]) for k in incremental.CACHE_ARRAYS}
     meta = {"case_id": case.case_id, "key": key, "case": case.to_dict(), "frames": records,
-            "fingerprint": prints, "warnings": warnings,
-            "n_slices": int(merged["images"].shape[0]),
-            "class_counts": merged["class_counts"].tolist(),
-            "class_counts_raw": merged["class_counts_raw"].sum(axis=0).tolist()}
-    cache_mod.write_entry(cache_dir, case.case_id, merged, meta)
-    return {"case_id": case.case_id, "ok": True, "key": key, "n_slices": meta["n_slices"],
-            "warnings": warnings}
+            "fingerprint": prints, "warnings": warnings, **case_summary(merged, len(records))}
+    incremental.write_staged(staging, key, merged, meta)
+    return {"case_id": case.case_id, "ok": True, "key": key, "fingerprint": prints,
+            "warnings": warnings, **case_summary(merged, len(records))}
 
 
-def shard_task(store_path: str, cache_dir: str, pieces: list[tuple[str, int, int]],
-               start: int) -> dict[str, Any]:
-    """Dask task: fill one shard of ``images``/``labels`` from cached cases.
+def case_summary(arrays: dict[str, np.ndarray], n_frames: int) -> dict[str, Any]:
+    """What the client keeps of a case: counts and per-slice metadata, no image data."""
+    return {"n_slices": int(arrays["images"].shape[0]), "n_frames": int(n_frames),
+            "class_counts": arrays["class_counts"].tolist(),
+            "class_counts_raw": arrays["class_counts_raw"].sum(axis=0).tolist(),
+            "slice_index": arrays["slice_index"].tolist(), "phase": arrays["phase"].tolist(),
+            "frame_local": arrays["frame_local"].tolist()}
 
-    ``pieces`` are ``(case_id, lo, hi)`` slice ranges (see :func:`pipelines.build.store.shard_plan`).
-    """
-    from pipelines.build.store import write_shard
 
-    images, labels = [], []
-    for case_id, lo, hi in pieces:
-        z = cache_mod.read_arrays(cache_dir, case_id, ("images", "labels"))
-        images.append(z["images"][lo:hi])
-        labels.append(z["labels"][lo:hi])
-    write_shard(store_path, start, np.concatenate(images), np.concatenate(labels))
-    return {"ok": True, "start": start, "n": int(sum(len(a) for a in images))}
+def group_task(version: str, previous: str | None, staging: str, group: dict[str, Any]) -> dict[str, Any]:
+    """Dask task: put one case group into a new store version (see :func:`pipelines.build.store.write_group`)."""
+    from pipelines.build.store import write_group
+
+    return write_group(Path(version), Path(previous) if previous else None, Path(staging), group)

@@ -120,7 +120,7 @@ def test_dry_run_lists_changes_and_touches_nothing(pool, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "would process 1" in text and "process patient006" in text
     assert os.readlink(out / "store.zarr") == before
-    assert not (out / "cache" / "patient006.json").exists()
+    assert not list((out / "staging").iterdir()) and len(os.listdir(out / "versions")) == 1
 
 
 def test_second_build_refuses_while_one_runs(reference, tmp_path):
@@ -150,7 +150,7 @@ def test_sigkill_then_rerun_equals_uninterrupted_build(reference, tmp_path, dela
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "pipelines.build", str(reference["raw"]), str(out),
            "--workers", "0", "--quiet"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
@@ -160,3 +160,33 @@ def test_sigkill_then_rerun_equals_uninterrupted_build(reference, tmp_path, dela
     assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
     _assert_same(_snapshot(out), reference["snap"])
     assert not list((out / "versions").glob(".tmp-*"))
+
+
+def test_empty_raw_is_refused_and_changes_nothing(reference, tmp_path):
+    """An unmounted share must not wipe the store (exit 2, nothing removed)."""
+    out = tmp_path / "out"
+    shutil.copytree(reference["out"], out, symlinks=True)
+    before = os.readlink(out / "store.zarr")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([str(empty), str(out), "--workers", "0", "--quiet"]) == 2
+    assert os.readlink(out / "store.zarr") == before
+    _assert_same(_snapshot(out), reference["snap"])
+
+
+def test_all_quarantined_lists_the_reasons(pool, tmp_path, caplog):
+    raw = _raw(pool, tmp_path / "raw", [1, 2])
+    for gt in raw.rglob("*_gt.nii.gz"):
+        gt.write_bytes(b"")
+    assert main([str(raw), str(tmp_path / "out"), "--workers", "0", "--quiet"]) == 2
+    assert "patient001" in caplog.text and "patient002" in caplog.text and "quarantined" in caplog.text
+
+
+def test_plan_becomes_current_only_with_the_version_it_built(reference, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(reference["out"], out, symlinks=True)
+    plan_before = (out / "plan.json").read_text()
+    build(BuildConfig(reference["raw"], out, workers=0, progress=False, seed=7, dry_run=True))
+    assert (out / "plan.json").read_text() == plan_before
+    res = build(BuildConfig(reference["raw"], out, workers=0, progress=False, seed=7))
+    assert res.full_rebuild and json.loads((out / "plan.json").read_text())["seed"] == 7

@@ -12,6 +12,7 @@ import zarr
 from cmrprep.plan import ConfigError
 from pipelines.build import BuildConfig, build
 from pipelines.build.__main__ import main
+from pipelines.build.store import read_records
 from pipelines.synthesize import synthesize
 
 ARRAYS = ("images", "labels", "weights", "case_index", "frame_index", "slice_index", "phase",
@@ -52,37 +53,52 @@ def test_store_schema(serial_build):
     n = g["images"].shape[0]
     assert n > 0 and g["images"].shape[1:] == (128, 128)
     assert g["images"].dtype == np.float16 and g["labels"].dtype == np.uint8
-    shard = g["images"].shards[0]
-    assert g["images"].chunks == (16, 128, 128) and shard % 16 == 0 and min(256, n) <= shard <= max(256, n)
+    assert g["images"].chunks == (16, 128, 128) and g["images"].shards == (64, 128, 128)
     assert g["labels"].chunks == g["images"].chunks and g["labels"].shards == g["images"].shards
     for name in ARRAYS:
         assert g[name].shape[0] == n, name
     assert np.isclose(g["weights"][...].sum(), 1.0)
     attrs = dict(g.attrs)
+    assert attrs["format_version"] == 2 and attrs["n_cases"] == 5 and attrs["n_frames"] == 10
     assert attrs["classes"] == ["background", "RV", "MYO", "LV"]
     assert len(attrs["class_weights"]) == 4
     assert set(attrs["class_weights_all"]) == {"inverse_frequency", "median_frequency", "enet",
                                                "effective_number"}
+    assert "cases" not in attrs and "frames" not in attrs  # per-case metadata is in records/
     counts = g["class_counts"][...]
     assert attrs["class_counts"] == counts.sum(axis=0).tolist()
     labels = g["labels"][...]
     assert np.array_equal(np.stack([np.bincount(s.ravel(), minlength=4) for s in labels]), counts)
-    assert len(attrs["cases"]) == 5 and len(attrs["frames"]) == 10
-    frame = attrs["frames"][0]
+    # padding: the tail of each case group's last shard, never sampled
+    pad = g["case_index"][...] < 0
+    assert not g["weights"][...][pad].any() and not counts[pad].any()
+    assert (g["images"][...][pad] == 0).all()
+    table = g["case_table"]
+    assert table.shape == (5, 8) and table.attrs["case_ids"] == [f"patient{i:03d}" for i in range(1, 6)]
+    assert int(table[...][:, 1].sum()) == int((~pad).sum())
+    cases, frames = read_records(serial_build / "store.zarr")
+    assert [c["case_id"] for c in cases] == table.attrs["case_ids"] and len(frames) == 10
+    frame = frames[0]
     for key in ("original_geometry", "reorientation", "resampled_geometry", "crop_box", "image", "label"):
         assert key in frame, key
+    assert set(np.unique(g["frame_index"][...][~pad])) == set(range(10))
     assert attrs["provenance"]["versions"]["zarr"]
     # new cases are hashed by the worker that reads them; every input file is recorded
-    sources = {f for c in attrs["cases"] for f in c["source_files"]}
-    assert set(attrs["provenance"]["input_hashes"]) == sources
-    index = json.loads((serial_build / "cache" / "digests.json").read_text())
+    hashes = {f: d for c in cases for f, d in c["input_hashes"].items()}
+    assert set(hashes) == {f for c in cases for f in c["source_files"]}
+    index = json.loads((serial_build / "state" / "digests.json").read_text())
     assert index["algorithm"] == "sha256/128"
-    assert {f: e[2] for f, e in index["files"].items()} == attrs["provenance"]["input_hashes"]
-    assert set(np.unique(g["phase"][...])) == {0, 1}
+    assert {f: e[2] for f, e in index["files"].items()} == hashes
+    assert set(np.unique(g["phase"][...][~pad])) == {0, 1}
+    assert not list((serial_build / "staging").iterdir())  # one copy of the data at rest
+
+
+def _case_ids(out: Path) -> list[str]:
+    return list(_store(out)["case_table"].attrs["case_ids"])
 
 
 def test_every_foreground_voxel_is_inside_the_crop(serial_build):
-    frames = _store(serial_build).attrs["frames"]
+    _, frames = read_records(serial_build / "store.zarr")
     assert all(f["foreground_outside_crop"] == 0 for f in frames)
 
 
@@ -154,7 +170,7 @@ def test_bad_case_is_quarantined_and_others_survive(raw, tmp_path):
     assert res.exit_code == 3
     assert [q["case_id"] for q in res.quarantined] == ["patient002"]
     assert "patient002_frame01_gt" in json.dumps(res.quarantined)
-    cases = [c["case_id"] for c in _store(tmp_path / "out").attrs["cases"]]
+    cases = _case_ids(tmp_path / "out")
     assert cases == ["patient001", "patient003", "patient004", "patient005"]
     summary = (tmp_path / "out" / "report" / "summary.md").read_text()
     assert "patient002" in summary
@@ -177,7 +193,7 @@ def test_unreadable_input_while_hashing_quarantines_only_its_case(raw, tmp_path,
     [q] = res.quarantined
     assert q["case_id"] == "patient004" and q["file"].endswith("patient004_frame01_gt.nii.gz")
     assert "Permission denied" in q["message"]
-    cases = [c["case_id"] for c in _store(tmp_path / "out").attrs["cases"]]
+    cases = _case_ids(tmp_path / "out")
     assert cases == ["patient001", "patient002", "patient003", "patient005"]
 
 
@@ -204,20 +220,6 @@ def test_unwritable_output_is_a_configuration_error(raw, tmp_path):
     assert main([str(raw), str(blocker / "out"), "--workers", "0"]) == 2
 
 
-@pytest.mark.parametrize("sizes,shard", [([3, 4, 2], 4), ([20], 8), ([1] * 9, 4), ([5, 0, 7], 16),
-                                         ([], 4)])
-def test_shard_plan_covers_every_slice_once_within_shards(sizes, shard):
-    from pipelines.build.store import shard_plan
-
-    seen = []
-    for start, pieces in shard_plan(sizes, shard):
-        assert start % shard == 0
-        n = sum(hi - lo for _, lo, hi in pieces)
-        assert 0 < n <= shard
-        seen.extend((case, i) for case, lo, hi in pieces for i in range(lo, hi))
-    assert seen == [(case, i) for case, n in enumerate(sizes) for i in range(n)]
-
-
 def test_cli_in_a_fresh_process_reports_flushes_and_cleans_up(raw, tmp_path):
     """The real entry point: exit code 3 with a quarantined case, the summary on stdout
     (written before the fast exit), no Dask scratch folder left behind."""
@@ -232,10 +234,10 @@ def test_cli_in_a_fresh_process_reports_flushes_and_cleans_up(raw, tmp_path):
     env = {**os.environ, "TMPDIR": str(scratch)}
     proc = subprocess.run([sys.executable, "-m", "pipelines.build", str(bad_raw), str(tmp_path / "out"),
                            "--workers", "2", "--quiet"], capture_output=True, text=True, env=env,
-                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+                          cwd=Path(__file__).resolve().parents[2], timeout=300)
     assert proc.returncode == 3, proc.stderr
     assert "5 cases" not in proc.stdout and "4 cases: processed 4" in proc.stdout
     assert "QUARANTINED patient003" in proc.stdout and "empty" in proc.stdout
-    assert len(_store(tmp_path / "out").attrs["cases"]) == 4
+    assert len(_case_ids(tmp_path / "out")) == 4
     assert json.loads((tmp_path / "out" / "build_report.json").read_text())["exit_code"] == 3
     assert not list(scratch.glob("cmrprep-dask-*"))
