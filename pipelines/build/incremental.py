@@ -250,41 +250,31 @@ class StoreIndex:
 
 # -- what changed since the last build ---------------------------------------------
 def survey(cases: list, digests: DigestIndex, index: StoreIndex) -> tuple[list, list, dict]:
-    """Check each case's first header; hash the inputs of cases the cache knows.
+    """Digests of the inputs of cases the store holds; nothing is read for new cases.
 
     Returns ``(headers, problems, file_digests)``: ``{"case", "spacing"}``
-    records of the usable cases, :class:`~cmrprep.cases.Problem` records of
-    the others and the digests known so far.  A case the store holds whose files all
-    have the size and mtime recorded when it was built is taken as it is (its
-    header was checked then): an unchanged re-run reads no file and does not
-    even import nibabel.  Its ``spacing`` is ``None`` until
-    :func:`pipelines.build.planning.resolve_plan` needs it.  A case the store
-    does not hold is processed whatever its digests are, so its files are hashed
-    by the worker that reads them (see :func:`pipelines.build.tasks.process_case`)
-    instead of being read twice.
+    records (``spacing`` ``None``: read by a worker only when the plan needs
+    it, see :func:`pipelines.build.planning.resolve_plan`), the
+    :class:`~cmrprep.cases.Problem` records of cases whose files cannot be
+    read, and the digests known so far.  A case the store holds whose files
+    all have the stat stamp recorded when it was built is taken as it is: an
+    unchanged re-run reads no file.  The files of a case the store holds with
+    another stamp are hashed here (on threads); a new case's files are hashed
+    by the worker that reads them (:func:`pipelines.build.tasks.process_case`),
+    so no input is read twice and the client reads no new input at all.
     """
-    from cmrprep.cases import CaseError, Problem
-    from pipelines.build.planning import header_spacing
+    from cmrprep.cases import Problem
 
     ok, problems, file_digests, to_hash = [], [], {}, {}
     for case in cases:
+        ok.append({"case": case, "spacing": None})
+        if case.case_id not in index:
+            continue
         files = case_files(case.to_dict())
-        cached = case.case_id in index
-        known = digests.unchanged(files) if cached else None
+        known = digests.unchanged(files)
         if known is not None:
             file_digests.update(known)
-            ok.append({"case": case, "spacing": None})
-            continue
-        try:
-            ok.append({"case": case, "spacing": header_spacing(case)})
-        except CaseError as exc:
-            problems.append(exc.problem)
-            continue
-        except OSError as exc:
-            problems.append(Problem(case.case_id, getattr(exc, "filename", None), "readable",
-                                    f"cannot read: {exc}"))
-            continue
-        if cached:
+        else:
             to_hash[case.case_id] = files
     try:
         file_digests.update(digests.digest_many([f for fs in to_hash.values() for f in fs]))

@@ -365,9 +365,10 @@ def _unlink_group(version: Path, group: dict[str, Any]) -> None:
 
 
 def _write_group(version: Path, previous: Path | None, staging: Path, group: dict[str, Any]) -> None:
-    h, w = zarr.open_array(str(version / "images"), mode="r").shape[1:]
+    target = zarr.open_array(str(version / "images"), mode="r")
+    h, w = target.shape[1:]
     shard, n = group["shard"], group["n_shards"] * group["shard"]
-    images = np.zeros((n, h, w), dtype=np.float32)
+    images = np.zeros((n, h, w), dtype=target.dtype)
     labels = np.zeros((n, h, w), dtype=np.uint8)
     records, pos = [], 0
     old = _OldVersion(previous) if previous is not None else None

@@ -189,6 +189,7 @@ def _process(case: CaseSpec, plan: Plan, staging: Path, key: str) -> dict[str, A
         prints.append({"phase": frame.phase, **fp})
         warnings.extend(w.to_dict() for w in warn)
     merged = {k: np.concatenate([b[k] for b in blocks]) for k in incremental.CACHE_ARRAYS}
+    merged["images"] = merged["images"].astype(plan.store_dtype, copy=False)  # as stored: half the bytes
     meta = {"case_id": case.case_id, "key": key, "case": case.to_dict(), "frames": records,
             "fingerprint": prints, "warnings": warnings, **case_summary(merged, len(records))}
     incremental.write_staged(staging, key, merged, meta)

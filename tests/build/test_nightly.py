@@ -80,17 +80,20 @@ def test_add_change_remove_matches_a_fresh_build(pool, reference, tmp_path):
 
 def test_unchanged_rerun_reads_no_input_and_a_touched_file_is_checked_again(reference, tmp_path,
                                                                            monkeypatch):
-    """Cached cases whose files keep their size and mtime are not opened at all (a nightly
-    no-op costs a few stats); a file with a new mtime gets its header checked and is re-hashed."""
+    """Stored cases whose files keep their stat stamp are not opened at all (a nightly no-op
+    costs a few stats); a file with a new mtime is re-hashed (its content decides)."""
     import pipelines.ingest as ingest
+    from pipelines.build import incremental
 
     out = tmp_path / "out"
     shutil.copytree(reference["out"], out, symlinks=True)
-    opened = []
+    opened, hashed = [], []
+    real_digest = incremental.file_digest
+    monkeypatch.setattr(incremental, "file_digest", lambda p, **kw: hashed.append(str(p)) or real_digest(p, **kw))
     real = ingest.read_header
     monkeypatch.setattr(ingest, "read_header", lambda path, **kw: opened.append(str(path)) or real(path, **kw))
     res = build(BuildConfig(reference["raw"], out, workers=0, progress=False))
-    assert res.processed == [] and len(res.reused) == 4 and opened == []
+    assert res.processed == [] and len(res.reused) == 4 and opened == [] and hashed == []
     img = reference["raw"] / "patient003" / "patient003_frame01.nii.gz"
     st = img.stat()
     os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same bytes, new mtime
@@ -99,7 +102,7 @@ def test_unchanged_rerun_reads_no_input_and_a_touched_file_is_checked_again(refe
     finally:
         os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert res.processed == [] and len(res.reused) == 4  # same content: nothing to redo
-    assert [Path(p).name for p in opened] == ["patient003_frame01.nii.gz"]
+    assert [Path(p).name for p in hashed] == ["patient003_frame01.nii.gz"] and opened == []
 
 
 def test_plan_change_triggers_full_rebuild(reference, tmp_path):

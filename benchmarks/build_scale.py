@@ -1,0 +1,182 @@
+"""The build at scale: full builds of growing size, a nightly run adding a few cases, a no-op.
+
+    python benchmarks/build_scale.py [--sizes 100,400,1600] [--add 5] [--workers 2]
+                                     [--pool DIR] [--workdir /tmp/cmrprep-scale]
+
+``--pool`` is an ACDC-layout folder with at least ``max(sizes) + add`` cases (synthesized
+there when missing: ~4 minutes per 1,000 cases).  ``add`` cases, drawn with a fixed seed
+from the whole id range, are held out; every size builds the first ``N`` of the others (a
+folder of symlinks) from an empty output folder with ``python -m pipelines.build --workers
+W``, as a user runs it.  Then, on the largest store: the held-out cases are added (a nightly
+run) and the build is run once more with nothing changed.
+
+Printed per run: wall time, time per case, peak resident memory of the client process and
+of the largest worker process (sampled every 50 ms), the client's CPU time (from
+``build_report.json``) against the CPU time of the whole process tree, and bytes written
+(files in the output folder that are new or changed, hard links to earlier files not
+counted) against the full build's.  Targets (issue 16): adding 5 cases to 1,600 costs <= 5 %
+of the full build's time and bytes; peak memory of client and worker flat from the smallest
+to the largest size (ratio <= 1.25); client CPU <= 2 % of the total at the largest size.
+The projection to 100,000 subjects assumes the per-case time and the client share stay as
+measured (they are flat here by construction; nothing grows faster than linearly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rss(proc: psutil.Process) -> tuple[int, int]:
+    """(client RSS, largest RSS among its descendants)."""
+    try:
+        kids = proc.children(recursive=True)
+        client = proc.memory_info().rss
+    except psutil.NoSuchProcess:
+        return 0, 0
+    worst = 0
+    for k in kids:
+        try:
+            worst = max(worst, k.memory_info().rss)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return client, worst
+
+
+def _snapshot(out: Path) -> dict[tuple[int, int], tuple[int, int]]:
+    """``{(dev, inode): (size, mtime_ns)}`` of every regular file under ``out``."""
+    files = {}
+    if out.exists():
+        for f in out.rglob("*"):
+            if f.is_file() and not f.is_symlink():
+                st = f.stat()
+                files[(st.st_dev, st.st_ino)] = (st.st_size, st.st_mtime_ns)
+    return files
+
+
+def run_build(raw: Path, out: Path, workers: int) -> dict:
+    """One build as a user runs it; wall, memory, CPU and bytes written."""
+    before = _snapshot(out)
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "-m", "pipelines.build", str(raw), str(out), "--workers",
+                          str(workers), "--quiet"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    ps = psutil.Process(p.pid)
+    client_peak = worker_peak = 0
+    while p.poll() is None:
+        c, w = _rss(ps)
+        client_peak, worker_peak = max(client_peak, c), max(worker_peak, w)
+        time.sleep(0.05)
+    wall = time.perf_counter() - t0
+    err = p.stderr.read()
+    if p.returncode not in (0, 3):
+        raise RuntimeError(f"build exited {p.returncode}:\n{err[-3000:]}")
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total_cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    after = _snapshot(out)
+    written = sum(size for key, (size, mtime) in after.items() if before.get(key) != (size, mtime))
+    report = json.loads((out / "build_report.json").read_text())
+    return {"seconds": wall, "client_peak_mib": client_peak / 2**20,
+            "worker_peak_mib": worker_peak / 2**20, "client_cpu_s": report["client_cpu_s"],
+            "total_cpu_s": total_cpu, "bytes_written": written,
+            "out_bytes": sum(size for size, _ in after.values()),
+            "processed": len(report["processed"]), "cases": report["n_cases"]}
+
+
+def _link_cases(dest: Path, cases: list[Path]) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for d in cases:
+        link = dest / d.name
+        if not link.exists():
+            link.symlink_to(d.resolve())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the scale series and print the table (JSON beside the outputs)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="100,400,1600")
+    p.add_argument("--add", type=int, default=5)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--pool", type=Path, default=None)
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/cmrprep-scale"))
+    p.add_argument("--seed", type=int, default=7)
+    a = p.parse_args(argv)
+    sizes = sorted(int(s) for s in a.sizes.split(","))
+    work = a.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    pool = a.pool or work / "pool"
+    need = sizes[-1] + a.add
+    if len(list(pool.glob("patient*"))) < need:
+        sys.path.insert(0, str(ROOT))
+        from pipelines.synthesize import synthesize
+
+        shutil.rmtree(pool, ignore_errors=True)
+        synthesize(pool, need, a.seed, layout="acdc")
+    import numpy as np
+
+    cases = sorted(pool.glob("patient*"))[:need]
+    held = set(np.random.default_rng(a.seed).choice(len(cases), a.add, replace=False).tolist())
+    new = [c for i, c in enumerate(cases) if i in held]
+    base = [c for i, c in enumerate(cases) if i not in held]
+    rows = {}
+    for n in sizes:
+        raw, out = work / f"raw{n}", work / f"out{n}"
+        shutil.rmtree(raw, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+        _link_cases(raw, base[:n])
+        rows[f"full {n}"] = run_build(raw, out, a.workers)
+        print(f"full build of {n}: {rows[f'full {n}']['seconds']:.1f} s", flush=True)
+    n = sizes[-1]
+    raw, out = work / f"raw{n}", work / f"out{n}"
+    _link_cases(raw, new)
+    rows[f"add {a.add} to {n}"] = run_build(raw, out, a.workers)
+    rows["no-op re-run"] = run_build(raw, out, a.workers)
+    print(f"\n{'run':16s} {'cases':>6s} {'proc':>5s} {'s':>7s} {'ms/case':>8s} {'client MiB':>11s} "
+          f"{'worker MiB':>11s} {'client CPU %':>13s} {'MiB written':>12s}")
+    for name, r in rows.items():
+        share = 100 * r["client_cpu_s"] / max(r["total_cpu_s"], 1e-9)
+        print(f"{name:16s} {r['cases']:6d} {r['processed']:5d} {r['seconds']:7.1f} "
+              f"{1000 * r['seconds'] / max(r['cases'], 1):8.1f} {r['client_peak_mib']:11.0f} "
+              f"{r['worker_peak_mib']:11.0f} {share:13.2f} {r['bytes_written'] / 2**20:12.1f}")
+    full, add = rows[f"full {n}"], rows[f"add {a.add} to {n}"]
+    small = rows[f"full {sizes[0]}"]
+    share = full["client_cpu_s"] / full["total_cpu_s"]
+    checks = [
+        (f"adding {a.add} to {n}: time / full build", add["seconds"] / full["seconds"], "<=", 0.05),
+        (f"adding {a.add} to {n}: bytes written / full build", add["bytes_written"] / full["bytes_written"],
+         "<=", 0.05),
+        (f"client peak RSS {n} / {sizes[0]} cases", full["client_peak_mib"] / small["client_peak_mib"],
+         "<=", 1.25),
+        (f"worker peak RSS {n} / {sizes[0]} cases", full["worker_peak_mib"] / small["worker_peak_mib"],
+         "<=", 1.25),
+        (f"client CPU share at {n} cases", share, "<=", 0.02),
+    ]
+    print()
+    for name, value, op, target in checks:
+        ok = value <= target
+        print(f"{'PASS' if ok else 'MISS'}  {name}: {value:.4f} (target {op} {target})")
+    per_case = full["seconds"] / n
+    speedup_bound = 1 / share if share > 0 else float("inf")
+    print(f"\nprojection to 100,000 subjects on {a.workers} worker processes: full build "
+          f"~{per_case * 1e5 / 3600:.1f} h; a nightly run adding {a.add} cases ~"
+          f"{add['seconds']:.0f} s plus the dataset-wide arrays "
+          f"(~{add['bytes_written'] / n * 1e5 / 2**20 / 1e3:.1f} GB if they grew linearly); "
+          f"the client's share bounds a cluster's speed-up at ~{speedup_bound:.0f}x")
+    (work / "build_scale.json").write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
