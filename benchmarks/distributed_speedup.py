@@ -1,6 +1,6 @@
-"""The build through ``--scheduler`` on a real Dask cluster with 1 and with 2 worker processes.
+"""The build through ``--scheduler`` on a real Dask cluster with 1, 2 and 4 worker processes.
 
-    python benchmarks/distributed_speedup.py [--cases 40] [--workers 1,2]
+    python benchmarks/distributed_speedup.py [--cases 40] [--workers 1,2,4]
 
 For each worker count: start ``dask scheduler`` and N ``dask worker`` processes
 (``--nthreads 1``) on loopback, run ``python -m pipelines.build RAW OUT --scheduler ADDR``
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", default="1,2")
+    p.add_argument("--workers", default="1,2,4")
     p.add_argument("--workdir", default="/tmp/cmrprep-distributed")
     a = p.parse_args(argv)
     import numpy as np

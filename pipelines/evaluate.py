@@ -14,6 +14,8 @@ naming both files.  Exit codes: 0 ok, 3 some frames could not be evaluated,
 
 from __future__ import annotations
 
+from pipelines.exitcodes import EXIT_CONFIG, EXIT_OK, EXIT_QUARANTINE
+
 import argparse
 import csv
 import logging
@@ -199,11 +201,11 @@ def main(argv: list[str] | None = None) -> int:
         res = evaluate(a.pred, a.gt, a.out, layout=a.layout)
     except ConfigError as exc:
         log.error("%s", exc)
-        return 2
+        return EXIT_CONFIG
     print(Path(res["out"], "summary.md").read_text())
     for prob in res["problems"]:
         print(f"ERROR {prob['case_id']}: {prob['message']} [{prob['file']}]")
-    return 3 if res["problems"] else 0
+    return EXIT_QUARANTINE if res["problems"] else EXIT_OK
 
 
 if __name__ == "__main__":

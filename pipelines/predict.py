@@ -42,6 +42,8 @@ Exit codes: 0 ok, 3 some cases failed, 2 configuration error, 1 failure.
 
 from __future__ import annotations
 
+from pipelines.exitcodes import EXIT_CONFIG, EXIT_OK, EXIT_QUARANTINE
+
 import argparse
 import json
 import logging
@@ -70,7 +72,7 @@ class PredictResult:
 
     @property
     def exit_code(self) -> int:
-        return 3 if self.failed else 0
+        return EXIT_QUARANTINE if self.failed else EXIT_OK
 
 
 def load_run(run_dir: str | Path):
@@ -345,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
                       progress=not a.quiet, postprocess=not a.no_postprocess)
     except ConfigError as exc:
         log.error("%s", exc)
-        return 2
+        return EXIT_CONFIG
     print(f"wrote {len(res.written)} label files to {a.out}; {len(res.failed)} failed")
     for f in res.failed:
         print(f"  FAILED {f['case_id']}: {f['message']}")

@@ -23,6 +23,8 @@ that holds it (a folder written by this tool).  Exit codes: 0 ok, 2 configuratio
 
 from __future__ import annotations
 
+from pipelines.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
+
 import argparse
 import csv
 import json
@@ -229,13 +231,13 @@ def main(argv: list[str] | None = None) -> int:
                          with_4d=args.with_4d, overwrite=args.overwrite)
     except ConfigError as exc:
         log.error("%s", exc)
-        return 2
+        return EXIT_CONFIG
     except OSError as exc:
         log.error("writing %s failed: %s", args.out, exc)
-        return 1
+        return EXIT_FAILURE
     print(f"wrote {len(ids)} {args.layout} cases to {args.out} "
           f"in {time.perf_counter() - start:.1f} s")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

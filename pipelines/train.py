@@ -14,6 +14,8 @@ usage errors), 4 training collapsed (see ``RUN_DIR/diagnosis.txt``),
 
 from __future__ import annotations
 
+from pipelines.exitcodes import EXIT_COLLAPSE, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK  # noqa: F401
+
 import argparse
 import logging
 import sys
@@ -21,7 +23,6 @@ from typing import Sequence
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_COLLAPSE = 0, 1, 2, 4
 
 
 def _parser() -> argparse.ArgumentParser:

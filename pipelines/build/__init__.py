@@ -232,7 +232,7 @@ class _Build:
             return map_tasks(func, items, client=client, retries=1, desc="groups", progress=False)
 
         counts = store.write_version(tmp, current, self.staging, entries, plan, stats, build_key,
-                                     run_tasks, old_groups={g[0]: g[1] for g in index.groups})
+                                     run_tasks, old_groups={g[0]: g for g in index.groups})
         final = outdir.publish(self.out, tmp, build_key[:12] + "-" + uuid.uuid4().hex[:6])
         self.result.published = True
         log.info("published %s (%d slices from %d cases; %d of %d groups rewritten)", final.name,

@@ -5,12 +5,16 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 
 class RunLog:
-    """Append JSON-lines events (``{"time", "pid", "event", ...}``) to ``path``."""
+    """Append JSON-lines events (``{"time", "pid", "event", "cpu_s", ...}``) to ``path``.
+
+    ``cpu_s`` is this process's CPU time so far: the client's share of a build, event by event.
+    """
 
     def __init__(self, path: Path):
         self.path = path
@@ -19,6 +23,6 @@ class RunLog:
     def event(self, name: str, **fields: Any) -> None:
         """Write one event line and flush it to disk."""
         rec = {"time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds"),
-               "pid": os.getpid(), "event": name, **fields}
+               "pid": os.getpid(), "event": name, "cpu_s": round(time.process_time(), 3), **fields}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(rec, default=str) + "\n")

@@ -249,7 +249,8 @@ def write_version(path: Path, previous: Path | None, staging: Path, cases: list[
         cases in ``previous``, and the summary of
         :func:`pipelines.build.tasks.case_summary` plus ``warnings``.
     old_groups : dict, optional
-        ``{group key: first shard}`` of ``previous``.
+        ``{group key: [key, first shard, shards, first case, cases, shard file sizes]}`` of
+        ``previous`` (its ``case_table`` groups).
     run_tasks : callable
         ``run_tasks(func, items) -> results``: the build's cluster (or serial).
 
@@ -291,10 +292,19 @@ def write_version(path: Path, previous: Path | None, staging: Path, cases: list[
         reuse = (old_groups or {}).get(gkey)
         task = {"key": gkey, "first_shard": group["first_shard"], "n_shards": group["n_shards"],
                 "shard": shard, "first_slice": group["first_slice"], "n_total": n_total,
-                "reuse_first_shard": reuse,
+                "reuse_first_shard": reuse[1] if reuse else None,
+                "reuse_sizes": reuse[5] if reuse and len(reuse) > 5 else None,
                 "cases": [{k: m.get(k) for k in ("case_id", "key", "source", "n_slices", "hashes",
                                                  "old_first_slice", "old_group")} for m in members]}
         items.append((str(path), str(previous) if previous else None, str(staging), task))
+    results = run_tasks(group_task, items)
+    failed = [(it[3]["key"], r) for it, r in zip(items, results) if not r.get("ok")]
+    if failed:
+        key, res = failed[0]
+        raise RuntimeError(f"writing the store group {key} failed: {res.get('exception')} "
+                           f"({len(failed)} of {len(items)} groups failed)")
+    for meta, res in zip(groups_meta, results):
+        meta.append(res["sizes"])  # bytes of each shard file (0: absent, all fill value)
     warnings = {c["case_id"]: c["warnings"] for c in cases if c.get("warnings")}
     root.create_array("case_table", data=table, chunks=(max(len(cases), 1), 8),
                       dimension_names=("case", "field"),
@@ -305,12 +315,6 @@ def write_version(path: Path, previous: Path | None, staging: Path, cases: list[
                                   "groups": groups_meta, "warnings": warnings})
     root.update_attributes(_attributes(plan, stats, len(cases),
                                        int(table[:, 3].sum()), build_id))  # one write
-    results = run_tasks(group_task, items)
-    failed = [(it[3]["key"], r) for it, r in zip(items, results) if not r.get("ok")]
-    if failed:
-        key, res = failed[0]
-        raise RuntimeError(f"writing the store group {key} failed: {res.get('exception')} "
-                           f"({len(failed)} of {len(items)} groups failed)")
     linked = sum(1 for r in results if r.get("linked"))
     return {"groups": len(items), "groups_linked": linked, "groups_written": len(items) - linked}
 
@@ -327,12 +331,14 @@ def write_group(version: Path, previous: Path | None, staging: Path,
     if group["reuse_first_shard"] is not None and previous is not None:
         try:
             _link_group(version, previous, group)
-            return {"ok": True, "linked": True, "key": group["key"]}
+            return {"ok": True, "linked": True, "key": group["key"], "sizes": group["reuse_sizes"]}
         except FileNotFoundError:  # damaged previous version: rebuild the group from sources
             _unlink_group(version, group)
             log.warning("group %s: shard files missing from %s; rewriting it", group["key"], previous)
     _write_group(version, previous, staging, group)
-    return {"ok": True, "linked": False, "key": group["key"]}
+    sizes = [f.stat().st_size if f.is_file() else 0
+             for f in _shard_files(version, group["first_shard"], group["n_shards"])]
+    return {"ok": True, "linked": False, "key": group["key"], "sizes": sizes}
 
 
 def _shard_files(version: Path, first: int, n: int) -> list[Path]:
@@ -343,7 +349,14 @@ def _shard_files(version: Path, first: int, n: int) -> list[Path]:
 def _link_group(version: Path, previous: Path, group: dict[str, Any]) -> None:
     old = _shard_files(previous, group["reuse_first_shard"], group["n_shards"])
     new = _shard_files(version, group["first_shard"], group["n_shards"])
-    for src, dst in zip(old, new):
+    sizes = group["reuse_sizes"]
+    if sizes is None or len(sizes) != len(old):
+        raise FileNotFoundError(f"no recorded shard sizes for group {group['key']}")
+    for src, dst, size in zip(old, new, sizes):
+        if size == 0:  # every chunk was the fill value: zarr stores no file
+            continue
+        if not src.is_file() or src.stat().st_size != size:  # cheap check against the record
+            raise FileNotFoundError(f"store shard {src} is missing or has another size than written")
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.link(src, dst)
     rec_src = previous / "records" / group["key"]
@@ -406,6 +419,13 @@ class _OldVersion:
         root = zarr.open_group(str(path), mode="r")
         self.images, self.labels = root["images"], root["labels"]
         self._groups = {g[0]: g for g in root["case_table"].attrs["groups"]}
+        self._sizes: dict[tuple[str, int], int] = {}  # (array, shard) -> bytes written
+        for g in self._groups.values():
+            if len(g) > 5:
+                first, n = g[1], g[2]
+                for j, size in enumerate(g[5]):
+                    name = "images" if j < n else "labels"
+                    self._sizes[(name, first + j % n)] = size
         self._records: dict[str, dict[str, Any]] = {}
 
     def slices(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
@@ -413,7 +433,8 @@ class _OldVersion:
         for name in ("images", "labels"):  # zarr would read a missing shard as zeros
             for k in range(lo // shard, (hi - 1) // shard + 1):
                 f = self.path / name / "c" / str(k) / "0" / "0"
-                if not f.is_file():
+                size = self._sizes.get((name, k))
+                if size != 0 and (not f.is_file() or (size is not None and f.stat().st_size != size)):
                     raise FileNotFoundError(f"store shard {f} is missing: the previous version is "
                                             "damaged; delete OUT/versions and OUT/store.zarr to rebuild")
         return np.asarray(self.images[lo:hi]), np.asarray(self.labels[lo:hi])

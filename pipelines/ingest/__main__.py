@@ -5,6 +5,8 @@ Exit codes: 0 all cases valid, 3 some quarantined, 2 configuration error, 1 fail
 
 from __future__ import annotations
 
+from pipelines.exitcodes import EXIT_CONFIG, EXIT_FAILURE
+
 import argparse
 import logging
 import sys
@@ -45,10 +47,10 @@ def main(argv: list[str] | None = None) -> int:
                         mnms_csv=args.mnms_csv, workers=max(1, args.workers), report=args.report)
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
-        return 2
+        return EXIT_CONFIG
     except Exception:  # noqa: BLE001 - last resort: report and exit 1
         log.exception("ingest failed unexpectedly")
-        return 1
+        return EXIT_FAILURE
     print(result.summary())
     return result.exit_code
 

@@ -6,6 +6,8 @@ errors quarantine only that case.
 
 from __future__ import annotations
 
+from pipelines.exitcodes import EXIT_OK, EXIT_QUARANTINE
+
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -49,7 +51,7 @@ class IngestReport:
     @property
     def exit_code(self) -> int:
         """0 when every case passed, 3 when any was quarantined."""
-        return 3 if self.quarantined else 0
+        return EXIT_QUARANTINE if self.quarantined else EXIT_OK
 
     def to_dict(self) -> dict[str, Any]:
         """The machine-readable report written by the CLI."""
