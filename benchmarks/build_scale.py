@@ -169,10 +169,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'PASS' if ok else 'MISS'}  {name}: {value:.4f} (target {op} {target})")
     per_case = full["seconds"] / n
     speedup_bound = 1 / share if share > 0 else float("inf")
+    version = (work / f"out{n}" / "store.zarr").resolve()
+    small = sum(f.stat().st_size for f in version.rglob("*") if f.is_file()
+                and f.relative_to(version).parts[0] not in ("images", "labels", "records"))
     print(f"\nprojection to 100,000 subjects on {a.workers} worker processes: full build "
-          f"~{per_case * 1e5 / 3600:.1f} h; a nightly run adding {a.add} cases ~"
-          f"{add['seconds']:.0f} s plus the dataset-wide arrays "
-          f"(~{add['bytes_written'] / n * 1e5 / 2**20 / 1e3:.1f} GB if they grew linearly); "
+          f"~{per_case * 1e5 / 3600:.1f} h; a nightly run adding {a.add} cases rewrites their groups "
+          f"(~{add['bytes_written'] / 2**20:.0f} MiB here) plus the dataset-wide arrays, "
+          f"~{small / n * 1e5 / 2**20:.0f} MiB at 100,000 subjects ({small / 2**20:.1f} MiB at {n}); "
           f"the client's share bounds a cluster's speed-up at ~{speedup_bound:.0f}x")
     (work / "build_scale.json").write_text(json.dumps(rows, indent=2))
     return 0

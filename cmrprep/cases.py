@@ -79,8 +79,12 @@ class CaseSpec:
         return all(f.label is not None for f in self.frames)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form."""
-        return asdict(self)
+        """JSON-serialisable form (computed once per instance: the spec is immutable)."""
+        cached = self.__dict__.get("_as_dict")
+        if cached is None:
+            cached = asdict(self)
+            object.__setattr__(self, "_as_dict", cached)
+        return dict(cached)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CaseSpec":

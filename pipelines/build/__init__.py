@@ -181,8 +181,8 @@ class _Build:
 
         if not todo:
             return []
-        items = [(c.to_dict(), plan.to_dict(), str(self.staging), keys[c.case_id], phash)
-                 for c in todo]
+        plan_dict = plan.to_dict()
+        items = [(c.to_dict(), plan_dict, str(self.staging), keys[c.case_id], phash) for c in todo]
 
         def note(res: dict) -> None:
             self.runlog.event("case", case_id=res.get("case_id"), ok=res.get("ok"))
@@ -310,10 +310,10 @@ class _OldSlices:
         first, n = int(row[0]), int(row[1])
         sl = slice(first, first + n)
         frames = a["frame_index"][sl]
-        return {"n_slices": n, "n_frames": int(row[3]), "class_counts": a["class_counts"][sl].tolist(),
+        return {"n_slices": n, "n_frames": int(row[3]), "class_counts": a["class_counts"][sl],
                 "class_counts_raw": [int(v) for v in row[4:8]],
-                "slice_index": a["slice_index"][sl].tolist(), "phase": a["phase"][sl].tolist(),
-                "frame_local": (frames - frames.min()).tolist(),
+                "slice_index": a["slice_index"][sl], "phase": a["phase"][sl],
+                "frame_local": frames - frames.min(),
                 "warnings": self.index.warnings.get(case_id, []),
                 "old_first_slice": first, "old_group": self.index.groups[int(row[2])][0]}
 

@@ -190,20 +190,24 @@ def _process(case: CaseSpec, plan: Plan, staging: Path, key: str) -> dict[str, A
         warnings.extend(w.to_dict() for w in warn)
     merged = {k: np.concatenate([b[k] for b in blocks]) for k in incremental.CACHE_ARRAYS}
     merged["images"] = merged["images"].astype(plan.store_dtype, copy=False)  # as stored: half the bytes
+    summary = case_summary(merged, len(records))
     meta = {"case_id": case.case_id, "key": key, "case": case.to_dict(), "frames": records,
-            "fingerprint": prints, "warnings": warnings, **case_summary(merged, len(records))}
+            "fingerprint": prints, "warnings": warnings,
+            **{k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in summary.items()}}
     incremental.write_staged(staging, key, merged, meta)
     return {"case_id": case.case_id, "ok": True, "key": key, "fingerprint": prints,
-            "warnings": warnings, **case_summary(merged, len(records))}
+            "warnings": warnings, **summary}
 
 
 def case_summary(arrays: dict[str, np.ndarray], n_frames: int) -> dict[str, Any]:
-    """What the client keeps of a case: counts and per-slice metadata, no image data."""
+    """What the client keeps of a case: counts and per-slice metadata (small NumPy arrays,
+    about 300 bytes a case), no image data."""
     return {"n_slices": int(arrays["images"].shape[0]), "n_frames": int(n_frames),
-            "class_counts": arrays["class_counts"].tolist(),
+            "class_counts": np.asarray(arrays["class_counts"], dtype=np.int64),
             "class_counts_raw": arrays["class_counts_raw"].sum(axis=0).tolist(),
-            "slice_index": arrays["slice_index"].tolist(), "phase": arrays["phase"].tolist(),
-            "frame_local": arrays["frame_local"].tolist()}
+            "slice_index": np.asarray(arrays["slice_index"], dtype=np.int32),
+            "phase": np.asarray(arrays["phase"], dtype=np.int8),
+            "frame_local": np.asarray(arrays["frame_local"], dtype=np.int32)}
 
 
 def group_task(version: str, previous: str | None, staging: str, group: dict[str, Any]) -> dict[str, Any]:
