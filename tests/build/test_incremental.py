@@ -1,0 +1,60 @@
+"""Incremental state: digest index, staged cases, the store index and what to process."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from pipelines.build import incremental
+
+
+def test_digest_index_reuses_digests_of_unchanged_files(tmp_path, monkeypatch):
+    f = tmp_path / "a.nii"
+    f.write_bytes(b"x" * 100)
+    index = incremental.DigestIndex(tmp_path / "digests.json")
+    d = index.digest(str(f))
+    index.save()
+    again = incremental.DigestIndex(tmp_path / "digests.json")
+    assert again.unchanged([str(f)]) == {str(f): d}
+    calls = []
+    monkeypatch.setattr(incremental, "file_digest", lambda p, **k: calls.append(p) or "new")
+    assert again.digest(str(f)) == d and calls == []
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert again.unchanged([str(f)]) is None
+    assert again.unchanged([str(tmp_path / "gone")]) is None
+
+
+def test_index_written_with_another_algorithm_is_ignored(tmp_path):
+    (tmp_path / "digests.json").write_text('{"algorithm": "md5", "files": {"x": [1, 2, "d"]}}')
+    assert incremental.DigestIndex(tmp_path / "digests.json").unchanged(["x"]) is None
+
+
+def test_staged_entry_is_valid_only_when_complete(tmp_path):
+    arrays = {k: np.zeros((2, 4, 4) if k in ("images", "labels") else (2,), np.int32)
+              for k in incremental.CACHE_ARRAYS}
+    incremental.write_staged(tmp_path, "k1", arrays, {"key": "k1", "n_slices": 2})
+    assert incremental.read_staged_meta(tmp_path, "k1")["n_slices"] == 2
+    assert incremental.read_staged_arrays(tmp_path, "k1", ("images",))["images"].shape == (2, 4, 4)
+    (tmp_path / "k1.npz").unlink()  # a build killed between the two files
+    assert incremental.read_staged_meta(tmp_path, "k1") is None
+    assert incremental.read_staged_meta(tmp_path, "other") is None
+    incremental.clear_staging(tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_store_index_of_no_version_is_empty(tmp_path):
+    index = incremental.StoreIndex(None)
+    assert index.case_ids == [] and index.key_of("x") is None and "x" not in index
+    broken = tmp_path / "v.zarr"
+    broken.mkdir()
+    assert incremental.StoreIndex(broken).case_ids == []
+
+
+def test_case_key_depends_on_contents_plan_and_paths():
+    case = {"case_id": "p1", "layout": "acdc", "frames": [{"image": "/r/a", "label": "/r/b"}]}
+    k = incremental.case_key(case, {"/r/a": "1", "/r/b": "2"}, "plan")
+    assert k != incremental.case_key(case, {"/r/a": "1", "/r/b": "3"}, "plan")
+    assert k != incremental.case_key(case, {"/r/a": "1", "/r/b": "2"}, "plan2")
+    assert k == incremental.case_key({**case, "metadata": {"x": 1}}, {"/r/a": "1", "/r/b": "2"}, "plan")

@@ -1,0 +1,161 @@
+"""Store layout: content-defined case groups, hard-linked reuse, repair of a damaged version."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import zarr
+
+from cmrprep.plan import Plan
+from pipelines.build import BuildConfig, build
+from pipelines.build.store import group_layout, read_records
+from pipelines.synthesize import synthesize
+
+
+def test_group_layout_is_a_function_of_the_case_set_and_changes_locally():
+    ids = [f"case{i:04d}" for i in range(400)]
+    sizes = {cid: 10 + i % 13 for i, cid in enumerate(ids)}
+    sizes["case0200x"] = 17
+
+    def groups(members):
+        layout = group_layout(members, [sizes[c] for c in members], shard=64, mean_cases=8)
+        return [tuple(members[i] for i in g["cases"]) for g in layout], layout
+
+    before, layout = groups(ids)
+    assert 25 < len(before) < 100  # about 400 / 8 groups
+    assert all(g["first_slice"] % 64 == 0 for g in layout)
+    assert all(g["n_slices"] <= g["n_shards"] * 64 for g in layout)
+    starts = [g["first_shard"] for g in layout]
+    assert starts == sorted(set(starts))
+    inserted = sorted(ids + ["case0200x"])
+    after, _ = groups(inserted)
+    changed = set(after) - set(before)
+    home = next(g for g in before if g[0] <= "case0200x" <= g[-1] or g[-1] < "case0200x" < g[-1] + "~")
+    assert 1 <= len(changed) <= 2  # its group (split in two when the new id is a boundary)
+    assert sorted(c for g in changed for c in g) == sorted([*home, "case0200x"])
+    removed, _ = groups([c for c in ids if c != "case0100"])
+    assert len(set(removed) - set(before)) <= 1
+    assert len(set(before) - set(removed)) <= 2
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    root = tmp_path_factory.mktemp("raw")
+    synthesize(root, 7, 31, layout="acdc")
+    return root
+
+
+def _small_groups_plan(tmp_path, raw):
+    """A plan with groups of ~2 cases and 16-slice shards, so 7 cases make several groups."""
+    probe = tmp_path / "probe"
+    build(BuildConfig(raw, probe, workers=0, progress=False, report=False))
+    plan = Plan.from_json((probe / "plan.json").read_text()).updated(group_cases=2, shard_slices=16)
+    path = tmp_path / "plan.json"
+    path.write_text(plan.to_json())
+    return path
+
+
+def _links(version):
+    files = [p for name in ("images", "labels") for p in (version / name / "c").rglob("*")
+             if p.is_file()]
+    return sum(1 for p in files if p.stat().st_nlink > 1), len(files)
+
+
+def test_adding_a_case_rewrites_only_its_group(raw, tmp_path):
+    plan = _small_groups_plan(tmp_path, raw)
+    part = tmp_path / "raw_part"
+    shutil.copytree(raw, part)
+    shutil.rmtree(part / "patient004")
+    out = tmp_path / "out"
+    build(BuildConfig(part, out, plan_file=plan, workers=0, progress=False, report=False))
+    shutil.copytree(raw / "patient004", part / "patient004")
+    res = build(BuildConfig(part, out, plan_file=plan, workers=0, progress=False, report=False))
+    assert res.processed == ["patient004"]
+    events = [json.loads(x) for x in (out / "logs" / "build.jsonl").read_text().splitlines()]
+    published = [e for e in events if e["event"] == "published"][-1]
+    assert published["groups"] >= 3 and published["groups_written"] <= 2
+    assert published["groups_linked"] == published["groups"] - published["groups_written"] >= 1
+    linked, total = _links((out / "store.zarr").resolve())
+    assert 0 < linked < total  # unchanged groups share their shard files with the last version
+    fresh = tmp_path / "fresh"
+    build(BuildConfig(raw, fresh, plan_file=plan, workers=0, progress=False, report=False))
+    a = zarr.open_group(str(out / "store.zarr"), mode="r")
+    b = zarr.open_group(str(fresh / "store.zarr"), mode="r")
+    for name in ("images", "labels", "weights", "case_index", "frame_index", "class_counts"):
+        np.testing.assert_array_equal(a[name][...], b[name][...], err_msg=name)
+    def records(where, root):
+        cases, frames = read_records(where / "store.zarr")
+        for c in cases:
+            c.pop("key")
+        return json.dumps([cases, frames], sort_keys=True).replace(str(root), "RAW")
+
+    assert records(out, part) == records(fresh, raw)
+
+
+def test_missing_shard_of_the_previous_version_is_never_read_as_zeros(raw, tmp_path):
+    """A group that must be copied from a damaged previous version fails by name (no zeros)."""
+    from pipelines.build.__main__ import main
+
+    plan = _small_groups_plan(tmp_path, raw)
+    part = tmp_path / "raw2"
+    shutil.copytree(raw, part)
+    out = tmp_path / "out"
+    build(BuildConfig(part, out, plan_file=plan, workers=0, progress=False, report=False))
+    version = (out / "store.zarr").resolve()
+    for f in (version / "images" / "c").rglob("*"):
+        if f.is_file():
+            f.unlink()
+    shutil.rmtree(part / "patient002")  # its group's other cases must be copied
+    code = main([str(part), str(out), "--plan", str(plan), "--workers", "0", "--quiet", "--no-report"])
+    assert code == 1
+    assert (out / "store.zarr").resolve() == version  # the previous version stays published
+
+
+def _staged_case(staging, cid, n, label_value):
+    from pipelines.build import incremental
+
+    key = f"key-{cid}"
+    arrays = {"images": np.full((n, 16, 16), 0.5, np.float32), "labels": np.full((n, 16, 16), label_value, np.uint8),
+              "class_counts": np.zeros((n, 4), np.int64), "class_counts_raw": np.zeros((n, 4), np.int64),
+              "slice_index": np.arange(n, dtype=np.int32), "phase": np.zeros(n, np.int8),
+              "frame_local": np.zeros(n, np.int32)}
+    arrays["class_counts"][:, label_value] = 256
+    meta = {"case_id": cid, "key": key, "case": {"case_id": cid, "layout": "x", "frames": [{"image": f"/{cid}.nii"}]},
+            "frames": [{"case_id": cid}], "fingerprint": [{}], "warnings": [], "n_slices": n}
+    incremental.write_staged(staging, key, arrays, meta)
+    return {"case_id": cid, "key": key, "source": "staged", "hashes": {}, "n_slices": n, "n_frames": 1,
+            "class_counts": arrays["class_counts"].tolist(), "class_counts_raw": [256 * n, 0, 0, 0],
+            "slice_index": list(range(n)), "phase": [0] * n, "frame_local": [0] * n, "warnings": []}
+
+
+def test_an_all_background_label_shard_is_absent_and_still_reused(tmp_path):
+    """zarr writes no file for a shard that is all fill value; reuse must not take that for damage."""
+    from pipelines.build import incremental
+    from pipelines.build.store import dataset_statistics, write_version
+
+    plan = Plan(target_spacing=1.0, crop_shape=(16, 16), shard_slices=16, group_cases=1)
+    staging = tmp_path / "staging"
+    cases = [_staged_case(staging, "a", 20, 0), _staged_case(staging, "b", 12, 3)]
+    serial = lambda func, items: [func(*it) for it in items]  # noqa: E731
+    stats = dataset_statistics(cases, plan)
+    v1 = tmp_path / "v1.zarr"
+    write_version(v1, None, staging, cases, plan, stats, "k1", serial)
+    index = incremental.StoreIndex(v1)
+    sizes = [g[5] for g in index.groups]
+    assert any(s == 0 for g in sizes for s in g)  # some labels shard holds only background
+    for c in cases:
+        c.update(source="store", old_first_slice=int(index.table[index.row(c["case_id"])][0]),
+                 old_group=index.groups[int(index.table[index.row(c["case_id"])][2])][0])
+    cases.append(_staged_case(staging, "c", 5, 2))
+    v2 = tmp_path / "v2.zarr"
+    counts = write_version(v2, v1, staging, cases, plan, dataset_statistics(cases, plan), "k2", serial,
+                           old_groups={g[0]: g for g in index.groups})
+    assert counts["groups_linked"] >= 1
+    a, b = zarr.open_group(str(v1), mode="r"), zarr.open_group(str(v2), mode="r")
+    n1 = a["images"].shape[0]
+    np.testing.assert_array_equal(b["labels"][:n1], a["labels"][...])
+    np.testing.assert_array_equal(b["images"][:n1], a["images"][...])
