@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--synthetic", type=int, help="write/read a synthetic store of this many slices")
     p.add_argument("--synthetic-dir", type=Path, default=Path("/tmp/cmrprep-loader-bench"))
     p.add_argument("--mode", choices=["auto", "memory", "stream"], default="auto")
-    p.add_argument("--pool-shards", type=int, default=16)
+    p.add_argument("--pool-shards", type=int, default=None, help="default: 4096 slices' worth")
     p.add_argument("--seconds", type=float, default=15.0, help="per throughput measurement")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--share-draws", type=int, default=200_000)

@@ -71,7 +71,7 @@ class SliceDataset(keras.utils.PyDataset):
 
     def __init__(self, store: ShardStore, indices: np.ndarray, batch_size: int = 16, *,
                  seed: int = 0, augment: Callable | None = None, use_sampling: bool = True,
-                 steps_per_epoch: int | None = None, pool_shards: int = DEFAULT_POOL_SHARDS,
+                 steps_per_epoch: int | None = None, pool_shards: int | None = DEFAULT_POOL_SHARDS,
                  draws_per_shard: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.store, self.indices = store, np.asarray(indices, dtype=np.int64)

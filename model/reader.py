@@ -40,9 +40,11 @@ REQUIRED_ARRAYS = ("images", "labels", "weights", "case_index")
 #: Stores whose images + labels (in their stored dtypes) fit in this many bytes are held in
 #: memory by default; larger ones are streamed through a :class:`ShardPool`.
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
-#: Shards drawn per pool round by default (two pools of 16 shards of 256 slices of 128x128
-#: float16 + uint8 are ~400 MB).
-DEFAULT_POOL_SHARDS = 16
+#: Slices a pool holds by default: ``pool_shards`` defaults to this many slices' worth of
+#: shards (16 shards of 256 slices, 64 of 64; two pools of 128x128 float16 + uint8 are ~400 MB).
+DEFAULT_POOL_SLICES = 4096
+#: ``pool_shards=None``: :data:`DEFAULT_POOL_SLICES` worth of shards.
+DEFAULT_POOL_SHARDS = None
 _POOL_TAG = 0x5A4D  # domain separation of the pool's seeds from the batches' seeds
 
 
@@ -345,8 +347,9 @@ class ShardPool:
     weights : ndarray of shape (store.n_slices,), optional
         Sampling weight per store slice (default: the store's ``weights``);
         only ``indices`` count.
-    pool_shards : int
-        Shards in the pool of one round; memory holds at most two pools.
+    pool_shards : int, optional
+        Shards in the pool of one round (default: :data:`DEFAULT_POOL_SLICES` slices' worth);
+        memory holds at most two pools.
     draws_per_shard : int, optional
         Draws per pool shard and round (default: the shard length), so a
         round serves ``pool_shards * draws_per_shard`` slices.
@@ -371,8 +374,10 @@ class ShardPool:
     """
 
     def __init__(self, store: ShardStore, indices: np.ndarray, weights: np.ndarray | None = None,
-                 *, pool_shards: int = DEFAULT_POOL_SHARDS, draws_per_shard: int | None = None,
+                 *, pool_shards: int | None = DEFAULT_POOL_SHARDS, draws_per_shard: int | None = None,
                  seed: int = 0, prefetch: bool = True) -> None:
+        if pool_shards is None:
+            pool_shards = max(4, -(-DEFAULT_POOL_SLICES // store.shard_len))
         if pool_shards < 1:
             raise ConfigError(f"pool_shards must be >= 1, got {pool_shards}")
         self.store, self.seed, self.prefetch = store, int(seed), bool(prefetch)

@@ -240,7 +240,7 @@ def train(store_path: str | Path, run_dir: str | Path, *, epochs: int = 50,
           resume: bool = False, collapse_patience: int = 5, collapse_min_dice: float = 0.02,
           use_sampling: bool = True,
           class_weights: Any = "store", output: str = "logits", from_logits: bool | None = None,
-          memory_budget: int = DEFAULT_MEMORY_BUDGET, pool_shards: int = DEFAULT_POOL_SHARDS,
+          memory_budget: int = DEFAULT_MEMORY_BUDGET, pool_shards: int | None = DEFAULT_POOL_SHARDS,
           workers: int = 1, verbose: int | None = None,
           ) -> TrainResult:
     """Train a U-Net on ``store_path`` and write the run directory (see module docstring).

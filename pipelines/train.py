@@ -53,8 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-budget-gib", type=float, default=2.0,
                    help="hold the store in memory when images + labels fit in this many GiB, "
                         "else stream it through a shard pool (default 2)")
-    p.add_argument("--pool-shards", type=int, default=16,
-                   help="shards per pool round when streaming (memory: two pools)")
+    p.add_argument("--pool-shards", type=int, default=None,
+                   help="shards per pool round when streaming (default: 4096 slices' worth; "
+                        "memory: two pools)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
