@@ -111,8 +111,15 @@ def read_history(run_dir: str | Path) -> list[dict[str, float]]:
     if not path.exists():
         return []
     with path.open(newline="") as fh:
-        return [{k: float(v) if v not in ("", None) else math.nan for k, v in row.items()}
-                for row in csv.DictReader(fh)]
+        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def _number(value: str | None) -> float:
+    """A ``history.csv`` cell as a float; empty and ``NA`` (Keras' missing value) are NaN."""
+    try:
+        return float(value) if value not in ("", None) else math.nan
+    except ValueError:
+        return math.nan
 
 
 def plot_curves(run_dir: str | Path) -> Path | None:

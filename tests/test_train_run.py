@@ -85,3 +85,11 @@ def test_model_trained_from_a_streamed_store_learns_every_class(tmp_path):
     assert config["memory_budget"] == 0
     for name in ("rv", "myo", "lv"):
         assert result.best_dice[name] > 0.4, result.best_dice
+
+
+def test_training_without_validation_finishes(shards, tmp_path):
+    """``--val-fraction 0`` trains on every case; nothing to validate must not crash (#14.10)."""
+    assert main([str(shards), str(tmp_path / "run"), "--epochs", "2", "--steps-per-epoch", "2",
+                 "--filters", "8", "16", "--val-fraction", "0", "--collapse-patience", "0"]) == 0
+    rows = read_history(tmp_path / "run")
+    assert len(rows) == 2 and (tmp_path / "run" / "best.keras").exists()

@@ -199,7 +199,7 @@ class _Build:
                 continue
             keys[res["case_id"]] = res["key"]
             for f, entry in res.get("digests", {}).items():
-                digests[f] = entry[2]
+                digests[f] = entry[-1]
                 index.record(f, entry)
         index.save()
 

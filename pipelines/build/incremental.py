@@ -41,7 +41,7 @@ def file_digest(path: str | Path, *, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
     for f in files:
-        h.update(f.name.encode())
+        h.update(os.fsencode(f.name))  # file names need not be UTF-8
         with open(f, "rb") as fh:
             while block := fh.read(chunk):
                 h.update(block)
@@ -49,20 +49,29 @@ def file_digest(path: str | Path, *, chunk: int = 1 << 22) -> str:
 
 
 def file_stamp(path: str | Path) -> list[int]:
-    """``[size, mtime_ns]`` of a file; for a directory, summed sizes and newest mtime of its files."""
+    """``[size, mtime_ns, ctime_ns, inode]`` of a file, as git's index stamps files.
+
+    The ctime and inode catch what size and mtime miss: a rewrite that keeps
+    both (``touch -r``, a restore that sets mtimes) changes the ctime, a file
+    replaced by another one changes the inode.  For a directory (a DICOM series):
+    summed sizes plus the file count, the newest mtime and ctime, and the sum of
+    the inodes.
+    """
     p = Path(path)
     if not p.is_dir():
         st = os.stat(p)
-        return [st.st_size, st.st_mtime_ns]
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
     stats = [q.stat() for q in p.rglob("*") if q.is_file()]
     return [sum(st.st_size for st in stats) + len(stats),
-            max((st.st_mtime_ns for st in stats), default=0)]
+            max((st.st_mtime_ns for st in stats), default=0),
+            max((st.st_ctime_ns for st in stats), default=0), sum(st.st_ino for st in stats)]
 
 
 class DigestIndex:
     """Remembers file digests by (path, size, mtime) so unchanged files are not re-read.
 
-    Stored as ``{"algorithm": ALGORITHM, "files": {path: [size, mtime_ns, digest]}}``;
+    Stored as ``{"algorithm": ALGORITHM, "files": {path: [*stamp, digest]}}`` (see
+    :func:`file_stamp`; an entry with another stamp layout never matches, so the file is hashed again);
     an index written with another algorithm is ignored (every file is hashed again).
     """
 
@@ -79,8 +88,8 @@ class DigestIndex:
         """Content digest of ``file``, reusing the stored one when size and mtime match."""
         stamp = file_stamp(file)
         entry = self._index.get(file)
-        if entry and entry[:2] == stamp:
-            return entry[2]
+        if entry and entry[:-1] == stamp:
+            return entry[-1]
         d = file_digest(file)
         self._index[file] = [*stamp, d]
         return d
@@ -94,15 +103,15 @@ class DigestIndex:
         for f in files:
             entry = self._index.get(f)
             try:
-                if not entry or entry[:2] != file_stamp(f):
+                if not entry or entry[:-1] != file_stamp(f):
                     return None
             except OSError:
                 return None
-            found[f] = entry[2]
+            found[f] = entry[-1]
         return found
 
     def record(self, file: str, entry: list[Any]) -> None:
-        """Store ``[size, mtime_ns, digest]`` computed elsewhere (by the worker that read the file)."""
+        """Store ``[*stamp, digest]`` computed elsewhere (by the worker that read the file)."""
         self._index[file] = list(entry)
 
     def digest_many(self, files: list[str], threads: int = 4) -> dict[str, str]:
@@ -126,7 +135,7 @@ class DigestIndex:
 
 
 def stamped_digests(files: list[str]) -> dict[str, list[Any]]:
-    """``{file: [size, mtime_ns, digest]}``; the stamp is taken before hashing, so a file
+    """``{file: [*stamp, digest]}``; the stamp is taken before hashing, so a file
     changed meanwhile gets a newer mtime and is hashed again by the next build."""
     return {f: [*file_stamp(f), file_digest(f)] for f in files}
 

@@ -98,8 +98,9 @@ def write_report(out_dir: str | Path, *, images: Any, labels: Any,
     doc["montage_slices"] = [int(i) for i in picked]
     paths["summary_json"].write_text(json.dumps(doc, indent=2, sort_keys=True, default=_json_default) + "\n")
     sections = _sections(doc)
-    paths["summary_md"].write_text(_markdown(sections))
-    paths["index_html"].write_text(_html(sections, paths))
+    # file names that are not UTF-8 (surrogate-escaped by Python) are shown as \udcxx escapes
+    paths["summary_md"].write_text(_markdown(sections), encoding="utf-8", errors="backslashreplace")
+    paths["index_html"].write_text(_html(sections, paths), encoding="utf-8", errors="backslashreplace")
     log.info("QC report written to %s (%d slices, %d quarantined)", out, counts.shape[0], len(quarantined))
     return paths
 

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 def frame_rng(seed: int, case_id: str, frame_no: int) -> np.random.Generator:
     """RNG for one frame: depends on the seed and the case, never on worker order."""
-    return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(case_id.encode()), frame_no]))
+    return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(case_id.encode("utf-8", "surrogateescape")), frame_no]))
 
 
 def _fingerprint(image: np.ndarray, label: np.ndarray | None, geometry,
@@ -139,7 +139,7 @@ def process_case(case_dict: dict[str, Any], plan_dict: dict[str, Any], staging: 
     -------
     dict
         ``{"case_id", "ok": True, "key", "digests", **summary}`` (``digests``:
-        ``{file: [size, mtime_ns, digest]}`` when hashed here; ``summary``: see
+        ``{file: [*stamp, digest]}`` when hashed here; ``summary``: see
         :func:`case_summary`) or ``{"case_id", "ok": False, "problem": {...}}``.
     """
     _configure_process()
@@ -172,7 +172,7 @@ def _hash_inputs(case_dict: dict[str, Any], case_id: str,
     except OSError as exc:
         raise CaseError(Problem(case_id, str(getattr(exc, "filename", None) or files[0]), "readable",
                                 f"cannot read: {exc}")) from exc
-    key = incremental.case_key(case_dict, {f: v[2] for f, v in stamped.items()}, plan_hash)
+    key = incremental.case_key(case_dict, {f: v[-1] for f, v in stamped.items()}, plan_hash)
     return key, stamped
 
 

@@ -88,7 +88,7 @@ def test_store_schema(serial_build):
     assert set(hashes) == {f for c in cases for f in c["source_files"]}
     index = json.loads((serial_build / "state" / "digests.json").read_text())
     assert index["algorithm"] == "sha256/128"
-    assert {f: e[2] for f, e in index["files"].items()} == hashes
+    assert {f: e[-1] for f, e in index["files"].items()} == hashes
     assert set(np.unique(g["phase"][...][~pad])) == {0, 1}
     assert not list((serial_build / "staging").iterdir())  # one copy of the data at rest
 
@@ -241,3 +241,17 @@ def test_cli_in_a_fresh_process_reports_flushes_and_cleans_up(raw, tmp_path):
     assert len(_case_ids(tmp_path / "out")) == 4
     assert json.loads((tmp_path / "out" / "build_report.json").read_text())["exit_code"] == 3
     assert not list(scratch.glob("cmrprep-dask-*"))
+
+
+def test_a_non_utf8_case_name_builds_and_keeps_the_report(raw, tmp_path):
+    """A folder and files named with bytes that are not UTF-8 (#14.12)."""
+    src = tmp_path / "raw"
+    shutil.copytree(raw, src)
+    odd = os.fsencode(src) + b"/patient\xff002"
+    os.rename(os.fsencode(src / "patient002"), odd)
+    for name in os.listdir(odd):
+        os.rename(odd + b"/" + name, odd + b"/" + name.replace(b"patient002", b"patient\xff002"))
+    res = build(BuildConfig(src, tmp_path / "out", workers=0, progress=False))
+    assert res.published and not res.quarantined
+    assert (tmp_path / "out" / "report" / "summary.md").exists()
+    assert "patient\udcff002" in _case_ids(tmp_path / "out")

@@ -193,3 +193,22 @@ def test_plan_becomes_current_only_with_the_version_it_built(reference, tmp_path
     assert (out / "plan.json").read_text() == plan_before
     res = build(BuildConfig(reference["raw"], out, workers=0, progress=False, seed=7))
     assert res.full_rebuild and json.loads((out / "plan.json").read_text())["seed"] == 7
+
+
+def test_a_change_that_keeps_size_and_mtime_is_noticed(pool, tmp_path):
+    """``touch -r``-style rewrites keep size and mtime; the ctime in the stamp catches them (#14.7)."""
+    raw = _raw(pool, tmp_path / "raw", [1, 2])
+    out = tmp_path / "out"
+    build(BuildConfig(raw, out, workers=0, progress=False, report=False))
+    img = raw / "patient002" / "patient002_frame01.nii.gz"
+    other = pool / "patient003" / "patient003_frame01.nii.gz"
+    st = img.stat()
+    data = bytearray(img.read_bytes())
+    donor = other.read_bytes()
+    if len(donor) != len(data):  # same size: pad or cut the donor's gzip tail (still a change)
+        donor = (donor + bytes(len(data)))[:len(data)]
+    img.write_bytes(donor)
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert img.stat().st_size == st.st_size and img.stat().st_mtime_ns == st.st_mtime_ns
+    res = build(BuildConfig(raw, out, workers=0, progress=False, report=False))
+    assert "patient002" in res.processed or "patient002" in [q["case_id"] for q in res.quarantined]
