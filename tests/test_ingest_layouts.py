@@ -146,3 +146,14 @@ def test_config_errors(tmp_path):
         discover(tmp_path / "nope")
     with pytest.raises(ConfigError, match="unknown layout"):
         discover(tmp_path, "kaggle")
+
+
+def test_info_cfg_with_a_byte_order_mark_is_read(tmp_path):
+    """An Info.cfg written by a Windows editor (UTF-8 BOM) still has its ED (#14 item 14)."""
+    from pipelines.synthesize import synthesize
+
+    synthesize(tmp_path / "raw", 1, 3, layout="acdc")
+    cfg = next((tmp_path / "raw").rglob("Info.cfg"))
+    cfg.write_bytes(b"\xef\xbb\xbf" + cfg.read_bytes())
+    disc = discover(tmp_path / "raw")
+    assert len(disc.cases) == 1 and not disc.problems

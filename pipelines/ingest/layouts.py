@@ -85,7 +85,8 @@ def detect_layout(root: Path, image_glob: str | None = None) -> str:
 # -- ACDC ---------------------------------------------------------------------
 def _parse_info(path: Path) -> dict:
     meta: dict = {"source": str(path)}
-    for line in path.read_text(errors="replace").splitlines():
+    # utf-8-sig: an Info.cfg saved by a Windows editor starts with a byte-order mark
+    for line in path.read_text(encoding="utf-8-sig", errors="replace").splitlines():
         key, sep, value = line.partition(":")
         if not sep:
             continue
