@@ -14,8 +14,6 @@ naming both files.  Exit codes: 0 ok, 3 some frames could not be evaluated,
 
 from __future__ import annotations
 
-from pipelines.exitcodes import EXIT_CONFIG, EXIT_OK, EXIT_QUARANTINE
-
 import argparse
 import csv
 import logging
@@ -29,6 +27,7 @@ import numpy as np
 from cmrprep.cases import CLASSES, CaseError, Problem
 from cmrprep.metrics import ejection_fraction, per_class_metrics
 from cmrprep.plan import ConfigError
+from pipelines.exitcodes import EXIT_CONFIG, EXIT_OK, EXIT_QUARANTINE
 
 log = logging.getLogger("pipelines.evaluate")
 AFFINE_TOL = 1e-3

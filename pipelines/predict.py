@@ -42,8 +42,6 @@ Exit codes: 0 ok, 3 some cases failed, 2 configuration error, 1 failure.
 
 from __future__ import annotations
 
-from pipelines.exitcodes import EXIT_CONFIG, EXIT_OK, EXIT_QUARANTINE
-
 import argparse
 import json
 import logging
@@ -58,6 +56,7 @@ import numpy as np
 from cmrprep.cases import CaseError, CaseSpec, Problem
 from cmrprep.geometry import Geometry
 from cmrprep.plan import ConfigError, Plan
+from pipelines.exitcodes import EXIT_CONFIG, EXIT_OK, EXIT_QUARANTINE
 
 log = logging.getLogger("pipelines.predict")
 

@@ -23,8 +23,6 @@ that holds it (a folder written by this tool).  Exit codes: 0 ok, 2 configuratio
 
 from __future__ import annotations
 
-from pipelines.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
-
 import argparse
 import csv
 import json
@@ -41,6 +39,7 @@ from tqdm import tqdm
 from cmrprep import __version__
 from cmrprep.plan import ConfigError
 from cmrprep.synthetic import SyntheticCase, generate_case
+from pipelines.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 
 __all__ = ["synthesize", "main", "LAYOUTS", "write_nifti"]
 

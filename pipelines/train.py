@@ -14,12 +14,12 @@ usage errors), 4 training collapsed (see ``RUN_DIR/diagnosis.txt``),
 
 from __future__ import annotations
 
-from pipelines.exitcodes import EXIT_COLLAPSE, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK  # noqa: F401
-
 import argparse
 import logging
 import sys
 from typing import Sequence
+
+from pipelines.exitcodes import EXIT_COLLAPSE, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 
 log = logging.getLogger(__name__)
 

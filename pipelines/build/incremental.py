@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import numpy as np
 
 import cmrprep
 
-CACHE_ARRAYS = ("images", "labels", "class_counts", "class_counts_raw", "slice_index",
+STAGED_ARRAYS = ("images", "labels", "class_counts", "class_counts_raw", "slice_index",
                 "phase", "frame_local")
 
 
@@ -180,7 +181,7 @@ def write_staged(staging: Path, key: str, arrays: dict[str, np.ndarray], meta: d
     staging.mkdir(parents=True, exist_ok=True)
     tmp = staging / f".{key}.{os.getpid()}.npz.tmp"
     with open(tmp, "wb") as fh:
-        np.savez(fh, **{k: arrays[k] for k in CACHE_ARRAYS})
+        np.savez(fh, **{k: arrays[k] for k in STAGED_ARRAYS})
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, staging / f"{key}.npz")
@@ -188,18 +189,25 @@ def write_staged(staging: Path, key: str, arrays: dict[str, np.ndarray], meta: d
 
 
 def read_staged_meta(staging: Path, key: str) -> dict[str, Any] | None:
-    """The staged JSON of a case key, or ``None`` when absent, unreadable or incomplete."""
+    """The staged JSON of a case key, or ``None`` when absent, unreadable or incomplete
+    (then the case is simply processed again)."""
     try:
         meta = json.loads((staging / f"{key}.json").read_text())
     except (OSError, ValueError):
         return None
-    if meta.get("key") != key or not (staging / f"{key}.npz").exists():
+    if meta.get("key") != key:
+        return None
+    try:  # reads only the zip directory: a torn or truncated file is processed again
+        with np.load(staging / f"{key}.npz", allow_pickle=False) as z:
+            if set(z.files) != set(STAGED_ARRAYS):
+                return None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
         return None
     return meta
 
 
 def read_staged_arrays(staging: str | Path, key: str,
-                       names: tuple[str, ...] = CACHE_ARRAYS) -> dict[str, np.ndarray]:
+                       names: tuple[str, ...] = STAGED_ARRAYS) -> dict[str, np.ndarray]:
     """Load some or all of a staged case's arrays (no pickle; only ``names`` are read)."""
     with np.load(Path(staging) / f"{key}.npz", allow_pickle=False) as z:
         return {k: z[k] for k in names}
@@ -265,9 +273,10 @@ def survey(cases: list, digests: DigestIndex, index: StoreIndex) -> tuple[list, 
     records (``spacing`` ``None``: read by a worker only when the plan needs
     it, see :func:`pipelines.build.planning.resolve_plan`), the
     :class:`~cmrprep.cases.Problem` records of cases whose files cannot be
-    read, and the digests known so far.  A case the store holds whose files
-    all have the stat stamp recorded when it was built is taken as it is: an
-    unchanged re-run reads no file.  The files of a case the store holds with
+    read, and the digests known so far.  A case whose files all have the stat
+    stamp recorded when they were hashed gets its digests from the index (a
+    case the store holds is then taken as it is, one staged by an interrupted
+    build from the staging folder): an unchanged re-run reads no file.  The files of a case the store holds with
     another stamp are hashed here (on threads); a new case's files are hashed
     by the worker that reads them (:func:`pipelines.build.tasks.process_case`),
     so no input is read twice and the client reads no new input at all.
@@ -277,13 +286,11 @@ def survey(cases: list, digests: DigestIndex, index: StoreIndex) -> tuple[list, 
     ok, problems, file_digests, to_hash = [], [], {}, {}
     for case in cases:
         ok.append({"case": case, "spacing": None})
-        if case.case_id not in index:
-            continue
         files = case_files(case.to_dict())
-        known = digests.unchanged(files)
+        known = digests.unchanged(files)  # also for a case staged by an interrupted build
         if known is not None:
             file_digests.update(known)
-        else:
+        elif case.case_id in index:
             to_hash[case.case_id] = files
     try:
         file_digests.update(digests.digest_many([f for fs in to_hash.values() for f in fs]))

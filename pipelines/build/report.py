@@ -24,6 +24,8 @@ from __future__ import annotations
 import html
 import json
 import logging
+import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -374,9 +376,6 @@ def render_build_report(out: Path, result: Any, plan: Any) -> Path:
     :class:`~pipelines.build.config.BuildResult` (counts, quarantined cases,
     warnings); ``plan`` the :class:`~cmrprep.plan.Plan`.
     """
-    import os
-    import shutil
-
     import zarr
 
     root = zarr.open_group(str(out / "store.zarr"), mode="r")
@@ -421,7 +420,5 @@ class _Rows:
 
 def remove_stale(out: Path) -> None:
     """Delete report folders left half-written by a killed build."""
-    import shutil
-
     for p in list(out.glob(".report-tmp-*")) + list(out.glob(".report-old-*")):
         shutil.rmtree(p, ignore_errors=True)

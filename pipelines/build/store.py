@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 #: Values of the per-slice arrays for padding slices (the tail of a case group's last shard).
 PAD = -1
-SLICE_ARRAYS = ("case_index", "frame_index", "slice_index", "phase")
 #: Slices per inner chunk of ``images``/``labels``.  Readers take whole shards; 16 slices
 #: (256 KiB of float16 at 128x128) make writing 4x and whole-shard reads 8x faster than
 #: one-slice chunks (zarr-python's per-chunk overhead dominates), while a random

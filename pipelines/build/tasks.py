@@ -188,7 +188,7 @@ def _process(case: CaseSpec, plan: Plan, staging: Path, key: str) -> dict[str, A
         records.append(record)
         prints.append({"phase": frame.phase, **fp})
         warnings.extend(w.to_dict() for w in warn)
-    merged = {k: np.concatenate([b[k] for b in blocks]) for k in incremental.CACHE_ARRAYS}
+    merged = {k: np.concatenate([b[k] for b in blocks]) for k in incremental.STAGED_ARRAYS}
     merged["images"] = merged["images"].astype(plan.store_dtype, copy=False)  # as stored: half the bytes
     summary = case_summary(merged, len(records))
     meta = {"case_id": case.case_id, "key": key, "case": case.to_dict(), "frames": records,

@@ -5,13 +5,12 @@ Exit codes: 0 all cases valid, 3 some quarantined, 2 configuration error, 1 fail
 
 from __future__ import annotations
 
-from pipelines.exitcodes import EXIT_CONFIG, EXIT_FAILURE
-
 import argparse
 import logging
 import sys
 
 from cmrprep.plan import ConfigError
+from pipelines.exitcodes import EXIT_CONFIG, EXIT_FAILURE
 from pipelines.ingest.layouts import LAYOUTS
 from pipelines.ingest.report import ingest
 

@@ -6,8 +6,6 @@ errors quarantine only that case.
 
 from __future__ import annotations
 
-from pipelines.exitcodes import EXIT_OK, EXIT_QUARANTINE
-
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cmrprep.cases import CaseSpec, Problem
+from pipelines.exitcodes import EXIT_OK, EXIT_QUARANTINE
 from pipelines.ingest.layouts import discover
 from pipelines.ingest.validate import validate_case
 

@@ -33,7 +33,7 @@ def test_index_written_with_another_algorithm_is_ignored(tmp_path):
 
 def test_staged_entry_is_valid_only_when_complete(tmp_path):
     arrays = {k: np.zeros((2, 4, 4) if k in ("images", "labels") else (2,), np.int32)
-              for k in incremental.CACHE_ARRAYS}
+              for k in incremental.STAGED_ARRAYS}
     incremental.write_staged(tmp_path, "k1", arrays, {"key": "k1", "n_slices": 2})
     assert incremental.read_staged_meta(tmp_path, "k1")["n_slices"] == 2
     assert incremental.read_staged_arrays(tmp_path, "k1", ("images",))["images"].shape == (2, 4, 4)

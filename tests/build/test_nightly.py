@@ -212,3 +212,25 @@ def test_a_change_that_keeps_size_and_mtime_is_noticed(pool, tmp_path):
     assert img.stat().st_size == st.st_size and img.stat().st_mtime_ns == st.st_mtime_ns
     res = build(BuildConfig(raw, out, workers=0, progress=False, report=False))
     assert "patient002" in res.processed or "patient002" in [q["case_id"] for q in res.quarantined]
+
+
+def test_a_torn_staged_case_is_processed_again(pool, tmp_path, monkeypatch):
+    """A staged case whose arrays were cut short (power loss after a kill) is redone, not read."""
+    from pipelines.build import incremental, store
+
+    raw = _raw(pool, tmp_path / "raw", [1, 2])
+    out = tmp_path / "out"
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed before publishing")
+
+    monkeypatch.setattr(store, "write_version", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        build(BuildConfig(raw, out, workers=0, progress=False, report=False))
+    monkeypatch.undo()
+    staged = sorted((out / "staging").glob("*.npz"))
+    assert len(staged) == 2
+    staged[0].write_bytes(staged[0].read_bytes()[:100])
+    res = build(BuildConfig(raw, out, workers=0, progress=False, report=False))
+    assert res.published and len(res.processed) == 1 and not res.quarantined
+    assert incremental.read_staged_meta(out / "staging", staged[0].stem) is None
