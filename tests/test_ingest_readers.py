@@ -207,3 +207,42 @@ def test_one_shot_read_equals_nibabel_streaming(tmp_path, write_nifti, tiny, mon
     np.testing.assert_array_equal(fast_geom.matrix, slow_geom.matrix)
     if kind == "two_gzip_members":
         np.testing.assert_array_equal(fast, tiny.image())
+
+
+def _gzip_bomb(path, image, affine, extra_bytes):
+    """A valid NIfTI whose gzip stream goes on with ``extra_bytes`` zeros after the voxels."""
+    raw = nib.Nifti1Image(image, affine).to_bytes()
+    with gzip.open(path, "wb", compresslevel=1) as fh:
+        fh.write(raw)
+        chunk = bytes(1 << 24)
+        for _ in range(extra_bytes // len(chunk)):
+            fh.write(chunk)
+    return path
+
+
+def test_gzip_bomb_refused_with_bounded_memory(tmp_path, tiny):
+    """#14 item 2: 256 MiB of zeros behind a tiny valid volume -> refused, never inflated."""
+    path = _gzip_bomb(tmp_path / "bomb.nii.gz", tiny.image(), tiny.affine, 256 << 20)
+    assert path.stat().st_size < 2 << 20
+    tracemalloc.start()
+    with pytest.raises(CaseError, match=r"payload: decompresses to more than \d+ bytes.*declares shape"):
+        read_volume(path, case_id="c")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 16 << 20, f"peak {peak / 2**20:.0f} MiB while refusing a gzip bomb"
+
+
+def test_uncompressed_nifti_longer_than_declared_is_refused(tmp_path, tiny):
+    path = tmp_path / "long.nii"
+    path.write_bytes(nib.Nifti1Image(tiny.image(), tiny.affine).to_bytes() + bytes(1 << 20))
+    with pytest.raises(CaseError, match=r"payload: file holds \d+ bytes, the header declares"):
+        read_volume(path, case_id="c")
+    path.write_bytes(nib.Nifti1Image(tiny.image(), tiny.affine).to_bytes() + bytes(100))
+    np.testing.assert_array_equal(read_volume(path, case_id="c")[0], tiny.image())  # within slack
+
+
+def test_multi_member_gzip_still_reads(tmp_path, tiny):
+    raw = nib.Nifti1Image(tiny.image(), tiny.affine).to_bytes()
+    path = tmp_path / "multi.nii.gz"
+    path.write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]) + bytes(512))
+    np.testing.assert_array_equal(read_volume(path, case_id="c")[0], tiny.image())

@@ -197,3 +197,27 @@ def test_label_counts_come_with_the_checked_labels(dtype, label_map):
     assert out.dtype == np.uint8
     np.testing.assert_array_equal(counts, np.bincount(out.ravel(), minlength=4))
     assert counts.sum() == raw.size
+
+
+def test_label_header_mismatch_reported_before_any_voxel_is_read(tmp_path, write_nifti, tiny):
+    """#14 item 2: a label header claiming a huge grid is compared with the image header first."""
+    import gzip
+    import tracemalloc
+
+    import nibabel as nib
+
+    case = _case(tmp_path, write_nifti, tiny.image(), tiny.label())
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((1000, 1000, 1000))
+    hdr.set_data_dtype(np.uint8)
+    hdr.set_qform(np.eye(4), 1)
+    hdr.set_sform(np.eye(4), 1)
+    with gzip.open(tmp_path / "lab.nii.gz", "wb") as fh:  # header only: a reader would inflate 1 GB
+        fh.write(hdr.binaryblock + bytes(4) + bytes(1 << 20))
+    tracemalloc.start()
+    problems = validate_case(case)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert [(p.check, p.severity) for p in problems] == [("shape", "error")]
+    assert "(1000, 1000, 1000)" in problems[0].message
+    assert peak < 16 << 20

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -169,10 +170,31 @@ def _pick_frame(case: CaseSpec, frame: FrameSpec | int | str) -> FrameSpec:
     return case.frames[frame]
 
 
+def _header_mismatch(case: CaseSpec, fr: FrameSpec) -> list[Problem]:
+    """Shape/affine errors visible from the image and label headers alone.
+
+    Comparing headers before any voxel is read means a label claiming a
+    gigantic grid costs nothing.  Only files are compared here (a DICOM
+    directory's geometry needs its series read); unreadable headers are left
+    to the full read, which reports them.
+    """
+    if fr.label is None or Path(fr.image).is_dir() or Path(fr.label).is_dir():
+        return []
+    try:
+        image = read_header(fr.image, case_id=case.case_id)
+        label = read_header(fr.label, case_id=case.case_id)
+    except CaseError:
+        return []
+    return check_alignment(image.geometry, label.geometry, case.case_id, fr.label)
+
+
 def _inspect(case: CaseSpec, fr: FrameSpec) -> tuple[LoadedFrame | None, list[Problem]]:
     """Read one frame and run every frame-level check; collect all problems found."""
     cid, problems = case.case_id, []
     image = geom = label = counts = None
+    mismatch = _header_mismatch(case, fr)
+    if mismatch:  # the headers already disagree: read neither file's data
+        return None, mismatch
     try:
         image, geom = read_volume(fr.image, case_id=cid, frame=fr.image_frame)
         problems += check_intensities(image, cid, fr.image)
