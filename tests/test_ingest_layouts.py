@@ -157,3 +157,37 @@ def test_info_cfg_with_a_byte_order_mark_is_read(tmp_path):
     cfg.write_bytes(b"\xef\xbb\xbf" + cfg.read_bytes())
     disc = discover(tmp_path / "raw")
     assert len(disc.cases) == 1 and not disc.problems
+
+
+def test_duplicate_case_ids_are_reported_for_every_copy(acdc_root, make_case):
+    """#14 item 3: siteB/patient002 beside patient002 -> both reported, neither built, others kept."""
+    import shutil
+
+    shutil.copytree(acdc_root / "patient002", acdc_root / "siteB" / "patient002")
+    found = discover(acdc_root)
+    assert [c.case_id for c in found.cases] == ["patient001", "patient003"]
+    dup = [p for p in found.problems if p.check == "duplicate_id"]
+    assert sorted(p.file for p in dup) == [str(acdc_root / "patient002"),
+                                           str(acdc_root / "siteB" / "patient002")]
+    assert all("found 2 times" in p.message and "siteB" in p.message for p in dup)
+
+
+def test_prediction_outputs_are_never_inputs(acdc_root, tmp_path, write_nifti, tiny):
+    """#14 item 3: predictions written inside RAW (predict's layout) are not cases, nor duplicates."""
+    preds = acdc_root / "a_preds" / "patient001"  # sorts before the real case folders
+    preds.mkdir(parents=True)
+    write_nifti(preds / "patient001_frame01_pred.nii.gz", tiny.label())
+    loose = acdc_root / "patient003" / "patient003_frame03_pred.nii.gz"
+    write_nifti(loose, tiny.label())
+    found = discover(acdc_root)
+    assert [c.case_id for c in found.cases] == ["patient001", "patient002", "patient003"]
+    assert found.problems == []
+    # a folder holding predict_report.json is skipped whole, whatever its file names
+    gen = tmp_path / "gen"
+    write_nifti(gen / "a.nii.gz", tiny.image())
+    write_nifti(gen / "a_gt.nii.gz", tiny.label())
+    write_nifti(gen / "out" / "a" / "a.nii.gz", tiny.label())
+    (gen / "out" / "predict_report.json").write_text("{}")
+    write_nifti(gen / "b_pred.nii.gz", tiny.label())
+    found = discover(gen, "generic")
+    assert [c.case_id for c in found.cases] == ["a"] and found.problems == []

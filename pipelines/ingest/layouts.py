@@ -28,7 +28,11 @@ log = logging.getLogger(__name__)
 LAYOUTS = ("acdc", "mnms", "nnunet", "generic", "images")
 #: M&Ms labels (1 LV, 2 MYO, 3 RV) -> project (1 RV, 2 MYO, 3 LV).
 MNMS_LABEL_MAP = ((0, 0), (1, 3), (2, 2), (3, 1))
-_ACDC_FRAME = re.compile(r"^(?P<case>.+)_frame(?P<n>\d+)$")
+_ACDC_FRAME = re.compile(r"^(?P<case>.+)_frame(?P<n>\d+)(_gt)?$")
+#: What ``pipelines.predict`` writes into the root of its output folder.
+PREDICT_REPORT = "predict_report.json"
+#: Stem suffix of ``pipelines.predict``'s label files; such files are never images.
+PRED_SUFFIX = "_pred"
 
 
 @dataclass
@@ -51,6 +55,11 @@ def rglob(root: Path, pattern: str):
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:  # a symlink loop or a folder linked twice
+            dirnames[:] = []
+            continue
+        if PREDICT_REPORT in filenames:  # a pipelines.predict output folder: never an input
+            log.info("skipping %s: it holds %s (prediction outputs are not inputs)",
+                     dirpath, PREDICT_REPORT)
             dirnames[:] = []
             continue
         seen.add(real)
@@ -128,7 +137,8 @@ def _acdc_case(folder: Path) -> CaseSpec:
 
 def _discover_acdc(root: Path, **_) -> Discovery:
     folders = {p.parent for p in rglob(root, "Info.cfg")}
-    folders |= {p.parent for p in rglob(root, "*_frame[0-9][0-9]*.nii*")}
+    folders |= {p.parent for p in rglob(root, "*_frame[0-9][0-9]*.nii*")
+                if _ACDC_FRAME.match(volume_stem(p))}  # not *_frameNN_pred (predict's output)
     return _collect("acdc", sorted(folders), _acdc_case)
 
 
@@ -191,7 +201,8 @@ def _candidates(root: Path, image_glob: str | None) -> list[Path]:
     if root.is_file() or is_volume_path(root):
         return [root]
     paths = root.glob(image_glob) if image_glob else rglob(root, "*")
-    return sorted(p for p in paths if not p.name.startswith(".") and is_volume_path(p))
+    return sorted(p for p in paths if not p.name.startswith(".") and is_volume_path(p)
+                  and not volume_stem(p).endswith(PRED_SUFFIX))  # predict's outputs are not inputs
 
 
 def _frames_of(image: Path, label: str | None, cid: str) -> tuple[tuple[FrameSpec, ...], str | None]:
@@ -226,21 +237,36 @@ def _discover_files(root: Path, layout: str, image_glob=None, label_suffix="_gt"
 
 # -- dispatch -----------------------------------------------------------------
 def _collect(layout: str, items, make) -> Discovery:
-    """Build one CaseSpec per item; a CaseError becomes a Problem; duplicate ids are problems."""
+    """Build one CaseSpec per item; a CaseError becomes a Problem.
+
+    A case id found in more than one place (``siteA/patient001`` and
+    ``siteB/patient001``) is ambiguous: every copy becomes a ``duplicate_id``
+    problem naming all of them and none is built, so no copy silently wins and
+    no other case is affected.
+    """
     found = Discovery(layout)
-    seen: set[str] = set()
+    by_id: dict[str, list[tuple[str, CaseSpec | Problem]]] = {}
     for item in items:
         try:
             case = make(item)
+            cid = case.case_id
         except CaseError as exc:
-            found.problems.append(exc.problem)
+            case, cid = exc.problem, exc.problem.case_id
+        by_id.setdefault(cid, []).append((str(item), case))
+    for cid, copies in by_id.items():
+        if len(copies) > 1:
+            where = ", ".join(src for src, _ in copies)
+            found.problems.extend(
+                Problem(cid, src, "duplicate_id",
+                        f"case id {cid!r} is found {len(copies)} times ({where}); none of them is "
+                        "built. Rename or move all but one, or point the input at one site's folder.")
+                for src, _ in copies)
             continue
-        if case.case_id in seen:
-            found.problems.append(Problem(case.case_id, case.frames[0].image, "duplicate_id",
-                                          "case id seen twice; rename one of the inputs."))
-            continue
-        seen.add(case.case_id)
-        found.cases.append(case)
+        (_, case), = copies
+        if isinstance(case, Problem):
+            found.problems.append(case)
+        else:
+            found.cases.append(case)
     found.cases.sort(key=lambda c: c.case_id)
     return found
 
