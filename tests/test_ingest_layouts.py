@@ -191,3 +191,33 @@ def test_prediction_outputs_are_never_inputs(acdc_root, tmp_path, write_nifti, t
     write_nifti(gen / "b_pred.nii.gz", tiny.label())
     found = discover(gen, "generic")
     assert [c.case_id for c in found.cases] == ["a"] and found.problems == []
+
+
+@pytest.mark.parametrize("ending", ["/../../outside/x.nii.gz", "_0000.nii.gz/../../x", "*", "", 7])
+def test_nnunet_file_ending_cannot_leave_the_dataset(tmp_path, write_nifti, tiny, ending):
+    """#14 item 13: a file_ending with ../ (or any non-suffix) is refused, nothing outside is read."""
+    root = _nnunet(tmp_path / "D1", write_nifti, tiny, {"background": 0, "RV": 1, "MYO": 2, "LV": 3})
+    write_nifti(tmp_path / "outside" / "x.nii.gz", tiny.image())
+    meta = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({**meta, "file_ending": ending}))
+    with pytest.raises(ConfigError, match="file_ending .* is not one of"):
+        discover(root)
+
+
+def test_inputs_outside_the_root_are_refused_but_symlinked_folders_stay(acdc_root, tmp_path):
+    """#14 item 13: a case whose files climb out of RAW is a problem; a linked-in folder is fine."""
+    import os
+
+    from pipelines.ingest.layouts import Discovery, _confine
+    from cmrprep.cases import CaseSpec, FrameSpec
+
+    elsewhere = tmp_path / "archive"
+    (acdc_root / "patient003").rename(elsewhere)
+    os.symlink(elsewhere, acdc_root / "patient003")
+    found = discover(acdc_root)
+    assert [c.case_id for c in found.cases] == ["patient001", "patient002", "patient003"]
+    sneaky = CaseSpec("x", "generic", (FrameSpec("F00", str(acdc_root / ".." / ".." / "x.nii.gz"), None),))
+    found = Discovery("generic", [sneaky, found.cases[0]])
+    _confine(found, acdc_root)
+    assert [c.case_id for c in found.cases] == ["patient001"]
+    assert [p.check for p in found.problems] == ["outside_input"]

@@ -236,6 +236,36 @@ def _discover_files(root: Path, layout: str, image_glob=None, label_suffix="_gt"
 
 
 # -- dispatch -----------------------------------------------------------------
+def _outside(path: str | None, root: str) -> bool:
+    """True when ``path`` leaves ``root`` lexically (``..``, absolute elsewhere).
+
+    Symbolic links are not resolved: a case folder the user linked into RAW
+    stays allowed; what is refused is a name that climbs out of RAW.
+    """
+    if path is None:
+        return False
+    norm = os.path.normpath(os.path.abspath(path))
+    return norm != root and not norm.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _confine(found: Discovery, root: Path) -> None:
+    """Turn every case that would read a file outside ``root`` into a problem."""
+    if root.is_file():
+        return
+    base = os.path.normpath(os.path.abspath(root))
+    kept = []
+    for case in found.cases:
+        paths = [p for f in case.frames for p in (f.image, f.label)] + [case.cine]
+        bad = next((p for p in paths if _outside(p, base)), None)
+        if bad is None:
+            kept.append(case)
+            continue
+        found.problems.append(Problem(case.case_id, bad, "outside_input",
+                                      f"file {bad!r} lies outside the input folder {base}; every input "
+                                      "must be inside it (link the case folder into it instead)."))
+    found.cases = kept
+
+
 def _collect(layout: str, items, make) -> Discovery:
     """Build one CaseSpec per item; a CaseError becomes a Problem.
 
@@ -325,6 +355,7 @@ def discover(root: str | Path, layout: str | None = None, *, image_glob: str | N
         found = Discovery("nnunet", cases, problems)
     else:
         found = _discover_files(root, layout, **opts)
+    _confine(found, root)
     log.info("discovered %d %s cases (%d problems) in %s", len(found.cases), found.layout,
              len(found.problems), root)
     return found

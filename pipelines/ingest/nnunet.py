@@ -91,10 +91,30 @@ def _load_dataset_json(root: Path) -> dict:
     return meta
 
 
+#: ``file_ending`` values accepted from ``dataset.json`` (what nnU-Net's readers take).
+FILE_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+
+
+def _file_ending(value, root: Path) -> str:
+    """Validate ``dataset.json``'s ``file_ending``: it becomes part of file names and globs.
+
+    Anything but a known volume suffix (``"../x"``, ``"/"``, ``"*"``) could make
+    the build read files outside the dataset, so it is refused.
+    """
+    if not isinstance(value, str) or value.lower() not in FILE_ENDINGS:
+        raise ConfigError(f"{root / 'dataset.json'}: file_ending {value!r} is not one of "
+                          f"{', '.join(FILE_ENDINGS)}; fix dataset.json.")
+    return value
+
+
 def _cases_in(folder: Path, labels_dir: Path | None, ending: str, label_map) -> tuple[list, list]:
     cases, problems = [], []
     for img in sorted(folder.glob(f"*_0000{ending}")):
         cid = img.name[: -len(f"_0000{ending}")]
+        if not cid:
+            problems.append(Problem(img.name, str(img), "readable",
+                                    f"file name {img.name!r} has no case id before _0000; rename it."))
+            continue
         if (folder / f"{cid}_0001{ending}").exists():
             problems.append(Problem(cid, str(img), "channels",
                                     "multi-channel case (_0001 exists); using channel 0 only.",
@@ -122,7 +142,7 @@ def discover_nnunet(root: Path) -> tuple[list[CaseSpec], list[Problem]]:
     """
     meta = _load_dataset_json(root)
     label_map = label_map_from_names(meta["labels"])
-    ending = meta.get("file_ending", ".nii.gz")
+    ending = _file_ending(meta.get("file_ending", ".nii.gz"), root)
     cases, problems = [], []
     for split, labels in (("imagesTr", "labelsTr"), ("imagesTs", "labelsTs")):
         if (root / split).is_dir():
