@@ -191,7 +191,9 @@ def _model_and_epoch(run_dir: Path, resume: bool, build: dict, loss, optimizer) 
         last = run_dir / "last.keras"
         if not last.exists():
             raise ConfigError(f"cannot resume: {last} does not exist; train without --resume")
-        net = keras.saving.load_model(last)
+        from model.saving import load_model_file
+
+        net = load_model_file(last, compile=True)
         rows = read_history(run_dir)
         best = max((r.get("val_dice_mean", -math.inf) for r in rows), default=None)
         log.info("resuming from %s at epoch %d", last, len(rows))

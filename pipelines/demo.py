@@ -83,4 +83,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipelines.exitcodes import run_main
+
+    sys.exit(run_main(main, 'interrupted; rerun the demo to start again'))

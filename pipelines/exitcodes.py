@@ -21,3 +21,26 @@ EXIT_INTERRUPTED = 130
 
 __all__ = ["EXIT_OK", "EXIT_FAILURE", "EXIT_CONFIG", "EXIT_QUARANTINE", "EXIT_COLLAPSE",
            "EXIT_INTERRUPTED"]
+
+
+def run_main(main, message: str = "interrupted") -> int:
+    """Call a CLI's ``main()``; Ctrl-C becomes one line on stderr and exit code 130.
+
+    Every ``python -m pipelines.*`` module ends with ``sys.exit(run_main(main))``,
+    so an interrupt anywhere (reading, training, writing) never prints a
+    traceback.  What a command leaves behind on interrupt is its own
+    guarantee (the build keeps the previous store version; training keeps
+    ``last.keras`` of the last finished epoch).
+    """
+    import signal
+    import sys
+
+    try:
+        return main()
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while shutting down stays quiet
+        print(message, file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+__all__ += ["run_main"]

@@ -77,9 +77,7 @@ class PredictResult:
 def load_run(run_dir: str | Path):
     """Load ``(model, plan)`` from a training run directory."""
     import model  # noqa: F401 - sets the Keras backend before keras is imported
-    import keras
-
-    import model.losses  # noqa: F401 - registers custom objects
+    from model.saving import load_model_file
 
     run = Path(run_dir)
     ckpt = run / "best.keras"
@@ -88,8 +86,12 @@ def load_run(run_dir: str | Path):
     plan_path = run / "plan.json"
     if not plan_path.exists():
         raise ConfigError(f"{plan_path} is missing; the run must carry the plan it was trained on")
-    plan = Plan.from_json(plan_path.read_text())
-    return keras.saving.load_model(ckpt, compile=False), plan
+    try:
+        plan = Plan.from_json(plan_path.read_text())
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"cannot read the run's plan {plan_path} ({type(exc).__name__}: {exc}); "
+                          "it is corrupt: copy the run folder again or re-run the training.") from exc
+    return load_model_file(ckpt), plan
 
 
 def softmax_probs(net, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -240,10 +242,15 @@ def predict_case(net, case: CaseSpec, plan: Plan, out: Path, inputs: set[str],
     """Segment every frame of one case; returns written files and the centres used."""
     from pipelines.evaluate import prediction_name
     from pipelines.ingest import read_volume
+    from pipelines.ingest.validate import check_intensities
 
     center = _cine_center(case)
     source = "cine_first_harmonic" if center is not None else None
     volumes = [read_volume(f.image, case_id=case.case_id, frame=f.image_frame) for f in case.frames]
+    for frame, (image, _) in zip(case.frames, volumes):
+        problems = check_intensities(image, case.case_id, frame.image)
+        if problems:  # NaN or constant: the network's answer would be meaningless
+            raise CaseError(problems[0])
     if center is None:
         center = frames_center(volumes)
         source = "ed_es_difference" if center is not None else None
@@ -354,4 +361,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipelines.exitcodes import run_main
+
+    sys.exit(run_main(main, 'interrupted; label files already written are complete'))

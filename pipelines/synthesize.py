@@ -240,4 +240,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipelines.exitcodes import run_main
+
+    sys.exit(run_main(main, 'interrupted; files already written are complete, rerun to finish'))

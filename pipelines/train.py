@@ -96,4 +96,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipelines.exitcodes import run_main
+
+    sys.exit(run_main(main, 'interrupted; RUN_DIR/last.keras holds the last finished epoch (continue with --resume)'))

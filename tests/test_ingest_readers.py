@@ -246,3 +246,19 @@ def test_multi_member_gzip_still_reads(tmp_path, tiny):
     path = tmp_path / "multi.nii.gz"
     path.write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]) + bytes(512))
     np.testing.assert_array_equal(read_volume(path, case_id="c")[0], tiny.image())
+
+
+def test_singular_affine_refused(tmp_path, write_nifti, tiny):
+    """#14 item 14: two parallel voxel axes -> 'affine' error at the header, no LinAlgError later."""
+    aff = tiny.affine.copy()
+    aff[:3, 1] = aff[:3, 0]
+    path = write_nifti(tmp_path / "s.nii.gz", tiny.image(), aff)
+    with pytest.raises(CaseError, match=r"affine: affine is singular"):
+        read_header(path, case_id="c")
+
+
+def test_scl_slope_overflow_names_the_scaling(tmp_path, write_nifti, tiny):
+    """#14 item 14: scl_slope 1e38 on int16 data -> 'scaling' error naming slope and intercept."""
+    path = write_nifti(tmp_path / "s.nii.gz", (tiny.image() * 100).astype(np.int16), slope=1e38, inter=0.0)
+    with pytest.raises(CaseError, match=r"scaling: scaled intensities reach .* scl_slope=1e\+38, scl_inter=0"):
+        read_volume(path, case_id="c")

@@ -104,3 +104,54 @@ def test_evaluate_refuses_a_prediction_in_another_geometry(images_only, tmp_path
     msgs = [p["message"] for p in res["problems"] if p["check"] == "geometry"]
     assert msgs and "affine differs" in msgs[0] and "patient001_frame01_gt" in msgs[0]
     assert evaluate_main([str(tmp_path / "pred"), str(images_only / "gt")]) == 3
+
+
+def _rewrite(path: Path, data=None, affine=None):
+    img = nib.load(path)
+    out = np.asarray(img.dataobj) if data is None else data
+    nib.save(nib.Nifti1Image(out, img.affine if affine is None else affine, img.header), path)
+
+
+def test_bad_images_in_predict_are_named_failures_and_others_still_predicted(run_dir, images_only, tmp_path):
+    """#14 item 14: singular affine, constant and NaN images fail their case with a reason."""
+    src = tmp_path / "img"
+    shutil.copytree(images_only / "img", src)
+    for f in src.rglob("*_4d.nii.gz"):
+        f.unlink()
+    shutil.copytree(src / "patient001", src / "patient003")
+    shutil.copytree(src / "patient001", src / "patient004")
+    for n in ("003", "004"):
+        for f in (src / f"patient{n}").iterdir():
+            f.rename(f.with_name(f.name.replace("patient001", f"patient{n}")))
+    f1 = next((src / "patient001").glob("*_frame*.nii.gz"))
+    aff = nib.load(f1).affine.copy()
+    aff[:3, 1] = aff[:3, 0]
+    _rewrite(f1, affine=aff)
+    f3 = next((src / "patient003").glob("*_frame*.nii.gz"))
+    _rewrite(f3, data=np.full(nib.load(f3).shape, 7, np.int16))
+    f4 = next((src / "patient004").glob("*_frame*.nii.gz"))
+    nan = np.asarray(nib.load(f4).dataobj, dtype=np.float32)
+    nan[0, 0, 0] = np.nan
+    _rewrite(f4, data=nan)
+    res = predict(run_dir, src, tmp_path / "pred", progress=False)
+    failed = {f["case_id"]: f for f in res.failed}
+    assert sorted(failed) == ["patient001", "patient003", "patient004"]
+    assert failed["patient001"]["check"] == "affine" and "singular" in failed["patient001"]["message"]
+    assert "constant (every voxel 7)" in failed["patient003"]["message"]
+    assert "1 NaN" in failed["patient004"]["message"]
+    assert res.exit_code == 3 and any("patient002" in w for w in res.written)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(run_dir, tmp_path, caplog):
+    """#14 item 14: a damaged best.keras gives exit 2 and one message naming the file, no traceback."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    data = (run / "best.keras").read_bytes()
+    (run / "best.keras").write_bytes(data[: len(data) // 2])
+    assert predict_main([str(run), str(tmp_path), str(tmp_path / "out"), "--quiet"]) == 2
+    err = caplog.text
+    assert "best.keras" in err and "corrupt" in err and "Traceback" not in err
+    caplog.clear()
+    (run / "best.keras").write_bytes(b"PK\x03\x04" + bytes(100))  # zip magic, garbage inside
+    assert predict_main([str(run), str(tmp_path), str(tmp_path / "out"), "--quiet"]) == 2
+    assert "best.keras" in caplog.text and "Traceback" not in caplog.text

@@ -102,4 +102,6 @@ def print_summary(res: BuildResult, dry_run: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipelines.exitcodes import run_main
+
+    sys.exit(run_main(main, 'interrupted; the previous store version is intact'))

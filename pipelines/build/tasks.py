@@ -181,6 +181,11 @@ def _process(case: CaseSpec, plan: Plan, staging: Path, key: str) -> dict[str, A
         raise CaseError(Problem(case.case_id, None, "labels",
                                 "case has no label files; the build needs labels "
                                 "(use pipelines.predict for image-only inputs)"))
+    from pipelines.ingest.validate import check_case
+
+    errors = [p for p in check_case(case) if p.severity == "error"]
+    if errors:  # what ingest would quarantine the case for, before any frame is read
+        raise CaseError(errors[0])
     blocks, records, prints, warnings = [], [], [], []
     for frame_no, frame in enumerate(select_frames(case, plan)):
         arrays, record, fp, warn = _frame_block(case, frame, frame_no, plan)

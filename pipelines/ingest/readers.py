@@ -140,6 +140,40 @@ def _check_spacing(spacing, case_id: str, path, source: str) -> None:
                     "Fix pixdim / the affine in the header (spacing in mm, positive).")
 
 
+#: Smallest |det| of the affine's 3x3 part relative to the product of its column lengths
+#: (1 for orthogonal axes); below it the voxel axes are (nearly) parallel.
+MIN_AFFINE_ORTHOGONALITY: float = 1e-3
+
+
+def _check_affine(affine: np.ndarray, case_id: str, path) -> None:
+    """Refuse a singular or degenerate affine (two voxel axes parallel, non-finite entries)."""
+    m = np.asarray(affine, dtype=np.float64)[:3, :3]
+    if not np.isfinite(m).all():
+        raise _fail(case_id, path, "affine",
+                    f"affine holds non-finite values {m.tolist()}; fix the sform/qform in the header.")
+    norms = np.linalg.norm(m, axis=0)
+    ratio = abs(float(np.linalg.det(m))) / float(np.prod(norms)) if norms.all() else 0.0
+    if ratio < MIN_AFFINE_ORTHOGONALITY:
+        raise _fail(case_id, path, "affine",
+                    f"affine is singular (|det| / spacing product = {ratio:.3g}; axes "
+                    f"{np.round(m, 4).tolist()}): two voxel axes are parallel, so positions in mm "
+                    "are undefined. Fix the sform/qform in the header (re-export the volume).")
+
+
+def _check_range(data: np.ndarray, proxy, case_id: str, path) -> None:
+    """Refuse scaled data beyond float32 (a corrupt ``scl_slope``/``scl_inter``)."""
+    if data.dtype != np.float64 or data.size == 0:
+        return
+    peak = max(abs(float(np.nanmax(data))), abs(float(np.nanmin(data))))
+    limit = float(np.finfo(np.float32).max)
+    if peak > limit:
+        slope, inter = (float(getattr(proxy, "slope", np.nan)), float(getattr(proxy, "inter", np.nan)))
+        raise _fail(case_id, path, "scaling",
+                    f"scaled intensities reach {peak:.3g}, beyond float32 ({limit:.3g}); "
+                    f"scl_slope={slope:g}, scl_inter={inter:g} in the header are corrupt. "
+                    "Fix them (usually 1 and 0) or re-export the volume.")
+
+
 def _nifti_info(path: Path, case_id: str) -> Header:
     try:
         hdr = _nifti_header(path)
@@ -156,6 +190,7 @@ def _nifti_info(path: Path, case_id: str) -> Header:
     affine = hdr.get_best_affine()
     geom = Geometry.from_affine(affine, shape[:3])
     _check_spacing(geom.spacing, case_id, path, "affine")
+    _check_affine(affine, case_id, path)
     try:
         itemsize = hdr.get_data_dtype().itemsize
     except Exception:  # unknown datatype code: nibabel says which when the data is read
@@ -332,7 +367,8 @@ def _read_nifti(path: Path, case_id: str, frame: int | None) -> tuple[np.ndarray
     header = _nifti_info(path, case_id)
     t = _check_frame(header.shape, frame, case_id, path)
     try:
-        proxy = _nifti_image(path, header).dataobj
+        image = _nifti_image(path, header)
+        proxy = image.dataobj
         extra = (0,) * (len(proxy.shape) - len(header.shape))  # trailing singleton axes
         index = (slice(None),) * 3 + ((t,) if t is not None else ()) + extra
         data = np.asanyarray(proxy[index])
@@ -345,6 +381,7 @@ def _read_nifti(path: Path, case_id: str, frame: int | None) -> tuple[np.ndarray
         raise _fail(case_id, path, "readable",
                     f"cannot read the voxel data ({type(exc).__name__}: {exc}). "
                     "The file is truncated or corrupt: re-export or re-download it.") from exc
+    _check_range(data, proxy, case_id, path)
     return np.asarray(data), header.geometry
 
 

@@ -17,7 +17,7 @@ from cmrprep.cases import CLASSES, CaseError, CaseSpec, FrameSpec, Problem
 from cmrprep.geometry import Geometry
 from pipelines.ingest.readers import read_cine, read_header, read_volume
 
-__all__ = ["AFFINE_TOL_MM", "LoadedFrame", "load_frame", "load_cine", "validate_case",
+__all__ = ["AFFINE_TOL_MM", "LoadedFrame", "load_frame", "load_cine", "validate_case", "check_case",
            "check_intensities", "check_labels", "check_alignment", "check_metadata"]
 
 log = logging.getLogger(__name__)
@@ -47,16 +47,23 @@ def _values(vals: np.ndarray, n: int = 8) -> str:
 
 
 def check_intensities(image: np.ndarray, case_id: str, path: str) -> list[Problem]:
-    """Error when the image holds NaN or Inf voxels (reports their count)."""
-    if not np.issubdtype(image.dtype, np.floating):
+    """Error when the image holds NaN or Inf voxels (reports their count) or is constant.
+
+    A constant image (every voxel the same value: a blank export, a failed
+    reconstruction) has nothing to segment or learn from.
+    """
+    if image.size == 0:
         return []
-    if image.size == 0 or (np.isfinite(image.min()) and np.isfinite(image.max())):
-        return []  # two vectorised reductions; NaN propagates through min/max
-    n_nan, n_inf = int(np.isnan(image).sum()), int(np.isinf(image).sum())
-    if n_nan or n_inf:
+    lo, hi = image.min(), image.max()  # two vectorised reductions; NaN propagates through them
+    if np.issubdtype(image.dtype, np.floating) and not (np.isfinite(lo) and np.isfinite(hi)):
+        n_nan, n_inf = int(np.isnan(image).sum()), int(np.isinf(image).sum())
         return [Problem(case_id, path, "intensity",
                         f"{n_nan} NaN and {n_inf} Inf voxels out of {image.size}; "
                         "re-export the image or mask the corrupt region.")]
+    if lo == hi:
+        return [Problem(case_id, path, "intensity",
+                        f"image is constant (every voxel {float(lo):g}); it holds no anatomy. "
+                        "Re-export it from the scanner or drop the case.")]
     return []
 
 
@@ -280,6 +287,15 @@ def _check_cine(case: CaseSpec) -> list[Problem]:
     return []
 
 
+def check_case(case: CaseSpec) -> list[Problem]:
+    """Case-level checks (ED/ES metadata, the cine's header); no frame is read.
+
+    The build runs these before any frame, so a case ``ingest`` quarantines
+    for its cine (e.g. a 3D file named ``*_4d``) is quarantined by ``build`` too.
+    """
+    return check_metadata(case) + _check_cine(case)
+
+
 def validate_case(case: CaseSpec) -> list[Problem]:
     """Run every check on every frame of a case; never raises for data problems.
 
@@ -288,7 +304,7 @@ def validate_case(case: CaseSpec) -> list[Problem]:
     list of Problem
         Errors (quarantine the case) and warnings, in frame order.
     """
-    problems = check_metadata(case) + _check_cine(case)
+    problems = check_case(case)
     for fr in case.frames:
         problems += _inspect(case, fr)[1]
     for p in problems:

@@ -255,3 +255,42 @@ def test_a_non_utf8_case_name_builds_and_keeps_the_report(raw, tmp_path):
     assert res.published and not res.quarantined
     assert (tmp_path / "out" / "report" / "summary.md").exists()
     assert "patient\udcff002" in _case_ids(tmp_path / "out")
+
+
+def test_a_3d_file_named_4d_is_quarantined_as_ingest_does(raw, tmp_path):
+    """#14 item 14: build runs ingest's case-level checks (the cine header) before any frame."""
+    import nibabel as nib
+
+    from pipelines.ingest import ingest
+
+    bad_raw = tmp_path / "raw"
+    shutil.copytree(raw, bad_raw)
+    frame = bad_raw / "patient004" / "patient004_frame01.nii.gz"
+    shutil.copy(frame, bad_raw / "patient004" / "patient004_4d.nii.gz")
+    assert len(nib.load(bad_raw / "patient004" / "patient004_4d.nii.gz").shape) == 3
+    res = build(BuildConfig(bad_raw, tmp_path / "out", workers=0, progress=False, report=False))
+    assert res.exit_code == 3
+    assert [(q["case_id"], q["check"]) for q in res.quarantined] == [("patient004", "dimensions")]
+    assert "expected 4D" in res.quarantined[0]["message"]
+    pre = ingest(bad_raw)
+    assert pre.quarantined_ids == ["patient004"]
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
+    """#14 item 14: SIGINT to the whole process group -> exit 130, one line, no traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "syn"
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.synthesize", str(out), "--cases", "400",
+                             "--seed", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[2], start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (out / "patient002").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted")
