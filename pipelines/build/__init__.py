@@ -89,6 +89,7 @@ class _Build:
         remove_stale(out)
         current = outdir.current_version(out)
         index = incremental.StoreIndex(current)
+        self._damaged_groups = self._verify(index)
         digest_index = incremental.DigestIndex(self.state / "digests.json")
         headers, problems, digests = incremental.survey(disc.cases, digest_index, index)
         result.quarantined.extend(p.to_dict() for p in problems)
@@ -119,7 +120,8 @@ class _Build:
         if cfg.dry_run:
             result.seconds = time.perf_counter() - self.t0
             return result
-        unchanged = not todo and cases and (
+        damaged = bool(self._damaged_groups) or index.unreadable
+        unchanged = not todo and cases and not damaged and (
             _build_key(phash, [keys[c.case_id] for c in cases]) == _current_key(current))
         client = self._client() if not unchanged else None
         try:
@@ -138,7 +140,7 @@ class _Build:
                 result.warnings.extend(entry.get("warnings") or [])
             build_key = _build_key(phash, [e["key"] for e in entries])
             result.n_slices = int(sum(e["n_slices"] for e in entries))
-            if build_key == _current_key(current):
+            if build_key == _current_key(current) and not damaged:
                 log.info("store is up to date (%d cases); nothing to publish", len(entries))
             else:
                 self._publish(entries, plan, build_key, current, index, client)
@@ -158,6 +160,30 @@ class _Build:
                                      "client_cpu_s", "client_peak_rss_mib")},
                           quarantined=[q["case_id"] for q in result.quarantined])
         return result
+
+    def _verify(self, index: incremental.StoreIndex) -> set[str]:
+        """Find damaged data in the published version; its cases are processed again.
+
+        Every build checks each shard file's size against the size recorded
+        when it was written (one ``stat`` per shard) and that each group's
+        records exist.  The cases of a damaged group are dropped from the
+        index, so they are read from RAW again and the group is rewritten;
+        the repaired cases are named in the log and the result.
+        """
+        if index.version is None:
+            return set()
+        cases, groups = index.damaged()
+        if cases:
+            log.warning("store version %s is damaged: %d shard groups (%d cases: %s%s) have missing "
+                        "or resized files; those cases are processed again from the inputs",
+                        index.version.name, len(groups), len(cases), ", ".join(cases[:8]),
+                        ", ..." if len(cases) > 8 else "")
+            index.forget(cases)
+            self.result.repaired = cases
+            self.runlog.event("repair", cases=cases, groups=sorted(groups))
+        if index.unreadable:
+            self.result.repaired = ["(whole store: unreadable case table)"]
+        return groups
 
     def _client(self):
         """The build's Dask client, started on first use (``None``: run in this process)."""
@@ -231,8 +257,10 @@ class _Build:
         def run_tasks(func, items):
             return map_tasks(func, items, client=client, retries=1, desc="groups", progress=False)
 
-        counts = store.write_version(tmp, current, self.staging, entries, plan, stats, build_key,
-                                     run_tasks, old_groups={g[0]: g for g in index.groups})
+        previous = None if index.unreadable else current  # nothing can be reused from it
+        counts = store.write_version(tmp, previous, self.staging, entries, plan, stats, build_key,
+                                     run_tasks, old_groups={g[0]: g for g in index.groups
+                                                            if g[0] not in self._damaged_groups})
         final = outdir.publish(self.out, tmp, build_key[:12] + "-" + uuid.uuid4().hex[:6])
         self.result.published = True
         log.info("published %s (%d slices from %d cases; %d of %d groups rewritten)", final.name,

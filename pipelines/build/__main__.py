@@ -97,6 +97,9 @@ def print_summary(res: BuildResult, dry_run: bool = False) -> None:
     print(f"{res.n_cases} cases: processed {len(res.processed)}, reused {len(res.reused)}, "
           f"removed {len(res.removed)}, quarantined {len(res.quarantined)}; "
           f"{res.n_slices} slices in {res.out / 'store.zarr'} ({res.seconds:.1f} s)")
+    if res.repaired:
+        print(f"repaired: {len(res.repaired)} cases whose store data was damaged were rebuilt from "
+              f"the inputs ({', '.join(res.repaired[:10])}{', ...' if len(res.repaired) > 10 else ''})")
     for q in res.quarantined:
         print(f"  QUARANTINED {q['case_id']}: {q.get('check')}: {q.get('message')} [{q.get('file')}]")
 

@@ -92,6 +92,8 @@ class BuildResult:
     processed: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    #: Cases processed again because the published version's data for them was damaged.
+    repaired: list[str] = field(default_factory=list)
     quarantined: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[dict[str, Any]] = field(default_factory=list)
     full_rebuild: bool = False

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import zipfile
 from pathlib import Path
@@ -26,6 +27,8 @@ from typing import Any
 import numpy as np
 
 import cmrprep
+
+log = logging.getLogger(__name__)
 
 STAGED_ARRAYS = ("images", "labels", "class_counts", "class_counts_raw", "slice_index",
                 "phase", "frame_local")
@@ -237,20 +240,67 @@ class StoreIndex:
         self.warnings: dict[str, list[dict[str, Any]]] = {}
         self.plan: dict[str, Any] | None = None
         self._row: dict[str, int] = {}
+        #: The version exists but its case table or attributes cannot be read.
+        self.unreadable = False
         if version is None:
-            return
-        try:
-            meta = json.loads((version / "case_table" / "zarr.json").read_text())["attributes"]
-            self.plan = json.loads((version / "zarr.json").read_text())["attributes"].get("plan")
-        except (OSError, ValueError, KeyError):
             return
         import zarr
 
-        self.table = np.asarray(zarr.open_array(str(version / "case_table"), mode="r")[...],
-                                dtype=np.int64).reshape(-1, 8)
-        self.case_ids, self.keys = list(meta["case_ids"]), list(meta["keys"])
-        self.groups, self.warnings = list(meta["groups"]), dict(meta.get("warnings", {}))
+        try:
+            meta = json.loads((version / "case_table" / "zarr.json").read_text())["attributes"]
+            self.plan = json.loads((version / "zarr.json").read_text())["attributes"].get("plan")
+            table = np.asarray(zarr.open_array(str(version / "case_table"), mode="r")[...],
+                               dtype=np.int64).reshape(-1, 8)
+            case_ids, keys = list(meta["case_ids"]), list(meta["keys"])
+            groups, warnings = list(meta["groups"]), dict(meta.get("warnings", {}))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self.unreadable = (version / "zarr.json").exists() or (version / "case_table").exists()
+            if self.unreadable:
+                log.warning("store version %s cannot be read (%s: %s); every case is built again",
+                            version, type(exc).__name__, exc)
+            return
+        if len(table) != len(case_ids) or len(keys) != len(case_ids):
+            self.unreadable = True
+            log.warning("store version %s has a damaged case table; every case is built again", version)
+            return
+        self.table, self.case_ids, self.keys = table, case_ids, keys
+        self.groups, self.warnings = groups, warnings
         self._row = {cid: i for i, cid in enumerate(self.case_ids)}
+
+    def damaged(self) -> tuple[list[str], set[str]]:
+        """Cases whose data in the version is missing or not as written, and their group keys.
+
+        Cheap: one ``stat`` per shard file, compared with the sizes recorded
+        when the version was written (``case_table`` groups), plus the group's
+        records.  A version whose ``case_table`` cannot be read while its
+        directory exists counts as wholly damaged (:attr:`unreadable`).
+        """
+        bad_groups: set[str] = set()
+        for g in self.groups:
+            gkey, first, n = g[0], int(g[1]), int(g[2])
+            sizes = g[5] if len(g) > 5 else None
+            files = [self.version / name / "c" / str(k) / "0" / "0" for name in ("images", "labels")
+                     for k in range(first, first + n)]
+            if sizes is None or len(sizes) != len(files):
+                continue  # written before sizes were recorded: nothing to compare with
+            for f, size in zip(files, sizes):
+                try:
+                    actual = f.stat().st_size
+                except FileNotFoundError:
+                    actual = 0
+                if actual != size:
+                    bad_groups.add(gkey)
+                    break
+            if not (self.version / "records" / gkey / "zarr.json").is_file():
+                bad_groups.add(gkey)
+        cases = [cid for cid, i in self._row.items()
+                 if self.groups[int(self.table[i, 2])][0] in bad_groups]
+        return sorted(cases), bad_groups
+
+    def forget(self, case_ids) -> None:
+        """Treat ``case_ids`` as absent from the store (their data is damaged: process them again)."""
+        for cid in case_ids:
+            self._row.pop(cid, None)
 
     def key_of(self, case_id: str) -> str | None:
         """The key the store holds for ``case_id`` (``None``: not in the store)."""
