@@ -190,7 +190,8 @@ class _Build:
         cfg = self.cfg
         if self._client_ is None and (cfg.workers > 0 or cfg.scheduler):
             self._client_ = self._stack.enter_context(
-                dask_client(cfg.workers, memory_limit=cfg.memory_limit, scheduler=cfg.scheduler))
+                dask_client(cfg.workers, memory_limit=cfg.memory_limit, scheduler=cfg.scheduler,
+                            scheduler_timeout=cfg.scheduler_timeout))
         return self._client_
 
     def _read_spacings(self, cases: list[CaseSpec]) -> list[list[float] | None]:

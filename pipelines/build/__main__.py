@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="local Dask worker processes (0: no Dask)")
     p.add_argument("--memory-limit", default="auto", help="per-worker memory limit, e.g. 4GiB")
     p.add_argument("--scheduler", help="address of an existing Dask scheduler")
+    p.add_argument("--scheduler-timeout", type=float, default=60.0, metavar="S",
+                   help="seconds to wait for --scheduler to answer and have a worker")
     p.add_argument("--retries", type=int, default=2, help="retries for transient task errors")
     p.add_argument("--dry-run", action="store_true", help="list what would change, do nothing")
     p.add_argument("--wait", action="store_true", help="wait for a running build instead of failing")
@@ -53,6 +55,7 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
                        foreground_share=args.foreground_share, seed=args.seed,
                        store_dtype=args.store_dtype, replicate=args.replicate, workers=args.workers,
                        memory_limit=args.memory_limit, scheduler=args.scheduler,
+                       scheduler_timeout=args.scheduler_timeout,
                        retries=args.retries, dry_run=args.dry_run, wait=args.wait,
                        report=not args.no_report, progress=not args.quiet)
 

@@ -15,8 +15,16 @@ log = logging.getLogger(__name__)
 
 @contextmanager
 def dask_client(workers: int = 2, *, threads_per_worker: int = 1, memory_limit: str = "auto",
-                scheduler: str | None = None) -> Iterator[Any]:
+                scheduler: str | None = None, scheduler_timeout: float = 60.0) -> Iterator[Any]:
     """Yield a ``distributed.Client``; tear the cluster down on exit.
+
+    The local cluster is private to this build: every comm (scheduler,
+    nannies, workers, client) is TLS with a temporary certificate authority
+    created for the run and required of every peer (mutual TLS), bound to
+    127.0.0.1, so no other local user can connect and submit code; the HTTP
+    servers Dask starts on every node (the dashboard, ``/metrics``) are
+    given no routes and closed once the cluster is up, so nothing else
+    listens.
 
     Parameters
     ----------
@@ -27,13 +35,23 @@ def dask_client(workers: int = 2, *, threads_per_worker: int = 1, memory_limit: 
     memory_limit : str
         Per-worker memory limit (``"auto"`` splits system memory).
     scheduler : str or None
-        Address of an existing scheduler (``tcp://host:8786``); workers there
-        must see the same input and output paths (shared filesystem).
+        Address of an existing scheduler (``tcp://host:8786`` or ``tls://...``;
+        TLS credentials come from the Dask configuration,
+        ``distributed.comm.tls.*``); workers there must see the same input and
+        output paths (shared filesystem).
+    scheduler_timeout : float
+        Seconds to wait for ``scheduler`` to answer and to have at least one
+        worker; then :class:`~cmrprep.plan.ConfigError` (the build never hangs
+        holding its lock).
     """
     saved = {k: os.environ.get(k) for k in _SPAWN_ENV}
     try:
-        with _client(workers, threads_per_worker, memory_limit, scheduler) as client:
-            yield client
+        if scheduler:
+            with _remote_client(scheduler, scheduler_timeout) as client:
+                yield client
+        else:
+            with _local_client(workers, threads_per_worker, memory_limit) as client:
+                yield client
     finally:
         _restore_env(saved)
 
@@ -54,26 +72,74 @@ def _restore_env(saved: dict[str, str | None]) -> None:
 
 
 @contextmanager
-def _client(workers: int, threads_per_worker: int, memory_limit: str,
-            scheduler: str | None) -> Iterator[Any]:
-    from distributed import Client, LocalCluster
+def _remote_client(scheduler: str, timeout: float) -> Iterator[Any]:
+    from distributed import Client
 
-    if scheduler:
-        log.info("connecting to Dask scheduler %s", scheduler)
-        with Client(scheduler, timeout="30s") as client:
-            yield client
-        return
+    from cmrprep.plan import ConfigError
+
+    log.info("connecting to Dask scheduler %s (timeout %g s)", scheduler, timeout)
+    try:
+        client = Client(scheduler, timeout=f"{timeout}s")
+    except (OSError, TimeoutError) as exc:
+        raise ConfigError(f"cannot reach the Dask scheduler {scheduler} within {timeout:g} s "
+                          f"({type(exc).__name__}: {exc}); check the address, or raise "
+                          "--scheduler-timeout.") from exc
+    with client:
+        try:
+            client.wait_for_workers(1, timeout=timeout)
+        except TimeoutError:
+            raise ConfigError(f"the Dask scheduler {scheduler} has no worker after {timeout:g} s; "
+                              "start workers (`dask worker ADDRESS`) or raise --scheduler-timeout. "
+                              "Nothing was built.") from None
+        yield client
+
+
+#: HTTP routes of every Dask node of the local cluster: none (no dashboard, no /metrics).
+_NO_HTTP = {"distributed.scheduler.http.routes": [], "distributed.worker.http.routes": []}
+
+
+@contextmanager
+def _local_client(workers: int, threads_per_worker: int, memory_limit: str) -> Iterator[Any]:
+    import dask
+    from distributed import Client, LocalCluster
+    from distributed.security import Security
+
     local_dir = tempfile.mkdtemp(prefix="cmrprep-dask-")
-    log.info("starting LocalCluster: %d workers x %d threads, memory limit %s",
+    log.info("starting LocalCluster: %d workers x %d threads, memory limit %s (TLS, loopback)",
              workers, threads_per_worker, memory_limit)
     try:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker,
-                               processes=True, memory_limit=memory_limit, dashboard_address=None,
-                               local_directory=local_dir, silence_logs=logging.WARNING)
+        with dask.config.set(_NO_HTTP):  # read by the workers' processes as they start
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker,
+                                   processes=True, memory_limit=memory_limit, dashboard_address=None,
+                                   host="127.0.0.1", protocol="tls://", security=Security.temporary(),
+                                   local_directory=local_dir, silence_logs=logging.WARNING)
         with cluster, Client(cluster) as client:
+            _close_http_servers(cluster, client)
             yield client
     finally:
         shutil.rmtree(local_dir, ignore_errors=True)  # workers' scratch space (spill, locks)
+
+
+def _close_http_servers(cluster: Any, client: Any) -> None:
+    """Stop the HTTP server Dask starts on the scheduler and on each worker (unasked-for)."""
+    def stop_worker_http(dask_worker=None):
+        server = getattr(dask_worker, "http_server", None)
+        if server is not None:
+            server.stop()
+        return True
+
+    def stop_scheduler_http():
+        server = getattr(cluster.scheduler, "http_server", None)
+        if server is not None:
+            server.stop()
+
+    client.run(stop_worker_http)
+    cluster.sync(_call_async, stop_scheduler_http)
+
+
+async def _call_async(func: Callable[[], None]) -> None:
+    """Run ``func`` on the cluster's event loop (tornado servers are stopped from their loop)."""
+    func()
 
 
 def map_tasks(func: Callable[..., dict], items: list[tuple], *, client: Any | None,

@@ -32,6 +32,9 @@ class BuildConfig:
         Per-worker memory limit of the local cluster.
     scheduler : str, optional
         Address of an existing Dask scheduler (``tcp://host:8786``).
+    scheduler_timeout : float
+        Seconds to wait for ``scheduler`` to answer and have a worker (then a
+        :class:`~cmrprep.plan.ConfigError`, exit 2).
     retries : int
         Retries of a task that failed with a transient error.
     dry_run, wait, report, progress : bool
@@ -58,6 +61,7 @@ class BuildConfig:
     workers: int = 2
     memory_limit: str = "auto"
     scheduler: str | None = None
+    scheduler_timeout: float = 60.0
     retries: int = 2
     dry_run: bool = False
     wait: bool = False
@@ -79,6 +83,8 @@ class BuildConfig:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
         if self.retries < 0:
             raise ConfigError(f"--retries must be >= 0, got {self.retries}")
+        if not self.scheduler_timeout > 0:
+            raise ConfigError(f"--scheduler-timeout must be > 0 seconds, got {self.scheduler_timeout}")
         return self
 
 

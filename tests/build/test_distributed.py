@@ -97,3 +97,69 @@ def test_local_workers_are_single_threaded_and_the_client_environment_is_restore
     assert all(e == {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
                      "MALLOC_TRIM_THRESHOLD_": "65536"} for e in envs), envs
     assert {k: os.environ.get(k) for k in before} == before
+
+
+def _listening_ports(pids):
+    import psutil
+
+    ports = []
+    for pid in pids:
+        for conn in psutil.Process(pid).net_connections(kind="inet"):
+            if conn.status == psutil.CONN_LISTEN:
+                ports.append((conn.laddr.ip, conn.laddr.port))
+    return ports
+
+
+def test_local_cluster_is_private_tls_and_serves_no_http():
+    """#14 item 8: only mutual-TLS comm ports on 127.0.0.1; no dashboard/metrics server; a client
+    without the run's certificate (plain TCP, TLS without a cert, another CA) cannot connect."""
+    import psutil
+    import urllib.request
+
+    from distributed import Client
+    from distributed.security import Security
+
+    from pipelines.build.cluster import dask_client
+
+    with dask_client(2) as client:
+        address = client.scheduler.address
+        assert address.startswith("tls://127.0.0.1:")
+        pids = [os.getpid()] + [p.pid for p in psutil.Process().children(recursive=True)]
+        ports = _listening_ports(pids)
+        assert ports and all(ip == "127.0.0.1" for ip, _ in ports)
+        assert 8787 not in {p for _, p in ports}
+        for _, port in ports:  # none of them answers HTTP
+            with pytest.raises(Exception):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=3)
+        port = address.rsplit(":", 1)[1]
+        for addr, security in ((f"tcp://127.0.0.1:{port}", None), (address, None),
+                               (address, Security.temporary())):
+            with pytest.raises(Exception):
+                Client(addr, security=security, timeout="3s")
+        assert client.submit(sum, [1, 2], pure=False).result() == 3  # the build's own client works
+
+
+def test_scheduler_without_workers_fails_after_the_timeout(tmp_path):
+    """#14 item 8: --scheduler pointing at a scheduler with no worker -> exit 2, lock released."""
+    from pipelines.build.__main__ import main
+
+    raw = tmp_path / "raw"
+    synthesize(raw, 2, 5, layout="acdc")
+    port = _free_port()
+    sched = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                              "--port", str(port), "--dashboard-address", ":0", "--no-show"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.5)
+        t0 = time.monotonic()
+        code = main([str(raw), str(tmp_path / "out"), "--scheduler", f"tcp://127.0.0.1:{port}",
+                     "--scheduler-timeout", "3", "--quiet"])
+        assert code == 2 and time.monotonic() - t0 < 60
+        assert not (tmp_path / "out" / "store.zarr").exists()
+        code = main([str(raw), str(tmp_path / "out"), "--scheduler", f"tcp://127.0.0.1:{_free_port()}",
+                     "--scheduler-timeout", "2", "--quiet"])  # nobody listening
+        assert code == 2
+    finally:
+        sched.terminate()
+        sched.wait(timeout=20)
+    assert build(BuildConfig(raw, tmp_path / "out", workers=0, progress=False)).exit_code == 0  # not locked
