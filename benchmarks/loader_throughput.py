@@ -140,6 +140,9 @@ def class_share_report(store, train_idx: np.ndarray, ds, n_draws: int) -> list[s
 
 def main(argv: list[str] | None = None) -> int:
     """Print open time, slices/s, peak RSS and class shares for one store."""
+    from pipelines.backend import use_cli_default_backend
+
+    use_cli_default_backend()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("shards", nargs="?", help="build output folder (or store); or use --synthetic")
     p.add_argument("--synthetic", type=int, help="write/read a synthetic store of this many slices")

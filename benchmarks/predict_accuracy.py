@@ -88,6 +88,9 @@ def single_frame_dice(run_dir: Path, raw: Path, out: Path) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     """Print the comparison table."""
+    from pipelines.backend import use_cli_default_backend
+
+    use_cli_default_backend()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path)
     p.add_argument("--cases", type=int, default=10)

@@ -55,6 +55,9 @@ def _build(raw: Path, out: Path, spec: dict, workers: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the comparison and print the table."""
+    from pipelines.backend import use_cli_default_backend
+
+    use_cli_default_backend()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", type=int, default=40)
     p.add_argument("--minutes", type=float, default=20.0)

@@ -26,7 +26,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-import model  # noqa: F401  (sets KERAS_BACKEND before keras is imported)
 import keras
 
 from cmrprep.plan import ConfigError

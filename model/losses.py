@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import model  # noqa: F401  (sets KERAS_BACKEND before keras is imported)
 import keras
 from keras import ops
 

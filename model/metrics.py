@@ -21,7 +21,6 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-import model  # noqa: F401  (sets KERAS_BACKEND before keras is imported)
 import keras
 
 __all__ = ["confusion_counts", "dice_from_confusion", "mean_dice", "DiceAccumulator",

@@ -32,7 +32,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-import model  # noqa: F401  (sets KERAS_BACKEND before keras is imported)
 import keras
 
 from cmrprep.plan import ConfigError

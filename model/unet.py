@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-import model  # noqa: F401  (sets KERAS_BACKEND before keras is imported)
 import keras
 from keras import layers, ops
 

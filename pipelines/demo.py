@@ -66,6 +66,9 @@ def _train_predict_evaluate(out: Path, shards: Path, test_raw: Path, seed: int,
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
+    from pipelines.backend import use_cli_default_backend
+
+    use_cli_default_backend()  # PyTorch unless KERAS_BACKEND says otherwise
     p = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__)
     p.add_argument("out", nargs="?", default="demo_out")
     p.add_argument("--cases", type=int, default=24, help="synthetic training cases")

@@ -76,7 +76,6 @@ class PredictResult:
 
 def load_run(run_dir: str | Path):
     """Load ``(model, plan)`` from a training run directory."""
-    import model  # noqa: F401 - sets the Keras backend before keras is imported
     from model.saving import load_model_file
 
     run = Path(run_dir)
@@ -335,6 +334,9 @@ def predict(run_dir: str | Path, input_path: str | Path, out: str | Path, *,
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
+    from pipelines.backend import use_cli_default_backend
+
+    use_cli_default_backend()  # PyTorch unless KERAS_BACKEND says otherwise
     p = argparse.ArgumentParser(prog="python -m pipelines.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir")

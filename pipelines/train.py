@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, train, print a summary; return the exit code."""
+    from pipelines.backend import use_cli_default_backend
+
+    use_cli_default_backend()  # PyTorch unless KERAS_BACKEND says otherwise
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # argparse: usage error (2) or --help (0)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# The tests run Keras on PyTorch, as the CLIs do; the library itself never sets a backend
+# (tests/test_backend.py checks that in a clean process).
+os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import nibabel as nib
 import numpy as np

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 
-import model  # noqa: F401  (KERAS_BACKEND)
 import keras
 
 from cmrprep.plan import ConfigError

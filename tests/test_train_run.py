@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-import model  # noqa: F401  (KERAS_BACKEND)
 import keras
 
 from model.train import read_history, train
