@@ -15,6 +15,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from pipelines.exitcodes import help_formatter, plain_text
+
 log = logging.getLogger("pipelines.demo")
 
 
@@ -69,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.backend import use_cli_default_backend
 
     use_cli_default_backend()  # PyTorch unless KERAS_BACKEND says otherwise
-    p = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m pipelines.demo", description=plain_text(__doc__),
+                                formatter_class=help_formatter())
     p.add_argument("out", nargs="?", default="demo_out")
     p.add_argument("--cases", type=int, default=24, help="synthetic training cases")
     p.add_argument("--seed", type=int, default=0)

@@ -27,7 +27,7 @@ import numpy as np
 from cmrprep.cases import CLASSES, CaseError, Problem
 from cmrprep.metrics import ejection_fraction, per_class_metrics
 from cmrprep.plan import ConfigError
-from pipelines.exitcodes import EXIT_CONFIG, EXIT_OK, EXIT_QUARANTINE
+from pipelines.exitcodes import EXIT_CONFIG, EXIT_OK, EXIT_QUARANTINE, help_formatter, plain_text
 
 log = logging.getLogger("pipelines.evaluate")
 AFFINE_TOL = 1e-3
@@ -188,8 +188,8 @@ def _write_outputs(out: Path, rows, clinical, summary, problems) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
-    p = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description=plain_text(__doc__),
+                                formatter_class=help_formatter())
     p.add_argument("pred", help="folder with *_pred.nii.gz files")
     p.add_argument("gt", help="ground-truth folder in any supported layout")
     p.add_argument("--out", help="output folder (default PRED/evaluation)")

@@ -44,3 +44,29 @@ def run_main(main, message: str = "interrupted") -> int:
 
 
 __all__ += ["run_main"]
+
+
+def plain_text(doc: str | None) -> str:
+    """A module docstring as plain text for ``--help``: reST roles and literals unwrapped.
+
+    >>> plain_text("Use :func:`build` with ``--workers 2``; see :mod:`pipelines.build`.")
+    'Use build with --workers 2; see pipelines.build.'
+    """
+    import re
+
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", doc or "")
+    text = re.sub(r"``([^`]+)``", r"\1", text)
+    return re.sub(r"`([^`]+)`_?", r"\1", text)
+
+
+def help_formatter():
+    """argparse formatter for every CLI: the description as written, each option's default shown."""
+    import argparse
+
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        pass
+
+    return Formatter
+
+
+__all__ += ["plain_text", "help_formatter"]

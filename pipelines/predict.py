@@ -56,7 +56,7 @@ import numpy as np
 from cmrprep.cases import CaseError, CaseSpec, Problem
 from cmrprep.geometry import Geometry
 from cmrprep.plan import ConfigError, Plan
-from pipelines.exitcodes import EXIT_CONFIG, EXIT_OK, EXIT_QUARANTINE
+from pipelines.exitcodes import EXIT_CONFIG, EXIT_OK, EXIT_QUARANTINE, help_formatter, plain_text
 
 log = logging.getLogger("pipelines.predict")
 
@@ -337,8 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.backend import use_cli_default_backend
 
     use_cli_default_backend()  # PyTorch unless KERAS_BACKEND says otherwise
-    p = argparse.ArgumentParser(prog="python -m pipelines.predict", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m pipelines.predict", description=plain_text(__doc__),
+                                formatter_class=help_formatter())
     p.add_argument("run_dir")
     p.add_argument("input", help="folder in any supported layout, or one image file")
     p.add_argument("out")

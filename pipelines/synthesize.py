@@ -39,7 +39,7 @@ from tqdm import tqdm
 from cmrprep import __version__
 from cmrprep.plan import ConfigError
 from cmrprep.synthetic import SyntheticCase, generate_case
-from pipelines.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
+from pipelines.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, help_formatter, plain_text
 
 __all__ = ["synthesize", "main", "LAYOUTS", "write_nifti"]
 
@@ -204,7 +204,8 @@ def _write_marker(out: Path, args: dict) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipelines.synthesize",
-                                description="Write a synthetic short-axis cine-CMR dataset.")
+                                description="Write a synthetic short-axis cine-CMR dataset.",
+                                formatter_class=help_formatter())
     p.add_argument("out", help="output folder (must be empty unless --overwrite)")
     p.add_argument("--cases", type=int, required=True, help="number of cases")
     p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")

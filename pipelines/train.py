@@ -19,14 +19,15 @@ import logging
 import sys
 from typing import Sequence
 
-from pipelines.exitcodes import EXIT_COLLAPSE, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
+from pipelines.exitcodes import EXIT_COLLAPSE, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, help_formatter, plain_text
 
 log = logging.getLogger(__name__)
 
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pipelines.train", description=plain_text(__doc__.split("\n")[0]),
+                                formatter_class=help_formatter())
     p.add_argument("shards", help="build output folder containing store.zarr (or the store)")
     p.add_argument("run_dir", help="output folder of the run")
     p.add_argument("--epochs", type=int, default=50)

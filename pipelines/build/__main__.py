@@ -14,15 +14,15 @@ import sys
 from cmrprep.plan import ConfigError
 from pipelines.build import BuildConfig, BuildResult, build, outdir
 from pipelines.build.cluster import quiet_dask_logs
-from pipelines.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_INTERRUPTED
+from pipelines.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_INTERRUPTED, help_formatter, plain_text
 
 log = logging.getLogger("pipelines.build")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options (see ``--help``)."""
-    p = argparse.ArgumentParser(prog="python -m pipelines.build", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m pipelines.build", description=plain_text(__doc__),
+                                formatter_class=help_formatter())
     p.add_argument("raw", help="folder with cases (ACDC, M&Ms, nnU-Net raw or generic layout)")
     p.add_argument("out", help="output folder (store.zarr, plan.json, report/, ...)")
     p.add_argument("--layout", choices=["acdc", "mnms", "nnunet", "generic"])

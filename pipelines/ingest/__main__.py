@@ -10,7 +10,7 @@ import logging
 import sys
 
 from cmrprep.plan import ConfigError
-from pipelines.exitcodes import EXIT_CONFIG, EXIT_FAILURE
+from pipelines.exitcodes import EXIT_CONFIG, EXIT_FAILURE, help_formatter, plain_text
 from pipelines.ingest.layouts import LAYOUTS
 from pipelines.ingest.report import ingest
 
@@ -19,7 +19,8 @@ log = logging.getLogger("pipelines.ingest")
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipelines.ingest",
-                                description="Find and validate every case of a raw CMR dataset.")
+                                description="Find and validate every case of a raw CMR dataset.",
+                                formatter_class=help_formatter())
     p.add_argument("root", help="dataset folder, or one volume file / DICOM directory")
     p.add_argument("--layout", choices=LAYOUTS, help="force the layout (default: auto-detect)")
     p.add_argument("--image-glob", help="generic layout: glob of image files relative to RAW")
