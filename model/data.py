@@ -64,15 +64,32 @@ class SliceDataset(keras.utils.PyDataset):
         Streamed stores only: shards per pool round and draws per pool shard
         (see :class:`~model.reader.ShardPool`); a round is
         ``pool_shards * draws_per_shard // batch_size`` batches.
+    class_weights : sequence of float or "store", optional
+        Per-class weights; batches are then ``(x, y, sample_weight)`` with
+        ``sample_weight[b, h, w] = class_weights[y[b, h, w]]`` (float32), the
+        form Keras' built-in losses take for segmentation (Keras refuses
+        ``class_weight=`` for such targets). ``"store"``: the weights of the
+        scheme the store was built with (``store.attrs["class_weights"]``).
     **kwargs
         ``workers``, ``use_multiprocessing``, ``max_queue_size`` of PyDataset.
+
+    Examples
+    --------
+    Plain Keras on a store, class-weighted (``net`` compiled with any Keras loss):
+
+    >>> store = ShardStore("shards")  # doctest: +SKIP
+    >>> train_idx, val_idx = split_by_patient(store, 0.2, seed=0)  # doctest: +SKIP
+    >>> ds = SliceDataset(store, train_idx, 16, class_weights="store")  # doctest: +SKIP
+    >>> net.fit(ds, epochs=10)  # doctest: +SKIP
     """
 
     def __init__(self, store: ShardStore, indices: np.ndarray, batch_size: int = 16, *,
                  seed: int = 0, augment: Callable | None = None, use_sampling: bool = True,
                  steps_per_epoch: int | None = None, pool_shards: int | None = DEFAULT_POOL_SHARDS,
-                 draws_per_shard: int | None = None, **kwargs: Any) -> None:
+                 draws_per_shard: int | None = None, class_weights: Any = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.class_weights = _weight_table(class_weights, store)
         self.store, self.indices = store, np.asarray(indices, dtype=np.int64)
         if self.indices.size == 0:
             raise ConfigError("no training slices; check val_fraction and the store")
@@ -143,7 +160,10 @@ class SliceDataset(keras.utils.PyDataset):
             pairs = [self.augment(im, lab, int(s)) for im, lab, s in zip(images, labels, seeds)]
             images = np.stack([p[0] for p in pairs])
             labels = np.stack([p[1] for p in pairs])
-        return images[..., None].astype(np.float32, copy=False), labels.astype(np.int32)
+        x, y = images[..., None].astype(np.float32, copy=False), labels.astype(np.int32)
+        if self.class_weights is None:
+            return x, y
+        return x, y, self.class_weights[labels]
 
     def foreground_pixel_share(self) -> float:
         """Expected foreground pixel share of a drawn slice (from ``class_counts``)."""
@@ -153,6 +173,24 @@ class SliceDataset(keras.utils.PyDataset):
         sub = counts[self.indices].astype(np.float64)
         fg = sub[:, 1:].sum(axis=1) / np.maximum(sub.sum(axis=1), 1.0)
         return float((self.probs * fg).sum())
+
+
+def _weight_table(spec: Any, store: ShardStore) -> np.ndarray | None:
+    """Class weights as a float32 lookup table (``None``: no sample weights)."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        if spec != "store":
+            raise ConfigError(f"class_weights must be 'store', None or a sequence, got {spec!r}")
+        spec = store.attrs.get("class_weights")
+        if not spec:
+            raise ConfigError(f"store {store.path} has no class_weights attribute; rebuild it or "
+                              "pass class_weights explicitly")
+    table = np.asarray(spec, dtype=np.float32).ravel()
+    if table.size != NUM_CLASSES or not np.all(np.isfinite(table)) or (table < 0).any():
+        raise ConfigError(f"class_weights must be {NUM_CLASSES} finite non-negative values (one per "
+                          f"class), got {list(spec)}")
+    return table
 
 
 class ValidationDataset(keras.utils.PyDataset):

@@ -110,3 +110,37 @@ def test_labels_out_of_range_are_refused(tmp_path):
 def test_missing_store_is_a_clear_error(tmp_path):
     with pytest.raises(StoreError, match="pipelines.build"):
         ShardStore(tmp_path / "nowhere")
+
+
+def test_sample_weights_are_the_class_weights_of_each_pixel(store):
+    """#13: (x, y, sample_weight) batches for Keras' built-in losses."""
+    cw = store.attrs["class_weights"]
+    ds = SliceDataset(store, np.arange(store.n_slices), 8, seed=3, class_weights="store")
+    x, y, w = ds[0]
+    assert w.shape == y.shape and w.dtype == np.float32
+    np.testing.assert_allclose(w, np.asarray(cw, np.float32)[y])
+    x0, y0 = SliceDataset(store, np.arange(store.n_slices), 8, seed=3)[0]
+    np.testing.assert_array_equal(x, x0)  # the same draw with or without weights
+    np.testing.assert_array_equal(y, y0)
+    ds = SliceDataset(store, np.arange(store.n_slices), 8, class_weights=[1, 2, 3, 4])
+    np.testing.assert_array_equal(ds[0][2], np.array([1, 2, 3, 4], np.float32)[ds[0][1]])
+    for bad in ([1, 2], [1, 2, -1, 3], "median"):
+        with pytest.raises(Exception, match="class_weights"):
+            SliceDataset(store, np.arange(store.n_slices), 8, class_weights=bad)
+
+
+def test_plain_keras_fit_on_the_dataset_with_sample_weights(store):
+    """A user's own Keras model (not cmrprep's U-Net) trains with model.fit and a built-in loss."""
+    import keras
+
+    h, w = store.slice_shape
+    inp = keras.Input((h, w, 1))
+    z = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inp)
+    out = keras.layers.Conv2D(4, 1)(z)  # logits
+    net = keras.Model(inp, out)
+    net.compile(optimizer=keras.optimizers.Adam(1e-2),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    ds = SliceDataset(store, np.arange(store.n_slices), 8, steps_per_epoch=4, class_weights="store")
+    hist = net.fit(ds, epochs=2, verbose=0)
+    losses = hist.history["loss"]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
