@@ -30,7 +30,7 @@ import keras
 
 from cmrprep.plan import ConfigError
 from model.reader import (DEFAULT_POOL_SHARDS, NUM_CLASSES, AliasTable, ShardPool, ShardStore,
-                          StoreError, resolve_store_path, split_by_patient)
+                          StoreError, class_weight_table, resolve_store_path, split_by_patient)
 
 __all__ = ["StoreError", "ShardStore", "ShardPool", "resolve_store_path", "split_by_patient",
            "SliceDataset", "ValidationDataset", "NUM_CLASSES"]
@@ -89,7 +89,7 @@ class SliceDataset(keras.utils.PyDataset):
                  draws_per_shard: int | None = None, class_weights: Any = None,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.class_weights = _weight_table(class_weights, store)
+        self.class_weights = class_weight_table(class_weights, store)
         self.store, self.indices = store, np.asarray(indices, dtype=np.int64)
         if self.indices.size == 0:
             raise ConfigError("no training slices; check val_fraction and the store")
@@ -173,24 +173,6 @@ class SliceDataset(keras.utils.PyDataset):
         sub = counts[self.indices].astype(np.float64)
         fg = sub[:, 1:].sum(axis=1) / np.maximum(sub.sum(axis=1), 1.0)
         return float((self.probs * fg).sum())
-
-
-def _weight_table(spec: Any, store: ShardStore) -> np.ndarray | None:
-    """Class weights as a float32 lookup table (``None``: no sample weights)."""
-    if spec is None:
-        return None
-    if isinstance(spec, str):
-        if spec != "store":
-            raise ConfigError(f"class_weights must be 'store', None or a sequence, got {spec!r}")
-        spec = store.attrs.get("class_weights")
-        if not spec:
-            raise ConfigError(f"store {store.path} has no class_weights attribute; rebuild it or "
-                              "pass class_weights explicitly")
-    table = np.asarray(spec, dtype=np.float32).ravel()
-    if table.size != NUM_CLASSES or not np.all(np.isfinite(table)) or (table < 0).any():
-        raise ConfigError(f"class_weights must be {NUM_CLASSES} finite non-negative values (one per "
-                          f"class), got {list(spec)}")
-    return table
 
 
 class ValidationDataset(keras.utils.PyDataset):

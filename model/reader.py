@@ -31,7 +31,7 @@ import numpy as np
 from cmrprep.plan import ConfigError
 
 __all__ = ["StoreError", "AliasTable", "ShardStore", "ShardPool", "resolve_store_path",
-           "split_by_patient"]
+           "split_by_patient", "class_weight_table"]
 
 log = logging.getLogger(__name__)
 
@@ -498,3 +498,25 @@ class ShardPool:
         self.__dict__.update(state)
         self._state_lock = threading.Lock()
         self._executor = None
+
+
+def class_weight_table(spec: Any, store: "ShardStore") -> np.ndarray | None:
+    """Class weights as a float32 lookup table by label (``None``: no sample weights).
+
+    ``spec``: ``None``, ``"store"`` (the store's ``class_weights`` attribute, the
+    weight scheme it was built with) or one non-negative weight per class.
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        if spec != "store":
+            raise ConfigError(f"class_weights must be 'store', None or a sequence, got {spec!r}")
+        spec = store.attrs.get("class_weights")
+        if not spec:
+            raise ConfigError(f"store {store.path} has no class_weights attribute; rebuild it or "
+                              "pass class_weights explicitly")
+    table = np.asarray(spec, dtype=np.float32).ravel()
+    if table.size != NUM_CLASSES or not np.all(np.isfinite(table)) or (table < 0).any():
+        raise ConfigError(f"class_weights must be {NUM_CLASSES} finite non-negative values (one per "
+                          f"class), got {list(spec)}")
+    return table

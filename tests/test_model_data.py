@@ -144,3 +144,38 @@ def test_plain_keras_fit_on_the_dataset_with_sample_weights(store):
     hist = net.fit(ds, epochs=2, verbose=0)
     losses = hist.history["loss"]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_pytorch_training_loop_over_the_dataset(store_dir):
+    """#13: a plain PyTorch loop with WeightedRandomSampler over the store's sampling weights."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, WeightedRandomSampler
+
+    from model.torch_data import TorchSliceDataset
+
+    store = ShardStore(store_dir)
+    train_idx, _ = split_by_patient(store, 0.2, seed=0)
+    ds = TorchSliceDataset(store, train_idx, augment=Augmenter(), seed=1, class_weights="store")
+    assert torch.equal(ds.sampling_weights, torch.as_tensor(store.weights[train_idx]))
+    x, y, w = ds[0]
+    assert x.shape == (1, *store.slice_shape) and x.dtype == torch.float32 and y.dtype == torch.int64
+    torch.testing.assert_close(w, torch.as_tensor(store.attrs["class_weights"], dtype=torch.float32)[y])
+    torch.testing.assert_close(ds[0][0], x)  # same seed, same epoch: same augmentation
+    ds.set_epoch(1)
+    assert not torch.equal(ds[0][0], x)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    sampler = WeightedRandomSampler(ds.sampling_weights, num_samples=64, replacement=True,
+                                    generator=torch.Generator().manual_seed(0))
+    losses = []
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        for xb, yb, wb in DataLoader(ds, batch_size=16, sampler=sampler, num_workers=0):
+            loss = (F.cross_entropy(net(xb), yb, reduction="none") * wb).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+    assert np.isfinite(losses).all() and np.mean(losses[-4:]) < np.mean(losses[:4])
