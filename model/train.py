@@ -36,7 +36,7 @@ import keras
 
 from cmrprep.plan import ConfigError
 from model.augment import Augmenter
-from model.checks import CollapseGuard, check_wiring
+from model.checks import CollapseGuard, check_wiring, output_is_softmax
 from model.data import ShardStore, SliceDataset, ValidationDataset, split_by_patient
 from model.reader import DEFAULT_MEMORY_BUDGET, DEFAULT_POOL_SHARDS
 from model.losses import make_loss
@@ -184,7 +184,24 @@ def _write_metadata(run_dir: Path, config: dict, store: ShardStore, train_idx: n
         log.warning("store has no `plan` attribute: plan.json not written")
 
 
-def _model_and_epoch(run_dir: Path, resume: bool, build: dict, loss, optimizer) -> tuple:
+def _user_model(model: Any, store: ShardStore) -> keras.Model:
+    """A user's network (object or saved file), checked against the store's slices."""
+    from model.saving import load_model_file
+
+    net = load_model_file(model) if isinstance(model, (str, Path)) else model
+    if not isinstance(net, keras.Model):
+        raise ConfigError(f"model must be a keras.Model or a .keras file, got {type(model).__name__}")
+    shape = tuple(net.input_shape)
+    want = (*store.slice_shape, 1)
+    if len(shape) != 4 or any(a is not None and a != b for a, b in zip(shape[1:], want)):
+        raise ConfigError(f"the model's input shape {shape[1:]} does not take the store's slices {want} "
+                          "(height, width, 1 channel); build it with keras.Input(shape=(None, None, 1)) "
+                          f"or {want}.")
+    return net
+
+
+def _model_and_epoch(run_dir: Path, resume: bool, build: dict, loss, optimizer,
+                     user_net: keras.Model | None = None) -> tuple:
     """A fresh compiled model at epoch 0, or last.keras and the epoch count from history.csv."""
     if resume:
         last = run_dir / "last.keras"
@@ -197,7 +214,7 @@ def _model_and_epoch(run_dir: Path, resume: bool, build: dict, loss, optimizer) 
         best = max((r.get("val_dice_mean", -math.inf) for r in rows), default=None)
         log.info("resuming from %s at epoch %d", last, len(rows))
         return net, len(rows), best
-    net = build_unet(**build)
+    net = user_net if user_net is not None else build_unet(**build)
     net.compile(optimizer=optimizer, loss=loss)
     return net, 0, None
 
@@ -249,7 +266,7 @@ def train(store_path: str | Path, run_dir: str | Path, *, epochs: int = 50,
           use_sampling: bool = True,
           class_weights: Any = "store", output: str = "logits", from_logits: bool | None = None,
           memory_budget: int = DEFAULT_MEMORY_BUDGET, pool_shards: int | None = DEFAULT_POOL_SHARDS,
-          workers: int = 1, verbose: int | None = None,
+          workers: int = 1, verbose: int | None = None, model: Any = None,
           ) -> TrainResult:
     """Train a U-Net on ``store_path`` and write the run directory (see module docstring).
 
@@ -290,6 +307,15 @@ def train(store_path: str | Path, run_dir: str | Path, *, epochs: int = 50,
         (:class:`model.reader.ShardPool`).
     workers, verbose
         PyDataset workers; Keras verbosity (default 1 on a terminal, else 2).
+    model : keras.Model, path or None
+        Your own network (built, or a saved ``.keras`` file) instead of
+        cmrprep's U-Net: input ``(H, W, 1)`` matching the store's slices (or
+        ``None`` sizes), one output channel per class.  It is compiled here
+        with cmrprep's loss (``loss``, the store's class weights) and
+        optimizer; ``from_logits`` follows its last activation (softmax:
+        probabilities, anything else: logits) unless given, and the wiring
+        checks, sampling, collapse guard and run folder apply as to the U-Net.
+        ``filters``, ``batch_norm`` and ``output`` are then unused.
 
     Returns
     -------
@@ -297,17 +323,24 @@ def train(store_path: str | Path, run_dir: str | Path, *, epochs: int = 50,
     """
     start = time.monotonic()
     config = {k: v for k, v in locals().items() if k != "start"}
+    if model is not None and not isinstance(model, (str, Path)):  # JSON: describe, don't embed
+        config["model"] = f"keras.Model {getattr(model, 'name', type(model).__name__)!r} (user-built)"
+    elif model is not None:
+        config["model"] = str(model)
     keras.utils.set_random_seed(seed)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     store = ShardStore(store_path, memory_budget=memory_budget)
     train_idx, val_idx = split_by_patient(store, val_fraction, seed)
-    from_logits = output == "logits" if from_logits is None else from_logits
+    user_net = _user_model(model, store) if model is not None and not resume else None
+    if from_logits is None:
+        from_logits = (not output_is_softmax(user_net)) if user_net is not None else output == "logits"
+    config["from_logits"] = from_logits  # as resolved (recorded in train_config.json)
     loss_fn = make_loss(loss, _class_weights(class_weights, store), from_logits=from_logits)
     build = dict(input_shape=(*store.slice_shape, 1), filters=tuple(filters),
                  batch_norm=batch_norm, output=output)
     net, initial_epoch, best = _model_and_epoch(run_dir, resume, build,
-                                                loss_fn, _make_optimizer(optimizer, lr))
+                                                loss_fn, _make_optimizer(optimizer, lr), user_net)
     train_ds = SliceDataset(store, train_idx, batch_size, seed=seed,
                             augment=Augmenter() if augment else None, use_sampling=use_sampling,
                             steps_per_epoch=steps_per_epoch, pool_shards=pool_shards,

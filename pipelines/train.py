@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-shards", type=int, default=None,
                    help="shards per pool round when streaming (default: 4096 slices' worth; "
                         "memory: two pools)")
+    p.add_argument("--model", metavar="FILE.keras", default=None,
+                   help="train your own saved Keras model instead of cmrprep's U-Net (compiled here "
+                        "with cmrprep's loss, class weights and optimizer)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -84,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             collapse_min_dice=args.collapse_min_dice,
             use_sampling=not args.no_sampling, output=args.output,
             class_weights=None if args.no_class_weights else "store", workers=args.workers,
-            memory_budget=int(args.memory_budget_gib * 1024**3), pool_shards=args.pool_shards)
+            memory_budget=int(args.memory_budget_gib * 1024**3), pool_shards=args.pool_shards,
+            model=args.model)
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
         return EXIT_CONFIG

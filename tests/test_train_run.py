@@ -92,3 +92,41 @@ def test_training_without_validation_finishes(shards, tmp_path):
                  "--filters", "8", "16", "--val-fraction", "0", "--collapse-patience", "0"]) == 0
     rows = read_history(tmp_path / "run")
     assert len(rows) == 2 and (tmp_path / "run" / "best.keras").exists()
+
+
+def _users_own_net(h, w):
+    """Not cmrprep's U-Net: a small encoder-decoder with a softmax head, as a user might bring."""
+    import keras
+
+    inp = keras.Input((None, None, 1))
+    a = keras.layers.Conv2D(16, 3, padding="same", activation="relu")(inp)
+    b = keras.layers.MaxPooling2D()(a)
+    b = keras.layers.Conv2D(32, 3, padding="same", activation="relu")(b)
+    b = keras.layers.UpSampling2D()(b)
+    c = keras.layers.Concatenate()([a, b])
+    c = keras.layers.Conv2D(16, 3, padding="same", activation="relu")(c)
+    return keras.Model(inp, keras.layers.Conv2D(4, 1, activation="softmax")(c), name="users_net")
+
+
+def test_train_accepts_a_users_model_object_and_file(shards, tmp_path):
+    """#13: train(model=...) with a user-built network (softmax head -> from_logits False)."""
+    from pipelines.train import main as train_main
+
+    net = _users_own_net(32, 32)
+    result = train(shards, tmp_path / "run", epochs=8, steps_per_epoch=10, lr=3e-3, model=net,
+                   batch_size=8, verbose=0)
+    for name in ("rv", "myo", "lv"):
+        assert result.best_dice[name] > 0.3, result.best_dice
+    config = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert "users_net" in config["model"] and config["from_logits"] is False
+    saved = tmp_path / "mine.keras"
+    _users_own_net(32, 32).save(saved)
+    code = train_main([str(shards), str(tmp_path / "run2"), "--model", str(saved), "--epochs", "1",
+                       "--steps-per-epoch", "2", "--batch-size", "4"])
+    assert code == 0 and (tmp_path / "run2" / "best.keras").exists()
+    import keras
+
+    wrong = keras.Model(i := keras.Input((64, 64, 1)), keras.layers.Conv2D(4, 1)(i))
+    with pytest.raises(Exception, match="input shape"):
+        train(shards, tmp_path / "run3", epochs=1, steps_per_epoch=1, model=wrong, verbose=0)
+    assert train_main([str(shards), str(tmp_path / "run4"), "--model", str(tmp_path / "nope.keras")]) == 2
