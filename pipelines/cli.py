@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("pipelines.predict", "segment raw images with a trained run"),
     "evaluate": ("pipelines.evaluate", "Dice, HD95, volumes and EF of predictions against labels"),
     "ingest": ("pipelines.ingest.__main__", "find and validate every case of a dataset (no output)"),
+    "doctor": ("pipelines.doctor", "diagnose your own Keras model + data set-up (exit 3 on errors)"),
     "synthesize": ("pipelines.synthesize", "write a synthetic cine-CMR dataset"),
     "demo": ("pipelines.demo", "synthesize, build, train, predict and evaluate end to end"),
 }
