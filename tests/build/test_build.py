@@ -294,3 +294,20 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted")
+
+
+def test_cases_named_like_the_build_bookkeeping_are_kept(raw, tmp_path):
+    """#14 item 4: case ids 'digests', 'staging', 'state' do not collide with OUT's own files."""
+    named = tmp_path / "raw"
+    shutil.copytree(raw, named)
+    for old, new in (("patient001", "digests"), ("patient002", "staging"), ("patient003", "state")):
+        folder = named / old
+        for f in folder.iterdir():
+            f.rename(folder / f.name.replace(old, new))
+        folder.rename(named / new)
+    out = tmp_path / "out"
+    res = build(BuildConfig(named, out, workers=0, progress=False, report=False))
+    assert res.exit_code == 0, res.quarantined
+    assert _case_ids(out) == ["digests", "patient004", "patient005", "staging", "state"]
+    again = build(BuildConfig(named, out, workers=0, progress=False, report=False))
+    assert again.processed == [] and sorted(again.reused) == _case_ids(out)
