@@ -183,6 +183,9 @@ def test_all_quarantined_lists_the_reasons(pool, tmp_path, caplog):
         gt.write_bytes(b"")
     assert main([str(raw), str(tmp_path / "out"), "--workers", "0", "--quiet"]) == 2
     assert "patient001" in caplog.text and "patient002" in caplog.text and "quarantined" in caplog.text
+    caplog.clear()  # with --spacing the plan needs no header, the reasons come all the same (#14.11)
+    assert main([str(raw), str(tmp_path / "out"), "--workers", "0", "--quiet", "--spacing", "1.5"]) == 2
+    assert "patient001" in caplog.text and "patient002" in caplog.text and "Traceback" not in caplog.text
 
 
 def test_plan_becomes_current_only_with_the_version_it_built(reference, tmp_path):
