@@ -3,7 +3,7 @@
 
     python benchmarks/user_model.py --cases 24 --minutes 4
 
-The network is not cmrprep's U-Net: a small two-level encoder-decoder with a softmax head (what a
+The network is not cmrprep's U-Net: a small two-level encoder-decoder with a logits head (what a
 user might bring). Both runs train on the same patients; per-class Dice is measured on the same
 held-out patients' slices (split by patient, seed 0). Prints one line per run.
 """
@@ -21,7 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 
 def users_net():
-    """Two-level encoder-decoder with batch normalisation and a softmax head."""
+    """Two-level encoder-decoder with batch normalisation and a linear (logits) head.
+
+    Logits, not softmax: Keras 3's ``SparseCategoricalCrossentropy(from_logits=False)`` fails on
+    the torch backend for (B, H, W, C) outputs ("grad_input must be contiguous"); logits with
+    ``from_logits=True`` is the numerically sound pairing anyway.
+    """
     import keras
 
     def block(z, n):
@@ -37,7 +42,7 @@ def users_net():
     c = block(keras.layers.MaxPooling2D()(b), 64)
     b2 = block(keras.layers.Concatenate()([keras.layers.UpSampling2D()(c), b]), 32)
     a2 = block(keras.layers.Concatenate()([keras.layers.UpSampling2D()(b2), a]), 16)
-    return keras.Model(inp, keras.layers.Conv2D(4, 1, activation="softmax")(a2), name="users_net")
+    return keras.Model(inp, keras.layers.Conv2D(4, 1)(a2), name="users_net")
 
 
 def dice_per_class(net, store, idx) -> dict[str, float]:
@@ -99,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     keras.utils.set_random_seed(0)
     net = users_net()
-    net.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy())
+    net.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     ds = SliceDataset(store, train_idx, 16, augment=Augmenter(), steps_per_epoch=50, class_weights="store")
     stop = _Deadline(a.minutes)
     t0 = time.monotonic()

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Finding", "LossInfo", "loss_info", "output_activation", "check_pairing",
+__all__ = ["Finding", "LossInfo", "loss_info", "output_activation", "check_pairing", "check_backend",
            "check_label_encoding", "check_class_balance", "check_optimizer", "check_inputs",
            "labels_as_classes", "probe_fit", "diagnose"]
 
@@ -108,6 +108,19 @@ def check_pairing(activation: str, loss: LossInfo) -> list[Finding]:
                         "use keras.losses.SparseCategoricalCrossentropy(from_logits=True) (or "
                         "CategoricalCrossentropy(from_logits=True) for one-hot labels), or end the "
                         "model in a softmax.")]
+    return []
+
+
+def check_backend(activation: str, loss: LossInfo, output_rank: int, backend: str) -> list[Finding]:
+    """Pairings a Keras backend cannot train (measured, Keras 3.15 on PyTorch 2.13)."""
+    if backend == "torch" and loss.sparse and loss.from_logits is False and output_rank == 4:
+        return [Finding("torch_sparse_probabilities", "error",
+                        f"on the torch backend, Keras' sparse cross-entropy on probabilities "
+                        f"({loss.name!r}, from_logits=False, {activation} output) fails in the backward "
+                        "pass for (B, H, W, C) outputs (RuntimeError: grad_input must be contiguous).",
+                        "end the model in linear logits and use "
+                        "keras.losses.SparseCategoricalCrossentropy(from_logits=True) (numerically "
+                        "better anyway), or one-hot labels with CategoricalCrossentropy.")]
     return []
 
 
@@ -278,7 +291,10 @@ def diagnose(net: Any, x: np.ndarray, y: np.ndarray, loss: Any = None, optimizer
     info = loss_info(loss)
     num_classes = int(net.output_shape[-1])
     activation = output_activation(net)
+    import keras
+
     findings = check_pairing(activation, info) + check_label_encoding(y, info, num_classes)
+    findings += check_backend(activation, info, len(net.output_shape), keras.config.backend())
     classes, _ = labels_as_classes(y, num_classes)
     stats: dict[str, Any] = {"num_classes": num_classes, "activation": activation, "loss": info.name,
                              "from_logits": info.from_logits}

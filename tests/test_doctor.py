@@ -58,6 +58,8 @@ def test_the_seeds_own_setup(tmp_path):
     assert codes["slow_optimizer"]["severity"] == "warning" and "0.0001" in codes["slow_optimizer"]["message"]
     assert codes["class_imbalance"]["severity"] == "warning"
     assert "unnormalised_inputs" in codes
+    if keras.config.backend() == "torch":  # Keras' sparse CE on probabilities cannot backprop there
+        assert codes["torch_sparse_probabilities"]["severity"] == "error"
     assert report["stats"]["class_shares"][0] > 0.95
     assert all(f["fix"] for f in report["findings"])
 
@@ -135,3 +137,14 @@ def test_a_store_and_a_raw_dataset_as_data(tmp_path):
     assert doctor_main([str(tmp_path / "m.keras"), str(tmp_path / "raw"), "--json", str(tmp_path / "r.json")]) == 0
     raw = json.loads((tmp_path / "r.json").read_text())
     assert raw["data_kind"] == "raw" and "class_imbalance" in [f["code"] for f in raw["findings"]]
+
+
+def test_the_torch_sparse_probabilities_finding_is_true():
+    """The doctor's torch_sparse_probabilities claim, checked against the installed Keras/torch."""
+    if keras.config.backend() != "torch":
+        pytest.skip("the finding is specific to the torch backend")
+    x, y = _masks(2, 32)
+    net = _seed_unet("softmax", 32)
+    net.compile("adam", "sparse_categorical_crossentropy")
+    with pytest.raises(RuntimeError, match="contiguous"):
+        net.fit(x / 500, y, epochs=1, verbose=0)
