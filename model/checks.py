@@ -53,8 +53,10 @@ def output_is_softmax(net: keras.Model) -> bool:
 
 def _check_pairing(net: keras.Model, loss: Any) -> int:
     """Output activation vs ``from_logits`` and class counts; returns the class count."""
+    from model.doctor import loss_info
+
     num_classes = int(net.output_shape[-1])
-    from_logits = getattr(loss, "from_logits", None)
+    from_logits = loss_info(loss).from_logits  # a string loss takes probabilities (False)
     softmax = output_is_softmax(net)
     if softmax and from_logits:
         raise WiringError("the model ends in a softmax but the loss has from_logits=True: this is a "
@@ -70,8 +72,13 @@ def _check_pairing(net: keras.Model, loss: Any) -> int:
     return num_classes
 
 
-def _check_labels(labels: np.ndarray, num_classes: int) -> None:
+def _check_labels(labels: np.ndarray, num_classes: int, sparse: bool | None = True) -> None:
     labels = np.asarray(labels)
+    if sparse is False:  # a categorical loss: one-hot labels (B, H, W, C) are the right encoding
+        if labels.ndim != 4 or labels.shape[-1] != num_classes:
+            raise WiringError(f"the loss takes one-hot labels of shape (B, H, W, {num_classes}), got "
+                              f"{labels.shape}; one-hot them or use a sparse loss")
+        return
     if labels.ndim == 4 and labels.shape[-1] == num_classes and num_classes > 1:
         raise WiringError(f"labels have shape {labels.shape}: one-hot labels fed to a sparse "
                           "loss; pass integer class indices of shape (B, H, W)")
@@ -101,24 +108,28 @@ def _check_store(store_attrs: Mapping[str, Any], num_classes: int) -> None:
 
 
 def check_wiring(net: keras.Model, loss: Any, labels_sample: np.ndarray,
-                 store_attrs: Mapping[str, Any]) -> None:
+                 store_attrs: Mapping[str, Any] | None = None) -> None:
     """Raise :class:`WiringError` if the training setup is mis-wired.
 
     Parameters
     ----------
     net : keras.Model
         The model to train (output ``(B, H, W, C)``).
-    loss : keras.losses.Loss
-        A sparse loss from :func:`model.losses.make_loss` (has ``from_logits``).
+    loss : keras.losses.Loss or str
+        Any Keras loss (object or name; a name takes probabilities), e.g. from
+        :func:`model.losses.make_loss`.
     labels_sample : ndarray
         Labels of a real training batch, exactly as fed to ``fit``.
-    store_attrs : mapping
+    store_attrs : mapping, optional
         Store attributes, with ``arrays`` listing the store's arrays
-        (:meth:`model.data.ShardStore.check_attrs`).
+        (:meth:`model.data.ShardStore.check_attrs`); ``None``: data not from a store.
     """
+    from model.doctor import loss_info
+
     num_classes = _check_pairing(net, loss)
-    _check_labels(labels_sample, num_classes)
-    _check_store(store_attrs, num_classes)
+    _check_labels(labels_sample, num_classes, loss_info(loss).sparse)
+    if store_attrs is not None:
+        _check_store(store_attrs, num_classes)
     log.info("wiring checks passed (%d classes, %s output, from_logits=%s)", num_classes,
              "softmax" if output_is_softmax(net) else "linear", getattr(loss, "from_logits", None))
 

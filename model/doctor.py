@@ -77,7 +77,9 @@ def loss_info(loss: Any) -> LossInfo:
         if hasattr(loss, "fn") and name in ("", None):
             name = getattr(loss.fn, "__name__", "loss")
     key = str(name).lower()
-    sparse = True if any(k in key for k in _SPARSE) else (False if any(k in key for k in _DENSE) else None)
+    sparse = getattr(loss, "sparse", None) if not isinstance(loss, str) else None  # cmrprep's losses say
+    if sparse is None:
+        sparse = True if any(k in key for k in _SPARSE) else (False if any(k in key for k in _DENSE) else None)
     return LossInfo(str(name), None if from_logits is None else bool(from_logits), sparse)
 
 

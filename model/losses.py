@@ -67,6 +67,9 @@ def _check_weights(class_weights: Sequence[float] | None, num_classes: int) -> l
 class _SparseLoss(keras.losses.Loss):
     """Common configuration of the sparse segmentation losses."""
 
+    #: Takes integer class maps (B, H, W), not one-hot labels (read by model.doctor.loss_info).
+    sparse = True
+
     def __init__(self, num_classes: int = 4, from_logits: bool = True, name: str | None = None,
                  reduction: str = "sum_over_batch_size", dtype: Any = None) -> None:
         super().__init__(name=name, reduction=reduction, dtype=dtype)

@@ -95,3 +95,17 @@ def test_collapse_guard_catches_random_guessing_near_ln4():
         healthy.on_epoch_end(epoch, {"loss": 0.6, "val_dice_mean": 0.04, "val_pred_fg": 0.2,
                                      "val_ce": 0.45})
     assert not healthy.collapsed
+
+
+def test_keras_losses_and_one_hot_pairings_without_a_store(nets):
+    """#13: a valid CategoricalCrossentropy + one-hot pairing passes (no store needed); a linear
+    output with the string loss 'sparse_categorical_crossentropy' (probabilities) is refused."""
+    import keras
+
+    one_hot = np.eye(4, dtype=np.float32)[_labels()]
+    check_wiring(nets["softmax"], keras.losses.CategoricalCrossentropy(), one_hot)
+    check_wiring(nets["logits"], keras.losses.SparseCategoricalCrossentropy(from_logits=True), _labels())
+    with pytest.raises(WiringError, match="from_logits=False"):
+        check_wiring(nets["logits"], "sparse_categorical_crossentropy", _labels())
+    with pytest.raises(WiringError, match="one-hot"):
+        check_wiring(nets["softmax"], keras.losses.CategoricalCrossentropy(), _labels())
