@@ -336,18 +336,20 @@ def write_group(version: Path, previous: Path | None, staging: Path,
             log.warning("group %s: shard files missing from %s; rewriting it", group["key"], previous)
     _write_group(version, previous, staging, group)
     sizes = [f.stat().st_size if f.is_file() else 0
-             for f in _shard_files(version, group["first_shard"], group["n_shards"])]
+             for f in shard_files(version, group["first_shard"], group["n_shards"])]
     return {"ok": True, "linked": False, "key": group["key"], "sizes": sizes}
 
 
-def _shard_files(version: Path, first: int, n: int) -> list[Path]:
+def shard_files(version: Path, first: int, n: int) -> list[Path]:
+    """Shard files of ``n`` shards from ``first``: all ``images`` shards, then all ``labels`` shards
+    (the order of the sizes recorded in ``case_table`` groups)."""
     return [version / name / "c" / str(k) / "0" / "0" for name in ("images", "labels")
             for k in range(first, first + n)]
 
 
 def _link_group(version: Path, previous: Path, group: dict[str, Any]) -> None:
-    old = _shard_files(previous, group["reuse_first_shard"], group["n_shards"])
-    new = _shard_files(version, group["first_shard"], group["n_shards"])
+    old = shard_files(previous, group["reuse_first_shard"], group["n_shards"])
+    new = shard_files(version, group["first_shard"], group["n_shards"])
     sizes = group["reuse_sizes"]
     if sizes is None or len(sizes) != len(old):
         raise FileNotFoundError(f"no recorded shard sizes for group {group['key']}")
@@ -371,7 +373,7 @@ def _link_group(version: Path, previous: Path, group: dict[str, Any]) -> None:
 def _unlink_group(version: Path, group: dict[str, Any]) -> None:
     import shutil
 
-    for f in _shard_files(version, group["first_shard"], group["n_shards"]):
+    for f in shard_files(version, group["first_shard"], group["n_shards"]):
         f.unlink(missing_ok=True)
     shutil.rmtree(version / "records" / group["key"], ignore_errors=True)
 
