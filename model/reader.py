@@ -1,7 +1,7 @@
 """Reading a cmrprep store for training: one opened version, O(1) weighted draws, a shard pool.
 
 Nothing here imports Keras or a deep-learning framework: the Keras, PyTorch and
-tf.data datasets are thin layers over these classes.
+tf.data datasets (`model.tf_data`) are thin layers over these classes.
 
 * :class:`ShardStore` opens one store *version* (``OUT/store.zarr`` is a link
   that a later build swaps; the link is resolved once, so a reader never mixes

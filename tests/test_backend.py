@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 _PROBE = r"""
-import importlib, json, os, pkgutil, sys
+import importlib, importlib.util, json, os, pkgutil, sys
 names = []
 for pkg in ("cmrprep", "pipelines", "model"):
     mod = importlib.import_module(pkg)
@@ -17,6 +17,8 @@ for pkg in ("cmrprep", "pipelines", "model"):
     for info in pkgutil.walk_packages(mod.__path__, pkg + "."):
         if info.name.endswith("__main__"):
             continue
+        if info.name == "model.tf_data" and importlib.util.find_spec("tensorflow") is None:
+            continue  # optional: needs TensorFlow (tests/test_tf_data.py)
         importlib.import_module(info.name)
         names.append(info.name)
 import keras
