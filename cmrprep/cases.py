@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-#: Project label convention (ACDC): index -> name.
+#: Default class set (ACDC): index -> name.  A dataset's own class set is its
+#: :class:`cmrprep.labels.LabelMap`; the plan and the store record it.
 CLASSES: tuple[str, ...] = ("background", "RV", "MYO", "LV")
 #: Integer codes of the cardiac phases in stores (anything else is 2).
 PHASE_CODES = {"ED": 0, "ES": 1}
@@ -60,10 +61,13 @@ class CaseSpec:
     cine : str or None
         4D cine file used for label-free heart localisation, if any.
     label_map : tuple of (int, int) pairs or None
-        Remap from the source label values to the project convention
-        (0 bg, 1 RV, 2 MYO, 3 LV); ``None`` means identity.
+        ``(file value, class index)`` pairs of the dataset's
+        :class:`~cmrprep.labels.LabelMap`; ``None`` means ACDC's identity
+        (0 bg, 1 RV, 2 MYO, 3 LV).
     metadata : dict
         Layout-specific metadata (ACDC ``Info.cfg`` keys, M&Ms CSV row, ...).
+    patient : str or None
+        Patient id; ``None`` means the case id (a case is one patient).
     """
 
     case_id: str
@@ -72,6 +76,12 @@ class CaseSpec:
     cine: str | None = None
     label_map: tuple[tuple[int, int], ...] | None = None
     metadata: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    patient: str | None = None
+
+    @property
+    def patient_id(self) -> str:
+        """The patient this case belongs to (its own id unless set)."""
+        return self.patient or self.case_id
 
     @property
     def has_labels(self) -> bool:
@@ -93,7 +103,8 @@ class CaseSpec:
         lm = d.get("label_map")
         lm = tuple((int(a), int(b)) for a, b in lm) if lm is not None else None
         return cls(case_id=d["case_id"], layout=d["layout"], frames=frames,
-                   cine=d.get("cine"), label_map=lm, metadata=dict(d.get("metadata") or {}))
+                   cine=d.get("cine"), label_map=lm, metadata=dict(d.get("metadata") or {}),
+                   patient=d.get("patient"))
 
 
 @dataclass(frozen=True)

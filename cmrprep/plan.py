@@ -86,6 +86,10 @@ class Plan:
         change and more padding slices.
     phases : tuple of str
         Frames to use where a case offers several (``ED``, ``ES``).
+    classes : tuple of str
+        Class names, index ``i`` = label value ``i`` in the store; class 0 is
+        the background.  Set by the build from the dataset's label map
+        (:class:`cmrprep.labels.LabelMap`); ACDC's four classes by default.
     seed : int
         Seed of every random choice of the build.
     """
@@ -105,11 +109,16 @@ class Plan:
     shard_slices: int = 64
     group_cases: int = 8
     phases: tuple[str, ...] = ("ED", "ES")
-    num_classes: int = 4
+    classes: tuple[str, ...] = ("background", "RV", "MYO", "LV")
     seed: int = 0
     version: int = PLAN_VERSION
 
     # -- derived -------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (``len(classes)``)."""
+        return len(self.classes)
+
     @property
     def crop_mm(self) -> tuple[float, float]:
         """Physical crop size in mm (requires a resolved ``target_spacing``)."""
@@ -155,8 +164,11 @@ class Plan:
             raise ConfigError(f"shard_slices must be >= 1, got {self.shard_slices}")
         if self.group_cases < 1:
             raise ConfigError(f"group_cases must be >= 1, got {self.group_cases}")
-        if self.num_classes != 4:
-            raise ConfigError("num_classes must be 4 (background, RV, MYO, LV)")
+        if len(self.classes) < 2 or self.classes[0] != "background" or len(set(self.classes)) != len(self.classes):
+            raise ConfigError(f"classes must be distinct names with 'background' first and at least "
+                              f"one more class, got {list(self.classes)}")
+        if len(self.classes) > 255:
+            raise ConfigError(f"{len(self.classes)} classes do not fit uint8 labels (at most 255)")
         if self.version != PLAN_VERSION:
             raise ConfigError(f"plan version {self.version} is not supported (expected {PLAN_VERSION})")
         return self
@@ -173,12 +185,16 @@ class Plan:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
         """Build and validate a plan; unknown keys are a :class:`ConfigError`."""
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} | {"num_classes"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown plan key(s) {unknown}; valid keys are {sorted(known)}")
         kw = dict(d)
-        for key in ("crop_shape", "clip_percentiles", "phases"):
+        legacy = kw.pop("num_classes", None)  # plans written before classes were named
+        if legacy is not None and int(legacy) != len(kw.get("classes") or cls.classes):
+            raise ConfigError(f"plan num_classes {legacy} disagrees with its classes "
+                              f"{kw.get('classes') or list(cls.classes)}; remove num_classes")
+        for key in ("crop_shape", "clip_percentiles", "phases", "classes"):
             if key in kw and kw[key] is not None:
                 kw[key] = tuple(kw[key])
         if "crop_shape" in kw:

@@ -64,7 +64,10 @@ def help_formatter():
     import argparse
 
     class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-        pass
+        def _get_help_string(self, action):  # no "(default: None)" after a help saying it
+            if action.default is None or "default" in (action.help or ""):
+                return action.help
+            return super()._get_help_string(action)
 
     return Formatter
 

@@ -5,9 +5,11 @@ or a single image file.  For every input frame the run's own plan
 (``RUN_DIR/plan.json``: reorientation, in-plane resampling, normalization,
 crop size) is applied exactly, the network segments the crop, and the result
 is put back through the inverse crop, resampling and reorientation into a
-label NIfTI with exactly the input's shape and affine, named after the input
+label NIfTI with exactly the input's shape and affine (DICOM inputs too), named after the input
 (``patient001_frame01.nii.gz`` -> ``OUT/patient001/patient001_frame01_pred.nii.gz``;
-a frame ``t`` of a 4D file gets ``_frameTT``), ACDC labels.
+a frame ``t`` of a 4D file gets ``_frameTT``).  Label values are the run's class
+indices ``0..C-1`` in the order of ``plan.classes`` (recorded as ``classes`` in
+``predict_report.json``; ACDC's 0-3 = background, RV, MYO, LV for the default classes).
 
 Heart localisation without labels, in order:
 
@@ -57,6 +59,7 @@ from cmrprep.cases import CaseError, CaseSpec, Problem
 from cmrprep.geometry import Geometry
 from cmrprep.plan import ConfigError, Plan
 from pipelines.exitcodes import EXIT_CONFIG, EXIT_OK, EXIT_QUARANTINE, help_formatter, plain_text
+from pipelines.ingest.options import DiscoveryOptions, add_discovery_arguments
 
 log = logging.getLogger("pipelines.predict")
 
@@ -301,18 +304,21 @@ def _is_4d(frame) -> bool:
 
 
 def predict(run_dir: str | Path, input_path: str | Path, out: str | Path, *,
-            layout: str | None = None, batch_size: int = 32, progress: bool = True,
-            postprocess: bool = True) -> PredictResult:
-    """Segment every case under ``input_path`` into ``out`` (see the module docstring)."""
+            options: DiscoveryOptions | None = None, layout: str | None = None,
+            batch_size: int = 32, progress: bool = True, postprocess: bool = True) -> PredictResult:
+    """Segment every case under ``input_path`` into ``out`` (see the module docstring).
+
+    ``options`` are the shared discovery options (layout, globs, patient
+    pattern; labels are not read); ``layout`` alone is the short form.
+    """
     from tqdm.auto import tqdm
 
-    from pipelines.ingest import discover
-
+    options = DiscoveryOptions.coerce(options, layout)
     net, plan = load_run(run_dir)
     src, out = Path(input_path), Path(out)
     if not src.exists():
         raise ConfigError(f"input {src} does not exist")
-    disc = discover(src, layout)
+    disc = options.discover(src)
     out.mkdir(parents=True, exist_ok=True)
     inputs = {str(Path(f.image).resolve()) for c in disc.cases for f in c.frames}
     result = PredictResult(failed=[p.to_dict() for p in disc.problems])
@@ -328,7 +334,9 @@ def predict(run_dir: str | Path, input_path: str | Path, out: str | Path, *,
             result.failed.append(Problem(case.case_id, None, "predict",
                                          f"{type(exc).__name__}: {exc}").to_dict())
     (out / "predict_report.json").write_text(json.dumps(
-        {"written": result.written, "failed": result.failed, "centres": result.centres}, indent=2))
+        {"classes": list(plan.classes), "label_values": "class indices 0..C-1 in the order of `classes`",
+         "format": "NIfTI (.nii.gz) in each input's geometry",
+         "written": result.written, "failed": result.failed, "centres": result.centres}, indent=2))
     return result
 
 
@@ -342,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir")
     p.add_argument("input", help="folder in any supported layout, or one image file")
     p.add_argument("out")
-    p.add_argument("--layout", choices=["acdc", "mnms", "nnunet", "generic"])
+    add_discovery_arguments(p)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--no-postprocess", action="store_true",
@@ -351,12 +359,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        res = predict(a.run_dir, a.input, a.out, layout=a.layout, batch_size=a.batch_size,
+        res = predict(a.run_dir, a.input, a.out, options=DiscoveryOptions.from_args(a), batch_size=a.batch_size,
                       progress=not a.quiet, postprocess=not a.no_postprocess)
     except ConfigError as exc:
         log.error("%s", exc)
         return EXIT_CONFIG
-    print(f"wrote {len(res.written)} label files to {a.out}; {len(res.failed)} failed")
+    print(f"wrote {len(res.written)} NIfTI label files (class indices, see predict_report.json) to "
+          f"{a.out}; {len(res.failed)} failed")
     for f in res.failed:
         print(f"  FAILED {f['case_id']}: {f['message']}")
     return res.exit_code

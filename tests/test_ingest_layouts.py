@@ -105,12 +105,16 @@ def test_nnunet_label_names_mapped(tmp_path, write_nifti, tiny):
     assert found.cases[0].label_map == ((0, 0), (1, 3), (2, 2), (3, 1))
     assert found.cases[2].frames[0].label is None  # imagesTs: image-only
     acdc = _nnunet(tmp_path / "D27", write_nifti, tiny, {"0": "background", "1": "RV", "2": "MLV", "3": "LVC"})
-    assert discover(acdc).cases[0].label_map is None  # v1 style, identity
+    found = discover(acdc)  # v1 style: names as keys
+    assert found.cases[0].label_map == ((0, 0), (1, 1), (2, 2), (3, 3))
+    assert found.label_map.classes == ("background", "RV", "MYO", "LV")
 
 
 def test_nnunet_unmappable_and_multichannel(tmp_path, write_nifti, tiny):
-    bad = _nnunet(tmp_path / "bad", write_nifti, tiny, {"background": 0, "aorta": 1})
-    with pytest.raises(ConfigError, match="aorta"):
+    other = _nnunet(tmp_path / "other", write_nifti, tiny, {"background": 0, "aorta": 1})
+    assert discover(other).label_map.classes == ("background", "aorta")  # another class set
+    bad = _nnunet(tmp_path / "bad", write_nifti, tiny, {"aorta": 1, "LV": 2})
+    with pytest.raises(ConfigError, match="no background"):
         discover(bad)
     multi = _nnunet(tmp_path / "multi", write_nifti, tiny, {"background": 0, "RV": 1, "MYO": 2, "LV": 3}, 2)
     found = discover(multi)

@@ -81,7 +81,8 @@ class _Build:
 
         cfg, result, out = self.cfg, self.result, self.out
         self.runlog.event("start", raw=str(self.raw), dry_run=cfg.dry_run)
-        disc = discover(self.raw, cfg.layout)
+        disc = cfg.discovery.discover(self.raw)
+        self.label_map = disc.label_map
         result.quarantined.extend(p.to_dict() for p in disc.problems)
         for folder in (self.staging, self.state):
             folder.mkdir(exist_ok=True)
@@ -96,7 +97,8 @@ class _Build:
         if not headers:  # an empty or unmounted RAW, or every case unreadable: change nothing
             raise ConfigError(_nothing_usable(result.quarantined, self.raw))
         try:
-            plan = resolve_plan(out, headers, plan_file=cfg.plan_file, overrides=cfg.plan_overrides(),
+            overrides = {**cfg.plan_overrides(), "classes": disc.label_map.classes}
+            plan = resolve_plan(out, headers, plan_file=cfg.plan_file, overrides=overrides,
                                 crop_mm=cfg.crop_mm, read_spacings=self._read_spacings)
         except ConfigError:
             if self._header_problems and len(self._header_problems) == len(headers):
@@ -126,6 +128,7 @@ class _Build:
         client = self._client() if not unchanged else None
         try:
             outcomes = self._process(todo, keys, plan, phash, client)
+            self._check_convention(outcomes)
             self._learn(outcomes, keys, digests, digest_index)
             result.quarantined.extend(_quarantine_records(outcomes, todo))
             bad = {q["case_id"] for q in result.quarantined}
@@ -218,6 +221,34 @@ class _Build:
                              progress=self.cfg.progress, on_result=note)
         self.runlog.event("cases_done", seconds=round(time.perf_counter() - self.t0, 3))
         return outcomes
+
+    def _check_convention(self, outcomes: list[dict]) -> None:
+        """Refuse (ConfigError, exit 2, nothing published) when most new cases contradict the label map.
+
+        The workers count, per processed case, which classes touch in-plane
+        (:func:`cmrprep.anatomy.contact_counts` on the cropped labels); the
+        verdict is :func:`cmrprep.anatomy.check_convention`.  A minority of
+        contradicting cases is a warning naming them; a map without RV, MYO
+        and LV skips the check with a logged note.
+        """
+        from cmrprep.anatomy import check_convention
+
+        contacts = {r["case_id"]: r["contacts"] for r in outcomes if r.get("ok") and r.get("contacts")}
+        if not contacts:
+            return
+        verdict = check_convention(contacts, self.label_map)
+        self.result.label_convention = verdict.to_dict()
+        self.runlog.event("label_convention", **verdict.to_dict())
+        if verdict.severity == "error":
+            incremental.clear_staging(self.staging)  # computed under the wrong map: never reuse
+            raise ConfigError(f"{verdict.message}. Nothing was built.")
+        if verdict.severity == "warning":
+            log.warning("%s", verdict.message)
+            self.result.warnings.extend(
+                Problem(cid, None, "label_convention", verdict.message, "warning").to_dict()
+                for cid in verdict.contradicting)
+        else:
+            log.info("%s", verdict.message)
 
     def _learn(self, outcomes: list[dict], keys: dict, digests: dict, index) -> None:
         """Keys and input digests computed by the workers, kept for this and later builds."""
@@ -340,7 +371,7 @@ class _OldSlices:
         sl = slice(first, first + n)
         frames = a["frame_index"][sl]
         return {"n_slices": n, "n_frames": int(row[3]), "class_counts": a["class_counts"][sl],
-                "class_counts_raw": [int(v) for v in row[4:8]],
+                "class_counts_raw": [int(v) for v in row[4:]],
                 "slice_index": a["slice_index"][sl], "phase": a["phase"][sl],
                 "frame_local": frames - frames.min(),
                 "warnings": self.index.warnings.get(case_id, []),

@@ -15,6 +15,7 @@ from cmrprep.plan import ConfigError
 from pipelines.build import BuildConfig, BuildResult, build, outdir
 from pipelines.build.cluster import quiet_dask_logs
 from pipelines.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_INTERRUPTED, help_formatter, plain_text
+from pipelines.ingest.options import DiscoveryOptions, add_discovery_arguments
 
 log = logging.getLogger("pipelines.build")
 
@@ -25,7 +26,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=help_formatter())
     p.add_argument("raw", help="folder with cases (ACDC, M&Ms, nnU-Net raw or generic layout)")
     p.add_argument("out", help="output folder (store.zarr, plan.json, report/, ...)")
-    p.add_argument("--layout", choices=["acdc", "mnms", "nnunet", "generic"])
+    add_discovery_arguments(p, ("acdc", "mnms", "nnunet", "generic"))
     p.add_argument("--plan", dest="plan_file", help="use this plan JSON (edit a previous plan.json)")
     p.add_argument("--spacing", type=float, help="in-plane target spacing in mm (default: median)")
     p.add_argument("--crop-mm", type=float, help="crop size in mm (default: 128 px at the spacing)")
@@ -50,7 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace) -> BuildConfig:
     """The :class:`BuildConfig` the parsed arguments describe."""
-    return BuildConfig(raw=args.raw, out=args.out, layout=args.layout, plan_file=args.plan_file,
+    return BuildConfig(raw=args.raw, out=args.out, discovery=DiscoveryOptions.from_args(args),
+                       plan_file=args.plan_file,
                        spacing=args.spacing, crop_mm=args.crop_mm, weight_scheme=args.weight_scheme,
                        foreground_share=args.foreground_share, seed=args.seed,
                        store_dtype=args.store_dtype, replicate=args.replicate, workers=args.workers,

@@ -8,6 +8,7 @@ from typing import Any
 
 from cmrprep.plan import ConfigError, Plan
 from pipelines.exitcodes import EXIT_OK, EXIT_QUARANTINE
+from pipelines.ingest.options import DiscoveryOptions
 
 __all__ = ["BuildConfig", "BuildResult"]
 
@@ -20,8 +21,9 @@ class BuildConfig:
     ----------
     raw, out : path
         Input folder with the cases; output folder (store, plan, report, logs).
-    layout : str, optional
-        Force a layout (``acdc``, ``mnms``, ``nnunet``, ``generic``); default: detected.
+    discovery : DiscoveryOptions
+        How to read RAW: layout, file patterns, label map, patient pattern
+        (the same options as ``ingest``, ``predict`` and ``evaluate``).
     plan_file : path, optional
         Plan JSON to follow (e.g. an edited ``OUT/plan.json``).
     spacing, crop_mm, weight_scheme, foreground_share, seed, store_dtype, replicate
@@ -49,7 +51,7 @@ class BuildConfig:
 
     raw: str | Path
     out: str | Path
-    layout: str | None = None
+    discovery: DiscoveryOptions = field(default_factory=DiscoveryOptions)
     plan_file: str | Path | None = None
     spacing: float | None = None
     crop_mm: float | None = None
@@ -77,6 +79,7 @@ class BuildConfig:
     def validate(self) -> "BuildConfig":
         """Raise :class:`ConfigError` for options that cannot work (before any work)."""
         Plan().updated(**self.plan_overrides())
+        self.discovery.validate()
         if not Path(self.raw).exists():
             raise ConfigError(f"input {self.raw} does not exist; pass the folder with your cases")
         if self.workers < 0:
@@ -102,6 +105,8 @@ class BuildResult:
     repaired: list[str] = field(default_factory=list)
     quarantined: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[dict[str, Any]] = field(default_factory=list)
+    #: Verdict of the label-convention check (:class:`cmrprep.anatomy.ConventionCheck`).
+    label_convention: dict[str, Any] = field(default_factory=dict)
     full_rebuild: bool = False
     published: bool = False
     seconds: float = 0.0

@@ -3,7 +3,7 @@
 Schema (see README "Store format"): arrays ``images`` (N, H, W) float32|float16,
 ``labels`` (N, H, W) uint8, ``weights`` (N,) float64, ``case_index``,
 ``frame_index``, ``slice_index`` (N,) int32, ``phase`` (N,) int8 (0 ED, 1 ES,
-2 other), ``class_counts`` (N, 4) int64, optionally ``replicated_index``; the
+2 other), ``class_counts`` (N, C) int64, optionally ``replicated_index``; the
 per-case ``case_table`` and the per-group ``records/<group key>`` arrays.
 Image/label chunks are 16 slices; shards hold ``plan.shard_slices`` slices.
 
@@ -41,7 +41,6 @@ import cmrprep
 from cmrprep import sampling as sampling_mod
 from cmrprep import stats as stats_mod
 from cmrprep import weights as weights_mod
-from cmrprep.cases import CLASSES
 from cmrprep.plan import Plan
 from pipelines.build import incremental
 from pipelines.build.outdir import fsync_path
@@ -70,7 +69,7 @@ def chunk_slices(shard: int) -> int:
 
 
 def create_store(path: str | Path, *, n_slices: int, slice_shape: tuple[int, int],
-                 image_dtype: str, shard_slices: int) -> zarr.Group:
+                 image_dtype: str, shard_slices: int, num_classes: int = 4) -> zarr.Group:
     """Create an empty store with the full schema (arrays sized ``n_slices``).
 
     ``images`` and ``labels`` are sharded by ``shard_slices`` slices with inner
@@ -90,7 +89,8 @@ def create_store(path: str | Path, *, n_slices: int, slice_shape: tuple[int, int
                         ("slice_index", "int32"), ("phase", "int8")):
         root.create_array(name, shape=(n_slices,), dtype=dtype, chunks=(one_d,),
                           fill_value=0, dimension_names=("slice",))
-    root.create_array("class_counts", shape=(n_slices, 4), dtype="int64", chunks=(one_d, 4),
+    root.create_array("class_counts", shape=(n_slices, num_classes), dtype="int64",
+                      chunks=(one_d, num_classes),
                       fill_value=0, dimension_names=("slice", "class"))
     return root
 
@@ -180,11 +180,12 @@ def dataset_statistics(cases: list[dict[str, Any]], plan: Plan) -> dict[str, Any
     ``cases`` are per-case summaries (:func:`pipelines.build.tasks.case_summary`),
     in store order; padding slices are not included (their weight is 0).
     """
-    rows = [np.asarray(m["class_counts"], dtype=np.int64).reshape(-1, 4) for m in cases]
-    counts = np.concatenate(rows) if rows else np.zeros((0, 4), dtype=np.int64)
+    c = plan.num_classes
+    rows = [np.asarray(m["class_counts"], dtype=np.int64).reshape(-1, c) for m in cases]
+    counts = np.concatenate(rows) if rows else np.zeros((0, c), dtype=np.int64)
     if counts.shape[0] == 0:
         raise ValueError("no usable slices to build a store from")
-    raw = np.array([m["class_counts_raw"] for m in cases], dtype=np.int64).reshape(-1, 4)
+    raw = np.array([m["class_counts_raw"] for m in cases], dtype=np.int64).reshape(-1, c)
     weights_all = weights_mod.compute_all(counts, plan.weight_scheme, beta=plan.effective_number_beta)
     w = sampling_mod.sampling_weights(counts, foreground_share=plan.foreground_share,
                                       balance_classes=plan.balance_classes)
@@ -207,7 +208,9 @@ def slice_arrays(cases: list[dict[str, Any]], layout: list[dict[str, Any]], n_to
     arrays = {name: np.full(n_total, PAD, dtype=dtype) for name, dtype in
               (("case_index", np.int32), ("frame_index", np.int32), ("slice_index", np.int32),
                ("phase", np.int8))}
-    arrays["class_counts"] = np.zeros((n_total, 4), dtype=np.int64)
+    c = int(np.asarray(cases[0]["class_counts"]).reshape(len(cases[0]["slice_index"]), -1).shape[1]) \
+        if cases else 4
+    arrays["class_counts"] = np.zeros((n_total, c), dtype=np.int64)
     arrays["weights"] = np.zeros(n_total, dtype=np.float64)
     frame_offset, w_pos = 0, 0
     for group in layout:
@@ -220,7 +223,7 @@ def slice_arrays(cases: list[dict[str, Any]], layout: list[dict[str, Any]], n_to
             arrays["frame_index"][sl] = np.asarray(m["frame_local"], dtype=np.int32) + frame_offset
             arrays["slice_index"][sl] = m["slice_index"]
             arrays["phase"][sl] = m["phase"]
-            arrays["class_counts"][sl] = np.asarray(m["class_counts"], dtype=np.int64).reshape(-1, 4)
+            arrays["class_counts"][sl] = np.asarray(m["class_counts"], dtype=np.int64).reshape(-1, c)
             arrays["weights"][sl] = weights[w_pos:w_pos + n]
             frame_offset += m["n_frames"]
             pos += n
@@ -269,7 +272,8 @@ def write_version(path: Path, previous: Path | None, staging: Path, cases: list[
                           plan.group_cases)
     n_total = layout[-1]["first_slice"] + layout[-1]["n_slices"]
     root = create_store(path, n_slices=n_total, slice_shape=tuple(plan.crop_shape),
-                        image_dtype=plan.store_dtype, shard_slices=shard)
+                        image_dtype=plan.store_dtype, shard_slices=shard,
+                        num_classes=plan.num_classes)
     for name, values in slice_arrays(cases, layout, n_total, stats["sampling_weights"]).items():
         root[name][:] = values
     if plan.replicate:
@@ -278,7 +282,8 @@ def write_version(path: Path, previous: Path | None, staging: Path, cases: list[
         root.create_array("replicated_index", data=np.asarray(idx, dtype=np.int64),
                           chunks=(max(len(idx), 1),))
     root.require_group("records")
-    items, table, groups_meta = [], np.zeros((len(cases), 8), dtype=np.int64), []
+    n_cols = 4 + plan.num_classes
+    items, table, groups_meta = [], np.zeros((len(cases), n_cols), dtype=np.int64), []
     for g_no, group in enumerate(layout):
         members = [cases[i] for i in group["cases"]]
         gkey = group_key([m["key"] for m in members], shard)
@@ -305,11 +310,12 @@ def write_version(path: Path, previous: Path | None, staging: Path, cases: list[
     for meta, res in zip(groups_meta, results):
         meta.append(res["sizes"])  # bytes of each shard file (0: absent, all fill value)
     warnings = {c["case_id"]: c["warnings"] for c in cases if c.get("warnings")}
-    root.create_array("case_table", data=table, chunks=(max(len(cases), 1), 8),
+    root.create_array("case_table", data=table, chunks=(max(len(cases), 1), n_cols),
                       dimension_names=("case", "field"),
                       attributes={"columns": ["first_slice", "n_slices", "group", "n_frames",
-                                              "raw_bg", "raw_rv", "raw_myo", "raw_lv"],
+                                              *(f"raw_{name}" for name in plan.classes)],
                                   "case_ids": [c["case_id"] for c in cases],
+                                  "patients": [c.get("patient") or c["case_id"] for c in cases],
                                   "keys": [c["key"] for c in cases],
                                   "groups": groups_meta, "warnings": warnings})
     root.update_attributes(_attributes(plan, stats, len(cases),
@@ -452,6 +458,7 @@ def _record(meta: dict[str, Any], hashes: dict[str, str]) -> dict[str, Any]:
     case = meta["case"]
     return {"case_id": meta["case_id"], "key": meta["key"], "layout": case["layout"],
             "source_files": incremental.case_files(case), "input_hashes": hashes,
+            "patient": case.get("patient") or meta["case_id"],
             "cine": case.get("cine"), "frames": meta["frames"], "fingerprint": meta["fingerprint"],
             "warnings": meta["warnings"], "n_slices": meta["n_slices"]}
 
@@ -497,7 +504,7 @@ def _attributes(plan: Plan, stats: dict[str, Any], n_cases: int, n_frames: int,
     return {
         "format_version": FORMAT_VERSION,
         "build_key": build_id,
-        "classes": list(CLASSES),
+        "classes": list(plan.classes),
         "spacing": [plan.target_spacing, plan.target_spacing],
         "n_cases": n_cases,
         "n_frames": n_frames,

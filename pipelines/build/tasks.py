@@ -49,9 +49,9 @@ def _fingerprint(image: np.ndarray, label: np.ndarray | None, geometry,
                                          max_samples=STAT_SAMPLES).to_dict()
     counts = None
     if label_counts is not None:  # counted while the labels were checked
-        counts = [int(c) for c in label_counts[:4]]
+        counts = [int(c) for c in label_counts]
     elif label is not None:
-        counts = np.bincount(label.ravel(order="K"), minlength=4)[:4].tolist()  # uint8 labels 0..3
+        counts = np.bincount(label.ravel(order="K")).tolist()
     return {"spacing": list(geometry.spacing), "shape": list(geometry.shape),
             "percentiles": {"p0.5": float(intensity["low"]), "p50": float(intensity["median"]),
                             "p99.5": float(intensity["high"])},
@@ -196,12 +196,23 @@ def _process(case: CaseSpec, plan: Plan, staging: Path, key: str) -> dict[str, A
     merged = {k: np.concatenate([b[k] for b in blocks]) for k in incremental.STAGED_ARRAYS}
     merged["images"] = merged["images"].astype(plan.store_dtype, copy=False)  # as stored: half the bytes
     summary = case_summary(merged, len(records))
+    contacts = _contacts(merged["labels"], plan)
     meta = {"case_id": case.case_id, "key": key, "case": case.to_dict(), "frames": records,
             "fingerprint": prints, "warnings": warnings,
             **{k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in summary.items()}}
     incremental.write_staged(staging, key, merged, meta)
     return {"case_id": case.case_id, "ok": True, "key": key, "fingerprint": prints,
-            "warnings": warnings, **summary}
+            "warnings": warnings, "contacts": contacts, **summary}
+
+
+def _contacts(labels: np.ndarray, plan: Plan) -> list[list[int]] | None:
+    """In-plane class contacts of the cropped (S, H, W) labels, for the label-convention check
+    (``None`` when the classes lack RV, MYO or LV: the check does not apply)."""
+    from cmrprep.anatomy import ROLES, contact_counts
+
+    if not all(r in plan.classes for r in ROLES):
+        return None
+    return contact_counts(labels, (1, 2), plan.num_classes).tolist()
 
 
 def case_summary(arrays: dict[str, np.ndarray], n_frames: int) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """``python -m pipelines.ingest RAW [--layout L] [--report FILE.json] ...``.
 
-Exit codes: 0 all cases valid, 3 some quarantined, 2 configuration error, 1 failure.
+Exit codes: 0 all cases valid, 3 some quarantined, 2 configuration error, no
+usable case, or labels that contradict the label map (what build refuses), 1 failure.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sys
 
 from cmrprep.plan import ConfigError
 from pipelines.exitcodes import EXIT_CONFIG, EXIT_FAILURE, help_formatter, plain_text
-from pipelines.ingest.layouts import LAYOUTS
+from pipelines.ingest.options import DiscoveryOptions, add_discovery_arguments
 from pipelines.ingest.report import ingest
 
 log = logging.getLogger("pipelines.ingest")
@@ -22,11 +23,7 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Find and validate every case of a raw CMR dataset.",
                                 formatter_class=help_formatter())
     p.add_argument("root", help="dataset folder, or one volume file / DICOM directory")
-    p.add_argument("--layout", choices=LAYOUTS, help="force the layout (default: auto-detect)")
-    p.add_argument("--image-glob", help="generic layout: glob of image files relative to RAW")
-    p.add_argument("--label-suffix", default="_gt", help="generic layout: X.nii.gz -> X<suffix>.nii.gz")
-    p.add_argument("--label-pattern", help="generic layout: label name format, e.g. '{stem}_seg{ext}'")
-    p.add_argument("--mnms-csv", help="M&Ms metadata CSV (default: searched next to RAW)")
+    add_discovery_arguments(p)
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--workers", type=int, default=1, help="cases validated concurrently")
     p.add_argument("-v", "--verbose", action="store_true", help="log each problem")
@@ -42,9 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        result = ingest(args.root, args.layout, image_glob=args.image_glob,
-                        label_suffix=args.label_suffix, label_pattern=args.label_pattern,
-                        mnms_csv=args.mnms_csv, workers=max(1, args.workers), report=args.report)
+        result = ingest(args.root, DiscoveryOptions.from_args(args), workers=max(1, args.workers),
+                        report=args.report)
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
         return EXIT_CONFIG

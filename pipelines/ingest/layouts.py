@@ -17,17 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cmrprep.cases import CaseError, CaseSpec, FrameSpec, Problem
+from cmrprep.labels import ACDC, MNMS, LabelMap
 from cmrprep.plan import ConfigError
 from pipelines.ingest.nnunet import discover_nnunet
+from pipelines.ingest.options import LAYOUTS, DiscoveryOptions
+from pipelines.ingest.patients import NNUNET_PATIENT, group_patients
 from pipelines.ingest.readers import NIFTI_SUFFIXES, is_volume_path, read_header, volume_stem
 
 __all__ = ["LAYOUTS", "MNMS_LABEL_MAP", "Discovery", "discover", "detect_layout"]
 
 log = logging.getLogger(__name__)
 
-LAYOUTS = ("acdc", "mnms", "nnunet", "generic", "images")
 #: M&Ms labels (1 LV, 2 MYO, 3 RV) -> project (1 RV, 2 MYO, 3 LV).
-MNMS_LABEL_MAP = ((0, 0), (1, 3), (2, 2), (3, 1))
+MNMS_LABEL_MAP = MNMS.values
 _ACDC_FRAME = re.compile(r"^(?P<case>.+)_frame(?P<n>\d+)(_gt)?$")
 #: What ``pipelines.predict`` writes into the root of its output folder.
 PREDICT_REPORT = "predict_report.json"
@@ -37,11 +39,13 @@ PRED_SUFFIX = "_pred"
 
 @dataclass
 class Discovery:
-    """Result of :func:`discover`: cases sorted by id plus problems found on the way."""
+    """Result of :func:`discover`: cases sorted by id, problems found on the way, the label map."""
 
     layout: str
     cases: list[CaseSpec] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    #: File values -> classes of every labelled case (the layout's or the user's).
+    label_map: LabelMap = ACDC
 
 
 def rglob(root: Path, pattern: str):
@@ -303,24 +307,18 @@ def _collect(layout: str, items, make) -> Discovery:
 
 def discover(root: str | Path, layout: str | None = None, *, image_glob: str | None = None,
              label_suffix: str = "_gt", label_pattern: str | None = None,
-             mnms_csv: str | Path | None = None) -> Discovery:
+             mnms_csv: str | Path | None = None, label_map: str | LabelMap | None = None,
+             patient_pattern: str | None = None) -> Discovery:
     """Find every case under ``root``.
 
     Parameters
     ----------
     root : str or Path
         Dataset folder, or a single volume file / DICOM directory.
-    layout : {"acdc", "mnms", "nnunet", "generic", "images"}, optional
-        Forces the layout; auto-detected when ``None``.
-    image_glob : str, optional
-        Glob (relative to ``root``) of image files for the generic layout.
-    label_suffix : str
-        Generic layout: ``X.nii.gz`` pairs with ``X{label_suffix}.nii.gz``.
-    label_pattern : str, optional
-        Generic layout: label file name as a format string with ``{stem}`` and
-        ``{ext}`` (e.g. ``"{stem}_seg{ext}"``); overrides ``label_suffix``.
-    mnms_csv : str or Path, optional
-        M&Ms metadata CSV; searched in ``root`` and its parent when ``None``.
+    layout, image_glob, label_suffix, label_pattern, mnms_csv, label_map, patient_pattern
+        See :class:`pipelines.ingest.options.DiscoveryOptions`.  The label map
+        defaults to the layout's convention (ACDC identity, M&Ms, nnU-Net's
+        ``dataset.json``); a given one applies to every layout.
 
     Returns
     -------
@@ -329,7 +327,8 @@ def discover(root: str | Path, layout: str | None = None, *, image_glob: str | N
     Raises
     ------
     ConfigError
-        Missing root, unknown layout, missing M&Ms CSV, unmappable nnU-Net labels.
+        Missing root, unknown layout, missing M&Ms CSV, bad label map or
+        pattern, unmappable nnU-Net labels.
 
     Examples
     --------
@@ -338,24 +337,44 @@ def discover(root: str | Path, layout: str | None = None, *, image_glob: str | N
     ('acdc', 100)
     """
     root = Path(root)
+    opts = DiscoveryOptions(layout, image_glob, label_suffix, label_pattern,
+                            str(mnms_csv) if mnms_csv is not None else None, label_map,
+                            patient_pattern).validate()
     if not root.exists():
         raise ConfigError(f"input {root} does not exist; check the path.")
-    if layout is not None and layout not in LAYOUTS:
-        raise ConfigError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}.")
     auto = layout is None
     layout = layout or detect_layout(root, image_glob)
-    opts = dict(image_glob=image_glob, label_suffix=label_suffix, label_pattern=label_pattern,
-                mnms_csv=mnms_csv, auto=auto)
+    user_map = opts.parsed_label_map()
+    kw = dict(image_glob=image_glob, label_suffix=label_suffix, label_pattern=label_pattern,
+              mnms_csv=mnms_csv, auto=auto)
     if layout == "acdc":
         found = _discover_acdc(root)
     elif layout == "mnms":
-        found = _discover_mnms(root, **opts)
+        found = _discover_mnms(root, **kw)
     elif layout == "nnunet":
-        cases, problems = discover_nnunet(root)
-        found = Discovery("nnunet", cases, problems)
+        cases, problems, lm = discover_nnunet(root, user_map)
+        found = Discovery("nnunet", cases, problems, lm)
     else:
-        found = _discover_files(root, layout, **opts)
+        found = _discover_files(root, layout, **kw)
+    if layout == "mnms":
+        found.label_map = MNMS
+    if user_map is not None:
+        found.label_map = user_map
+    pattern = opts.compiled_patient_pattern() or (NNUNET_PATIENT if layout == "nnunet" else None)
+    if pattern is not None and layout in ("nnunet", "generic", "images"):
+        found.cases, grouping = group_patients(found.cases, pattern)
+        found.problems.extend(grouping)
+    found.cases = [_with_label_map(c, found.label_map) for c in found.cases]
     _confine(found, root)
-    log.info("discovered %d %s cases (%d problems) in %s", len(found.cases), found.layout,
-             len(found.problems), root)
+    log.info("discovered %d %s cases (%d problems, classes %s) in %s", len(found.cases), found.layout,
+             len(found.problems), ",".join(found.label_map.classes), root)
     return found
+
+
+def _with_label_map(case: CaseSpec, label_map: LabelMap) -> CaseSpec:
+    """The case with the dataset's label map (labelled cases only)."""
+    from dataclasses import replace
+
+    if not any(f.label is not None for f in case.frames):
+        return case if case.label_map is None else replace(case, label_map=None)
+    return replace(case, label_map=label_map.values)

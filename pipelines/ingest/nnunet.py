@@ -1,83 +1,42 @@
 """nnU-Net raw dataset layout: ``imagesTr``/``imagesTs``/``labelsTr`` + ``dataset.json``.
 
-Label names in ``dataset.json`` are mapped to the project convention (0
-background, 1 RV, 2 MYO, 3 LV); a name that cannot be mapped is a
-configuration error, since every case would be wrong.
+The ``labels`` of ``dataset.json`` become the dataset's
+:class:`~cmrprep.labels.LabelMap` (cardiac names canonicalised, any other
+class kept by name).  Images named ``<patient>_frameNN`` are grouped into
+patients by :func:`pipelines.ingest.patients.group_patients`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 
 from cmrprep.cases import CaseSpec, FrameSpec, Problem
+from cmrprep.labels import LABEL_SYNONYMS, LabelMap, LabelMapError
 from cmrprep.plan import ConfigError
 
 __all__ = ["LABEL_SYNONYMS", "label_map_from_names", "discover_nnunet"]
 
 log = logging.getLogger(__name__)
 
-#: Accepted label names (lower case, letters and digits only) -> project label.
-LABEL_SYNONYMS: dict[str, int] = {
-    **dict.fromkeys(("background", "bg", "bkg", "clearlabel", "none"), 0),
-    **dict.fromkeys(("rv", "rvc", "rvcavity", "rvbp", "rightventricle", "rightventricular",
-                     "rightventricularcavity", "rightventriclecavity", "rvbloodpool"), 1),
-    **dict.fromkeys(("myo", "mlv", "lvm", "myocardium", "lvmyocardium", "myocard",
-                     "leftventricularmyocardium", "leftventriclemyocardium"), 2),
-    **dict.fromkeys(("lv", "lvc", "lvbp", "lvcavity", "leftventricle", "leftventricular",
-                     "leftventricularcavity", "leftventriclecavity", "lvbloodpool"), 3),
-}
-
-
-def _norm(name: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", str(name).lower())
-
-
-def _label_pairs(labels: dict) -> list[tuple[str, int]]:
-    """(name, value) pairs from nnU-Net v2 ``{name: value}`` or v1 ``{"value": name}``."""
-    if all(str(k).isdigit() for k in labels) and all(isinstance(v, str) for v in labels.values()):
-        return [(v, int(k)) for k, v in labels.items()]
-    pairs = []
-    for name, value in labels.items():
-        if not isinstance(value, int):
-            raise ConfigError(f"dataset.json label {name!r} has value {value!r}; region-based "
-                              "(list) labels are not supported, give one integer per label.")
-        pairs.append((name, value))
-    return pairs
-
-
-def label_map_from_names(labels: dict) -> tuple[tuple[int, int], ...] | None:
-    """Map ``dataset.json`` labels to the project convention.
-
-    Returns
-    -------
-    tuple of (int, int) or None
-        ``(source, project)`` pairs, ``None`` when the mapping is the identity.
+def label_map_from_names(labels: dict) -> LabelMap:
+    """The dataset's :class:`~cmrprep.labels.LabelMap` from ``dataset.json`` ``labels``.
 
     Raises
     ------
     ConfigError
-        A label name that is not a known synonym of background/RV/MYO/LV.
+        Region-based (list) labels, no background, or two names for one class.
 
     Examples
     --------
-    >>> label_map_from_names({"background": 0, "LVBP": 1, "LVM": 2, "RV": 3})
+    >>> label_map_from_names({"background": 0, "LVBP": 1, "LVM": 2, "RV": 3}).values
     ((0, 0), (1, 3), (2, 2), (3, 1))
     """
-    pairs = _label_pairs(labels)
-    unknown = [name for name, _ in pairs if _norm(name) not in LABEL_SYNONYMS]
-    if unknown:
-        raise ConfigError(f"dataset.json label names {unknown} cannot be mapped to background/RV/"
-                          "MYO/LV; rename them (accepted e.g. 'RV', 'MYO', 'LV', 'right ventricle', "
-                          "'myocardium', 'left ventricle', 'RVC', 'MLV', 'LVC').")
-    mapped = tuple(sorted((value, LABEL_SYNONYMS[_norm(name)]) for name, value in pairs))
-    targets = [b for _, b in mapped]
-    if len(set(targets)) != len(targets):
-        raise ConfigError(f"dataset.json labels {dict(pairs)} map two names to one class; "
-                          "keep one name per class.")
-    return None if all(a == b for a, b in mapped) else mapped
+    try:
+        return LabelMap.from_names(labels)
+    except LabelMapError as exc:
+        raise ConfigError(f"dataset.json labels {dict(labels)}: {exc}") from None
 
 
 def _load_dataset_json(root: Path) -> dict:
@@ -108,6 +67,7 @@ def _file_ending(value, root: Path) -> str:
 
 
 def _cases_in(folder: Path, labels_dir: Path | None, ending: str, label_map) -> tuple[list, list]:
+    label_map = label_map.values
     cases, problems = [], []
     for img in sorted(folder.glob(f"*_0000{ending}")):
         cid = img.name[: -len(f"_0000{ending}")]
@@ -132,8 +92,11 @@ def _cases_in(folder: Path, labels_dir: Path | None, ending: str, label_map) -> 
     return cases, problems
 
 
-def discover_nnunet(root: Path) -> tuple[list[CaseSpec], list[Problem]]:
+def discover_nnunet(root: Path, label_map: LabelMap | None = None,
+                    ) -> tuple[list[CaseSpec], list[Problem], LabelMap]:
     """Cases of an nnU-Net raw dataset (``imagesTr`` with labels, ``imagesTs`` image-only).
+
+    ``label_map`` (a user's ``--label-map``) overrides ``dataset.json``'s labels.
 
     Raises
     ------
@@ -141,7 +104,7 @@ def discover_nnunet(root: Path) -> tuple[list[CaseSpec], list[Problem]]:
         Unreadable ``dataset.json`` or unmappable label names.
     """
     meta = _load_dataset_json(root)
-    label_map = label_map_from_names(meta["labels"])
+    label_map = label_map or label_map_from_names(meta["labels"])
     ending = _file_ending(meta.get("file_ending", ".nii.gz"), root)
     cases, problems = [], []
     for split, labels in (("imagesTr", "labelsTr"), ("imagesTs", "labelsTs")):
@@ -150,4 +113,4 @@ def discover_nnunet(root: Path) -> tuple[list[CaseSpec], list[Problem]]:
             c, p = _cases_in(root / split, lab_dir, ending, label_map)
             cases += c
             problems += p
-    return cases, problems
+    return cases, problems, label_map

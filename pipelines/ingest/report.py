@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cmrprep.anatomy import check_convention
 from cmrprep.cases import CaseSpec, Problem
-from pipelines.exitcodes import EXIT_OK, EXIT_QUARANTINE
-from pipelines.ingest.layouts import discover
-from pipelines.ingest.validate import validate_case
+from cmrprep.labels import ACDC, LabelMap
+from pipelines.exitcodes import EXIT_CONFIG, EXIT_OK, EXIT_QUARANTINE
+from pipelines.ingest.options import DiscoveryOptions
+from pipelines.ingest.validate import inspect_case
 
 __all__ = ["IngestReport", "ingest"]
 
@@ -28,7 +30,9 @@ class IngestReport:
     """Outcome of :func:`ingest`.
 
     ``cases`` are the accepted (non-quarantined) case specs, sorted by id;
-    ``quarantined`` are the errors, ``warnings`` the non-quarantining findings.
+    ``quarantined`` are the errors, ``warnings`` the non-quarantining findings;
+    ``convention`` is the dataset's label-convention verdict
+    (:class:`cmrprep.anatomy.ConventionCheck` as a dict).
     """
 
     layout: str
@@ -36,6 +40,8 @@ class IngestReport:
     cases: list[CaseSpec] = field(default_factory=list)
     quarantined: list[Problem] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
+    label_map: LabelMap = ACDC
+    convention: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> list[str]:
@@ -49,7 +55,10 @@ class IngestReport:
 
     @property
     def exit_code(self) -> int:
-        """0 when every case passed, 3 when any was quarantined."""
+        """0 every case passed; 3 some were quarantined; 2 no usable case, or the labels
+        contradict the label map (``build`` would refuse)."""
+        if self.convention.get("severity") == "error" or not self.cases:
+            return EXIT_CONFIG
         return EXIT_QUARANTINE if self.quarantined else EXIT_OK
 
     def to_dict(self) -> dict[str, Any]:
@@ -57,6 +66,9 @@ class IngestReport:
         def brief(p: Problem) -> dict[str, Any]:
             return {"case_id": p.case_id, "file": p.file, "check": p.check, "message": p.message}
         return {"layout": self.layout, "n_cases": self.n_cases, "ok": self.ok,
+                "classes": list(self.label_map.classes), "label_map": self.label_map.spec(),
+                "label_convention": self.convention,
+                "patients": {c.case_id: [f.phase for f in c.frames] for c in self.cases},
                 "quarantined": [brief(p) for p in self.quarantined],
                 "quarantined_ids": self.quarantined_ids,
                 "warnings": [brief(p) for p in self.warnings]}
@@ -65,28 +77,35 @@ class IngestReport:
         """One human-readable paragraph."""
         lines = [f"{self.layout}: {self.n_cases} cases, {len(self.ok)} ok, "
                  f"{len(self.quarantined_ids)} quarantined, {len(self.warnings)} warnings"]
+        lines.insert(1, f"  classes {', '.join(self.label_map.classes)} (label map "
+                        f"'{self.label_map.spec()}')")
         lines += [f"  QUARANTINED {p}" for p in self.quarantined]
+        if self.convention.get("severity") in ("error", "warning"):
+            lines.append(f"  LABEL CONVENTION {self.convention['severity'].upper()}: "
+                         f"{self.convention['message']}")
+        if not self.cases:
+            lines.append("  no usable case: nothing could be built from this input")
         return "\n".join(lines)
 
 
-def _validate_all(cases: list[CaseSpec], workers: int) -> list[list[Problem]]:
-    """``validate_case`` over all cases, in order; threads when ``workers > 1``."""
+def _validate_all(cases: list[CaseSpec], workers: int) -> list[tuple[list[Problem], Any]]:
+    """``inspect_case`` over all cases, in order; threads when ``workers > 1``."""
     if workers <= 1 or len(cases) <= 1:
-        return [validate_case(c) for c in cases]
+        return [inspect_case(c) for c in cases]
     with ThreadPoolExecutor(max_workers=workers) as pool:  # zlib/numpy release the GIL
-        return list(pool.map(validate_case, cases))
+        return list(pool.map(inspect_case, cases))
 
 
-def ingest(root: str | Path, layout: str | None = None, *, image_glob: str | None = None,
-           label_suffix: str = "_gt", label_pattern: str | None = None,
-           mnms_csv: str | Path | None = None, workers: int = 1,
+def ingest(root: str | Path, options: DiscoveryOptions | str | None = None, *, workers: int = 1,
            report: str | Path | None = None) -> IngestReport:
-    """Discover and validate every case under ``root``.
+    """Discover and validate every case under ``root``, and check the labels' convention.
 
     Parameters
     ----------
-    root, layout, image_glob, label_suffix, label_pattern, mnms_csv
-        As for :func:`pipelines.ingest.discover`.
+    root : str or Path
+        Dataset folder or one image.
+    options : DiscoveryOptions or str, optional
+        How to read the dataset (the same options as ``build``); a string is a layout.
     workers : int
         Cases validated concurrently (threads); the result does not depend on it.
     report : str or Path, optional
@@ -101,22 +120,30 @@ def ingest(root: str | Path, layout: str | None = None, *, image_glob: str | Non
     ConfigError
         From :func:`discover` (missing root, unknown layout, ...).
     """
-    found = discover(root, layout, image_glob=image_glob, label_suffix=label_suffix,
-                     label_pattern=label_pattern, mnms_csv=mnms_csv)
+    if not isinstance(options, DiscoveryOptions):
+        options = DiscoveryOptions(layout=options)
+    found = options.discover(root)
     errors = [p for p in found.problems if p.severity == "error"]
     warnings = [p for p in found.problems if p.severity != "error"]
     bad_ids = {p.case_id for p in errors}
-    accepted = []
-    for case, problems in zip(found.cases, _validate_all(found.cases, workers)):
+    accepted, contacts = [], {}
+    for case, (problems, pairs) in zip(found.cases, _validate_all(found.cases, workers)):
         errors += [p for p in problems if p.severity == "error"]
         warnings += [p for p in problems if p.severity != "error"]
         if any(p.severity == "error" for p in problems) or case.case_id in bad_ids:
             continue
         accepted.append(case)
+        if pairs is not None:
+            contacts[case.case_id] = pairs
     n_cases = len({c.case_id for c in found.cases} | bad_ids)
     by_case = (lambda p: p.case_id)  # stable: keeps frame order within a case
+    convention = check_convention(contacts, found.label_map) if contacts else None
     result = IngestReport(found.layout, n_cases, accepted, sorted(errors, key=by_case),
-                          sorted(warnings, key=by_case))
+                          sorted(warnings, key=by_case), found.label_map,
+                          convention.to_dict() if convention else {})
+    if convention is not None:
+        (log.error if convention.severity == "error" else
+         log.warning if convention.severity == "warning" else log.info)("%s", convention.message)
     if report is not None:
         Path(report).parent.mkdir(parents=True, exist_ok=True)
         Path(report).write_text(json.dumps(result.to_dict(), indent=2) + "\n")

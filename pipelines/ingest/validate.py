@@ -17,14 +17,14 @@ from cmrprep.cases import CLASSES, CaseError, CaseSpec, FrameSpec, Problem
 from cmrprep.geometry import Geometry
 from pipelines.ingest.readers import read_cine, read_header, read_volume
 
-__all__ = ["AFFINE_TOL_MM", "LoadedFrame", "load_frame", "load_cine", "validate_case", "check_case",
+__all__ = ["AFFINE_TOL_MM", "LoadedFrame", "load_frame", "load_cine", "validate_case", "inspect_case",
+           "check_case",
            "check_intensities", "check_labels", "check_alignment", "check_metadata"]
 
 log = logging.getLogger(__name__)
 
 #: Largest tolerated absolute difference between image and label 4x4 affines (mm).
 AFFINE_TOL_MM: float = 1e-3
-_MAX_LABEL = len(CLASSES) - 1
 #: Layouts whose frames come from ED/ES metadata.
 _NEEDS_PHASES = ("acdc", "mnms")
 
@@ -78,36 +78,50 @@ def _histogram(label: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def _remap(label: np.ndarray, label_map, case_id: str, path: str) -> tuple[np.ndarray, np.ndarray]:
-    """Apply ``label_map`` (source -> project); unmapped values are errors.
+    """Apply ``label_map`` (file value -> class index pairs); unmapped values are errors.
 
-    Returns the uint8 label and its voxel count per project class (from the
-    value histogram when there is one, so the volume is scanned once).
+    ``label_map=None`` is ACDC's identity (0 background, 1 RV, 2 MYO, 3 LV).
+    Returns the uint8 label and its voxel count per class (from the value
+    histogram when there is one, so the volume is scanned once).
     """
     values, per_value = _histogram(label)
-    if label_map is None:
-        bad = values[(values < 0) | (values > _MAX_LABEL)]
-        if bad.size:
-            raise CaseError(Problem(case_id, path, "label_values",
-                                    f"label values {_values(bad)} outside 0..{_MAX_LABEL} "
-                                    f"({', '.join(CLASSES)}); fix the label file or set a label_map."))
+    pairs = label_map if label_map is not None else tuple((i, i) for i in range(len(CLASSES)))
+    n_classes = max(b for _, b in pairs) + 1
+    src = np.array([a for a, _ in pairs], dtype=np.int64)
+    bad = values[~np.isin(values, src)]
+    if bad.size:
+        raise CaseError(Problem(case_id, path, "label_values",
+                                f"label values {_values(bad)} are not in the label map "
+                                f"{_spec(pairs)}{_suggest(values)}"))
+    if all(a == b for a, b in pairs):
         out = label.astype(np.uint8, copy=False)
         mapped = values
     else:
-        src = np.array([a for a, _ in label_map], dtype=np.int64)
-        bad = values[~np.isin(values, src)]
-        if bad.size:
-            raise CaseError(Problem(case_id, path, "label_values",
-                                    f"label values {_values(bad)} not in the layout's label map "
-                                    f"{dict(label_map)}; fix the label file."))
         lut = np.zeros(int(src.max()) + 1, dtype=np.uint8)
-        for a, b in label_map:
+        for a, b in pairs:
             lut[a] = b
         out = lut[label.astype(np.int64)]
         mapped = lut[values]
     if per_value is None:
-        return out, np.bincount(out.ravel(order="K"), minlength=len(CLASSES))[:len(CLASSES)]
-    counts = np.bincount(mapped, weights=per_value, minlength=len(CLASSES))[:len(CLASSES)]
+        return out, np.bincount(out.ravel(order="K"), minlength=n_classes)[:n_classes]
+    counts = np.bincount(mapped, weights=per_value, minlength=n_classes)[:n_classes]
     return out, counts.astype(np.int64)
+
+
+def _spec(pairs) -> str:
+    return "{" + ", ".join(f"{a}: {b}" for a, b in pairs) + "} (file value: class)"
+
+
+def _suggest(values: np.ndarray) -> str:
+    """How to fix unmapped values: a ``--label-map`` with the values the file holds."""
+    shown = [int(v) for v in values[:12]]
+    if len(values) > 12 or not shown or shown[0] != 0:
+        return "; fix the label file or pass --label-map 'VALUE=NAME,...' naming every value."
+    names = dict(zip(range(4), ("background", "RV", "MYO", "LV"))) if len(shown) == 4 else {}
+    example = ",".join(f"{v}={names.get(i, 'background' if i == 0 else f'<class{i}>')}"
+                       for i, v in enumerate(shown))
+    return (f"; if these are your classes, pass --label-map '{example}' (the order of the names is "
+            "the order of the classes; check which value is which structure).")
 
 
 def check_labels(label: np.ndarray, label_map, case_id: str,
@@ -304,9 +318,30 @@ def validate_case(case: CaseSpec) -> list[Problem]:
     list of Problem
         Errors (quarantine the case) and warnings, in frame order.
     """
+    return inspect_case(case)[0]
+
+
+def inspect_case(case: CaseSpec) -> tuple[list[Problem], np.ndarray | None]:
+    """:func:`validate_case` plus the case's in-plane class contacts (for the label-convention check).
+
+    The contacts (:func:`cmrprep.anatomy.contact_counts` summed over the
+    labelled frames, in class indices) are ``None`` without labels or when a
+    frame has an error.
+    """
+    from cmrprep.anatomy import contact_counts
+
     problems = check_case(case)
+    contacts = None
+    n_classes = max(b for _, b in case.label_map) + 1 if case.label_map else len(CLASSES)
     for fr in case.frames:
-        problems += _inspect(case, fr)[1]
+        loaded, found = _inspect(case, fr)
+        problems += found
+        if loaded is not None and loaded.label is not None:
+            in_plane = tuple(int(a) for a in np.argsort(loaded.geometry.spacing, kind="stable")[:2])
+            pairs = contact_counts(loaded.label, in_plane, n_classes)
+            contacts = pairs if contacts is None else contacts + pairs
     for p in problems:
         log.info("%s", p)
-    return problems
+    if any(p.severity == "error" for p in problems):
+        contacts = None
+    return problems, contacts
