@@ -34,8 +34,13 @@ __all__ = ["WiringError", "check_wiring", "output_is_softmax", "diagnose", "Coll
 
 log = logging.getLogger(__name__)
 
-LN4 = math.log(4.0)
-DOUBLE_SOFTMAX_FLOOR = -math.log(math.e / (math.e + 3.0))  # 0.744 for 4 classes
+def double_softmax_floor(num_classes: int) -> float:
+    """Lowest cross-entropy a double softmax can reach with ``num_classes`` classes.
+
+    >>> round(double_softmax_floor(4), 3)
+    0.744
+    """
+    return -math.log(math.e / (math.e + num_classes - 1.0))
 
 
 class WiringError(ConfigError):
@@ -135,17 +140,20 @@ def check_wiring(net: keras.Model, loss: Any, labels_sample: np.ndarray,
 
 
 def diagnose(losses: list[float], val_ce: float | None, pred_fg: float | None,
-             fg_pixel_share: float | None, lr: float | None) -> str:
+             fg_pixel_share: float | None, lr: float | None,
+             classes: tuple[str, ...] = ("background", "RV", "MYO", "LV")) -> str:
     """Explain a collapse (model predicts background) from the run's numbers."""
     lines = ["Training collapsed: the model predicts (almost) only background on validation."]
     ce = val_ce if val_ce is not None and math.isfinite(val_ce) else None
-    if ce is not None and abs(ce - LN4) < 0.15:
-        lines.append(f"- validation cross-entropy {ce:.3f} ~ ln 4 = 1.386: not learning even the "
+    c = len(classes)
+    floor = double_softmax_floor(c)
+    if ce is not None and abs(ce - math.log(c)) < 0.15:
+        lines.append(f"- validation cross-entropy {ce:.3f} ~ ln {c} = {math.log(c):.3f}: not learning even the "
                      "class prior. Check the loss/activation pairing (logits + from_logits=True), "
                      f"the learning rate (now {lr}) and the optimizer (SGD without momentum at "
                      "1e-4 barely moves).")
-    elif ce is not None and ce > DOUBLE_SOFTMAX_FLOOR:
-        lines.append(f"- validation cross-entropy floor {ce:.3f} > 0.744: signature of a double "
+    elif ce is not None and ce > floor:
+        lines.append(f"- validation cross-entropy floor {ce:.3f} > {floor:.3f}: signature of a double "
                      "softmax (softmax output with from_logits=True).")
     if losses:
         lines.append(f"- training loss: first {losses[0]:.4f}, last {losses[-1]:.4f}.")
@@ -156,7 +164,8 @@ def diagnose(losses: list[float], val_ce: float | None, pred_fg: float | None,
                 " and a Dice term (loss='dice_ce')." if fg_pixel_share < 0.05 else "")
         lines.append(f"- expected foreground pixel share in training batches: "
                      f"{fg_pixel_share:.3f}.{hint}")
-    lines.append("- check the label encoding: integer labels 0 bg, 1 RV, 2 MYO, 3 LV of shape "
+    encoding = ", ".join(f"{i} {name}" for i, name in enumerate(classes))
+    lines.append(f"- check the label encoding: integer labels {encoding} of shape "
                  "(B, H, W), aligned with the images (not swapped, not interpolated).")
     return "\n".join(lines)
 
@@ -174,11 +183,15 @@ class CollapseGuard(keras.callbacks.Callback):
         Where ``diagnosis.txt`` is written.
     fg_pixel_share : float, optional
         Expected foreground pixel share of training batches (for the diagnosis).
+    classes : tuple of str
+        Class names, background first (ln C and the label encoding in the diagnosis).
     """
 
     def __init__(self, patience: int = 5, min_dice: float = 0.02, run_dir: str | Path | None = None,
-                 fg_pixel_share: float | None = None) -> None:
+                 fg_pixel_share: float | None = None,
+                 classes: tuple[str, ...] = ("background", "RV", "MYO", "LV")) -> None:
         super().__init__()
+        self.classes = tuple(classes)
         self.patience, self.min_dice = int(patience), float(min_dice)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.fg_pixel_share = fg_pixel_share
@@ -192,8 +205,8 @@ class CollapseGuard(keras.callbacks.Callback):
         if "val_dice_mean" not in logs or self.patience <= 0:
             return
         # collapsed: no foreground Dice, background everywhere, or a validation cross-entropy
-        # still near ln(4) = 1.386 (not even the class prior learned) with little Dice
-        not_learning = (logs.get("val_ce", 0.0) > 0.9 * LN4
+        # still near ln C (ln 4 = 1.386: not even the class prior learned) with little Dice
+        not_learning = (logs.get("val_ce", 0.0) > 0.9 * math.log(len(self.classes))
                         and logs["val_dice_mean"] < max(0.1, self.min_dice))
         collapsed = (logs["val_dice_mean"] < self.min_dice or logs.get("val_pred_fg", 1.0) == 0.0
                      or not_learning)
@@ -206,7 +219,7 @@ class CollapseGuard(keras.callbacks.Callback):
         if self.model is not None and getattr(self.model, "optimizer", None) is not None:
             lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         self.diagnosis = diagnose(self.losses, logs.get("val_ce"), logs.get("val_pred_fg"),
-                                  self.fg_pixel_share, lr)
+                                  self.fg_pixel_share, lr, self.classes)
         self.collapsed = True
         log.error("%s", self.diagnosis)
         if self.run_dir is not None:

@@ -28,14 +28,15 @@ from typing import Any
 
 import numpy as np
 
+from cmrprep.cases import CLASSES
 from cmrprep.plan import ConfigError
 
 __all__ = ["StoreError", "AliasTable", "ShardStore", "ShardPool", "resolve_store_path",
-           "split_by_patient", "class_weight_table"]
+           "split_by_patient", "split_patients", "class_weight_table"]
 
 log = logging.getLogger(__name__)
 
-NUM_CLASSES = 4
+NUM_CLASSES = len(CLASSES)  # the default (ACDC) class set; a store's own: ShardStore.num_classes
 REQUIRED_ARRAYS = ("images", "labels", "weights", "case_index")
 #: Stores whose images + labels (in their stored dtypes) fit in this many bytes are held in
 #: memory by default; larger ones are streamed through a :class:`ShardPool`.
@@ -172,6 +173,9 @@ class ShardStore:
             raise StoreError(f"store {self.path} lacks array(s) {missing}; rebuild it with "
                              "`python -m pipelines.build` (sampling weights are written by the build)")
         self.attrs: dict[str, Any] = dict(root.attrs)
+        self._table_attrs: dict[str, Any] | None = None
+        self.classes: tuple[str, ...] = tuple(self.attrs.get("classes") or CLASSES)
+        self.num_classes = len(self.classes)
         self.weights = self._read_weights(root)
         self.case_index = np.asarray(root["case_index"][...], dtype=np.int64)
         self.class_counts = (np.asarray(root["class_counts"][...], dtype=np.int64)
@@ -189,7 +193,7 @@ class ShardStore:
         if self.in_memory:
             self._images = np.asarray(images[...])
             self._labels = np.asarray(labels[...], dtype=np.uint8)
-            _check_labels(self._labels, str(self.path))
+            _check_labels(self._labels, str(self.path), self.num_classes)
         self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._lock = threading.Lock()
         log.info("store %s: %d slices %s, %s", self.path, self.n_slices, self.slice_shape,
@@ -209,8 +213,10 @@ class ShardStore:
         for name, arr in (("weights", self.weights), ("case_index", self.case_index)):
             if arr.shape[0] != n:
                 raise StoreError(f"`{name}` has {arr.shape[0]} entries for {n} slices")
-        if self.class_counts is not None and self.class_counts.shape != (n, NUM_CLASSES):
-            raise StoreError(f"`class_counts` shape {self.class_counts.shape} != ({n}, {NUM_CLASSES})")
+        c = self.num_classes
+        if self.class_counts is not None and self.class_counts.shape != (n, c):
+            raise StoreError(f"`class_counts` shape {self.class_counts.shape} != ({n}, {c}) for the "
+                             f"store's classes {list(self.classes)}; rebuild the store")
 
     # -- slice access ----------------------------------------------------------
     def get(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -240,7 +246,7 @@ class ShardStore:
                              "newest versions); reopen the store")
         images, labels = self._open_arrays()
         block = np.asarray(images[lo:hi]), np.asarray(labels[lo:hi], dtype=np.uint8)
-        _check_labels(block[1], f"{self.path} slices {lo}..{hi - 1}")
+        _check_labels(block[1], f"{self.path} slices {lo}..{hi - 1}", self.num_classes)
         return block
 
     def _open_arrays(self) -> tuple[Any, Any]:
@@ -281,41 +287,61 @@ class ShardStore:
             raise StoreError("store lacks `class_counts`; rebuild it")
         return self.class_counts[:, 1:].sum(axis=1) > 0
 
-    def case_ids(self) -> list[str]:
-        """Case id of each ``case_index`` value (from the store's ``case_table``)."""
-        if "case_table" in self.array_names:
+    def _case_table_attrs(self) -> dict[str, Any]:
+        if "case_table" not in self.array_names:
+            return {}
+        if self._table_attrs is None:
             import json
 
-            meta = json.loads((self.path / "case_table" / "zarr.json").read_text())["attributes"]
-            return list(meta["case_ids"])
+            self._table_attrs = json.loads((self.path / "case_table" / "zarr.json").read_text())["attributes"]
+        return self._table_attrs
+
+    def case_ids(self) -> list[str]:
+        """Case id of each ``case_index`` value (from the store's ``case_table``)."""
+        table = self._case_table_attrs()
+        if table:
+            return list(table["case_ids"])
         return [c.get("case_id", str(i)) if isinstance(c, dict) else str(c)
                 for i, c in enumerate(self.attrs.get("cases") or [])]
+
+    def patients(self) -> list[str]:
+        """Patient id of each ``case_index`` value (the case id where the store names none)."""
+        ids = self.case_ids()
+        patients = self._case_table_attrs().get("patients") or [
+            c.get("patient") if isinstance(c, dict) else None for c in self.attrs.get("cases") or []]
+        if len(patients) != len(ids):
+            return ids
+        return [p or cid for p, cid in zip(patients, ids)]
 
     def check_attrs(self) -> dict[str, Any]:
         """Store attributes plus ``arrays`` (array names), for :func:`model.checks.check_wiring`."""
         return {**self.attrs, "arrays": list(self.array_names)}
 
 
-def _check_labels(labels: np.ndarray, where: str) -> None:
-    if labels.size and int(labels.max()) >= NUM_CLASSES:
-        bad = np.unique(labels[labels >= NUM_CLASSES])[:5].tolist()
-        raise StoreError(f"labels in {where} contain values {bad} outside 0..{NUM_CLASSES - 1}; "
+def _check_labels(labels: np.ndarray, where: str, num_classes: int = NUM_CLASSES) -> None:
+    if labels.size and int(labels.max()) >= num_classes:
+        bad = np.unique(labels[labels >= num_classes])[:5].tolist()
+        raise StoreError(f"labels in {where} contain values {bad} outside 0..{num_classes - 1}; "
                          "rebuild the store (label remapping/interpolation went wrong)")
 
 
 def split_by_patient(store: ShardStore, val_fraction: float = 0.2,
                      seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Split slice indices by case so that no case is in both parts.
+    """Split slice indices by patient so that no patient is in both parts.
+
+    The store records each case's patient (``case_table`` attribute
+    ``patients``); a patient's cases (images grouped or not) all go to one
+    side.  Stores without patients split by case.
 
     Parameters
     ----------
     store : ShardStore
         Provides ``case_index``.
     val_fraction : float
-        Share of cases (not slices) for validation, in [0, 1); rounded, at
+        Share of patients (not slices) for validation, in [0, 1); rounded, at
         least one case when > 0.
     seed : int
-        Seed of the case permutation.
+        Seed of the patient permutation.
 
     Returns
     -------
@@ -325,14 +351,40 @@ def split_by_patient(store: ShardStore, val_fraction: float = 0.2,
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
     cases = np.unique(store.case_index[store.case_index >= 0])  # -1: padding slices
-    n_val = 0 if val_fraction == 0 else max(1, int(round(val_fraction * cases.size)))
-    if n_val >= cases.size:
-        raise ConfigError(f"val_fraction {val_fraction} leaves no training case out of "
-                          f"{cases.size}; lower it or add cases")
-    val_cases = np.random.default_rng(seed).permutation(cases)[:n_val]
+    patient_of = _patient_codes(store, cases)
+    patients = np.unique(patient_of[cases])
+    n_val = 0 if val_fraction == 0 else max(1, int(round(val_fraction * patients.size)))
+    if n_val >= patients.size:
+        raise ConfigError(f"val_fraction {val_fraction} leaves no training patient out of "
+                          f"{patients.size}; lower it or add patients")
+    val_patients = np.random.default_rng(seed).permutation(patients)[:n_val]
+    val_cases = cases[np.isin(patient_of[cases], val_patients)]
     is_val = np.isin(store.case_index, val_cases)
     real = store.case_index >= 0
     return np.flatnonzero(~is_val & real), np.flatnonzero(is_val)
+
+
+def _patient_codes(store: ShardStore, cases: np.ndarray) -> np.ndarray:
+    """Integer patient code per case index (each case its own patient when none are recorded)."""
+    try:
+        names = store.patients()
+    except (OSError, ValueError, KeyError):
+        names = []
+    n = int(cases.max()) + 1 if cases.size else 0
+    if len(names) < n:
+        return np.arange(max(n, 1))
+    _, codes = np.unique(np.asarray(names, dtype=object).astype(str), return_inverse=True)
+    return codes.astype(np.int64)
+
+
+def split_patients(store: ShardStore, train_idx: np.ndarray, val_idx: np.ndarray) -> dict[str, list[str]]:
+    """Patient ids on each side of a split (for ``train_config.json``)."""
+    names = store.patients()
+    side = {}
+    for key, idx in (("train", train_idx), ("val", val_idx)):
+        cases = np.unique(store.case_index[idx])
+        side[key] = sorted({names[int(c)] for c in cases if 0 <= c < len(names)})
+    return side
 
 
 class ShardPool:
@@ -516,7 +568,8 @@ def class_weight_table(spec: Any, store: "ShardStore") -> np.ndarray | None:
             raise ConfigError(f"store {store.path} has no class_weights attribute; rebuild it or "
                               "pass class_weights explicitly")
     table = np.asarray(spec, dtype=np.float32).ravel()
-    if table.size != NUM_CLASSES or not np.all(np.isfinite(table)) or (table < 0).any():
-        raise ConfigError(f"class_weights must be {NUM_CLASSES} finite non-negative values (one per "
-                          f"class), got {list(spec)}")
+    c = store.num_classes
+    if table.size != c or not np.all(np.isfinite(table)) or (table < 0).any():
+        raise ConfigError(f"class_weights must be {c} finite non-negative values (one per class of "
+                          f"{list(store.classes)}), got {list(spec)}")
     return table

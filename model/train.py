@@ -2,7 +2,7 @@
 
 A run directory receives::
 
-    train_config.json   arguments, versions, split (case ids)
+    train_config.json   arguments, classes, versions, split (case and patient ids)
     plan.json           copy of the store's plan (to reproduce preprocessing)
     history.csv         one row per epoch: loss, val_dice_{rv,myo,lv,mean}, ...
     curves.png          loss and validation Dice curves
@@ -38,6 +38,7 @@ from cmrprep.plan import ConfigError
 from model.augment import Augmenter
 from model.checks import CollapseGuard, check_wiring, output_is_softmax
 from model.data import ShardStore, SliceDataset, ValidationDataset, split_by_patient
+from model.reader import split_patients
 from model.reader import DEFAULT_MEMORY_BUDGET, DEFAULT_POOL_SHARDS
 from model.losses import make_loss
 from model.metrics import ValidationDice
@@ -171,8 +172,11 @@ def _write_metadata(run_dir: Path, config: dict, store: ShardStore, train_idx: n
 
     def names(idx: np.ndarray) -> list[str]:
         return [ids[c] if c < len(ids) else str(c) for c in np.unique(store.case_index[idx])]
+    patients = split_patients(store, train_idx, val_idx)
     split = {"train_cases": names(train_idx), "val_cases": names(val_idx),
+             "train_patients": patients["train"], "val_patients": patients["val"],
              "train_slices": int(train_idx.size), "val_slices": int(val_idx.size)}
+    config = {**config, "classes": list(store.classes)}
     versions = {"keras": keras.__version__, "backend": keras.backend.backend()}
     _write_json(run_dir / "train_config.json", {**config, "split": split, "versions": versions})
     plan = store.attrs.get("plan")
@@ -223,11 +227,13 @@ def _callbacks(run_dir: Path, train_ds: SliceDataset, val_ds: ValidationDataset,
                deadline: float | None, best: float | None, resume: bool, patience: int,
                min_dice: float) -> list:
     guard = CollapseGuard(patience=patience, min_dice=min_dice, run_dir=run_dir,
-                          fg_pixel_share=train_ds.foreground_pixel_share())
+                          fg_pixel_share=train_ds.foreground_pixel_share(),
+                          classes=train_ds.store.classes)
     checkpoint = keras.callbacks.ModelCheckpoint(
         run_dir / "best.keras", monitor="val_dice_mean", mode="max", save_best_only=True,
         initial_value_threshold=best if best is not None and math.isfinite(best) else None)
-    return [_EpochSync(train_ds), TimeLimit(deadline), ValidationDice(val_ds, from_logits),
+    classes = train_ds.store.classes
+    return [_EpochSync(train_ds), TimeLimit(deadline), ValidationDice(val_ds, from_logits, classes=classes),
             checkpoint, _SaveLast(run_dir / "last.keras"),
             keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resume), guard]
 
@@ -285,7 +291,7 @@ def train(store_path: str | Path, run_dir: str | Path, *, epochs: int = 50,
     loss : {"dice_ce", "ce", "dice"}
         See :func:`model.losses.make_loss`.
     val_fraction : float
-        Share of cases held out (split by case, never by slice).
+        Share of patients held out (split by patient, never by slice or frame).
     filters, batch_norm, output
         U-Net options (:func:`model.unet.build_unet`).
     augment, use_sampling : bool
@@ -336,9 +342,10 @@ def train(store_path: str | Path, run_dir: str | Path, *, epochs: int = 50,
     if from_logits is None:
         from_logits = (not output_is_softmax(user_net)) if user_net is not None else output == "logits"
     config["from_logits"] = from_logits  # as resolved (recorded in train_config.json)
-    loss_fn = make_loss(loss, _class_weights(class_weights, store), from_logits=from_logits)
-    build = dict(input_shape=(*store.slice_shape, 1), filters=tuple(filters),
-                 batch_norm=batch_norm, output=output)
+    loss_fn = make_loss(loss, _class_weights(class_weights, store), from_logits=from_logits,
+                        num_classes=store.num_classes)
+    build = dict(input_shape=(*store.slice_shape, 1), num_classes=store.num_classes,
+                 filters=tuple(filters), batch_norm=batch_norm, output=output)
     net, initial_epoch, best = _model_and_epoch(run_dir, resume, build,
                                                 loss_fn, _make_optimizer(optimizer, lr), user_net)
     train_ds = SliceDataset(store, train_idx, batch_size, seed=seed,

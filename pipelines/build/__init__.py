@@ -269,7 +269,7 @@ class _Build:
         for case in cases:
             cid = case.case_id
             hashes = {f: digests[f] for f in incremental.case_files(case.to_dict()) if f in digests}
-            base = {"case_id": cid, "key": keys[cid], "hashes": hashes}
+            base = {"case_id": cid, "key": keys[cid], "hashes": hashes, "patient": case.patient_id}
             if cid in done or cid in staged:
                 src = done.get(cid) or staged[cid]
                 entries.append({**base, "source": "staged", **{k: src[k] for k in _SUMMARY},

@@ -3,7 +3,8 @@
 :func:`write_report` writes into ``out_dir``:
 
 * ``montage.png``: seeded random slices after cropping, image windowed to its
-  1-99th percentiles, labels overlaid (RV red, MYO green, LV blue, alpha 0.4),
+  1-99th percentiles, labels overlaid (RV red, MYO green, LV blue, other classes
+  from a fixed palette, alpha 0.4),
   tiles at native resolution with their store index;
 * ``class_frequencies.png``: class voxel shares on a log axis, in three groups:
   raw (after resampling, before crop), after crop, and expected under the
@@ -36,14 +37,37 @@ from cmrprep import sampling, stats
 from cmrprep import weights as weights_mod
 from cmrprep.cases import CLASSES
 
-__all__ = ["write_report", "montage_indices", "CLASS_COLOURS"]
+__all__ = ["write_report", "montage_indices", "CLASS_COLOURS", "class_colours"]
 
 log = logging.getLogger(__name__)
 
 #: RGB overlay colour per foreground class (index 1 RV, 2 MYO, 3 LV); background is not drawn.
 CLASS_COLOURS: dict[int, tuple[float, float, float]] = {1: (0.9, 0.15, 0.15), 2: (0.15, 0.8, 0.2),
                                                         3: (0.2, 0.45, 1.0)}
-BAR_COLOURS = ((140, 140, 140), (230, 38, 38), (38, 204, 51), (51, 115, 255))
+_NAMED_COLOURS = {"RV": CLASS_COLOURS[1], "MYO": CLASS_COLOURS[2], "LV": CLASS_COLOURS[3]}
+_PALETTE = ((1.0, 0.6, 0.0), (0.7, 0.2, 0.9), (0.0, 0.8, 0.8), (0.9, 0.9, 0.1), (1.0, 0.4, 0.7),
+            (0.5, 0.3, 0.1), (0.5, 0.8, 0.4), (0.4, 0.4, 0.7))
+
+
+def class_colours(classes: Sequence[str] = CLASSES) -> dict[int, tuple[float, float, float]]:
+    """Overlay colour per foreground class index: RV red, MYO green, LV blue, others a palette.
+
+    >>> class_colours(("background", "LV"))
+    {1: (0.2, 0.45, 1.0)}
+    >>> sorted(class_colours(("background", "RV", "MYO", "LV", "scar")))
+    [1, 2, 3, 4]
+    """
+    out, spare = {}, iter(_PALETTE * (1 + len(classes) // len(_PALETTE)))
+    for i, name in enumerate(classes):
+        if i:
+            out[i] = _NAMED_COLOURS.get(name) or next(spare)
+    return out
+
+
+def _bar_colours(classes: Sequence[str]) -> list[tuple[int, int, int]]:
+    colours = class_colours(classes)
+    return [(140, 140, 140)] + [tuple(int(round(255 * v)) for v in colours[i]) for i in range(1, len(classes))]
+
 OVERLAY_ALPHA = 0.4
 _MAX_ARRAY_IN_JSON = 1000
 Table = tuple[list[str], list[list[str]]]
@@ -52,7 +76,8 @@ Table = tuple[list[str], list[list[str]]]
 def write_report(out_dir: str | Path, *, images: Any, labels: Any,
                  slice_counts_raw: Sequence[Sequence[int]] | np.ndarray, slice_counts: np.ndarray,
                  weights: np.ndarray, summary: dict[str, Any], quarantined: list[dict[str, Any]],
-                 warnings: list[dict[str, Any]], seed: int, n_montage: int = 24) -> dict[str, Path]:
+                 warnings: list[dict[str, Any]], seed: int, n_montage: int = 24,
+                 classes: Sequence[str] = CLASSES) -> dict[str, Path]:
     """Write the QC report files into ``out_dir`` (created if needed).
 
     Parameters
@@ -78,6 +103,8 @@ def write_report(out_dir: str | Path, *, images: Any, labels: Any,
         Seed of the montage slice choice.
     n_montage : int
         Number of montage slices (fewer if the dataset is smaller).
+    classes : sequence of str
+        Class names, background first (the store's ``classes`` attribute).
 
     Returns
     -------
@@ -86,17 +113,19 @@ def write_report(out_dir: str | Path, *, images: Any, labels: Any,
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    counts = np.asarray(slice_counts, dtype=np.int64).reshape(-1, len(CLASSES))
+    classes = tuple(classes)
+    counts = np.asarray(slice_counts, dtype=np.int64).reshape(-1, len(classes))
     doc = _summary_document(counts, slice_counts_raw, weights, summary, quarantined, warnings, seed)
+    doc["classes"] = list(classes)
     paths = {"montage": out / "montage.png", "class_frequencies": out / "class_frequencies.png",
              "summary_json": out / "summary.json", "summary_md": out / "summary.md",
              "index_html": out / "index.html"}
     picked = montage_indices(counts.shape[0], n_montage, seed)
-    _save_montage(paths["montage"], images, labels, picked)
+    _save_montage(paths["montage"], images, labels, picked, classes)
     fractions = {name: doc[key]["class_fractions"] for name, key in
                  (("raw (resampled)", "raw"), ("after crop", "after_crop"))}
     fractions["under sampling weights"] = doc["sampling"]["weighted"]["voxel_share"]
-    _save_frequency_plot(paths["class_frequencies"], fractions)
+    _save_frequency_plot(paths["class_frequencies"], fractions, classes)
     doc["montage_slices"] = [int(i) for i in picked]
     paths["summary_json"].write_text(json.dumps(doc, indent=2, sort_keys=True, default=_json_default) + "\n")
     sections = _sections(doc)
@@ -123,7 +152,6 @@ def _summary_document(counts: np.ndarray, raw: Any, weights: np.ndarray, summary
     has_slices = counts.shape[0] > 0 and w.sum() > 0
     return {
         "seed": int(seed),
-        "classes": list(CLASSES),
         "raw": stats.summarize(raw_table),
         "after_crop": stats.summarize(counts),
         "class_weights": {"default": scheme, "weights": _jsonable(class_weights)},
@@ -167,20 +195,22 @@ def montage_indices(n_slices: int, n_montage: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n_slices, size=n, replace=False))
 
 
-def _overlay_tile(image: np.ndarray, label: np.ndarray) -> np.ndarray:
+def _overlay_tile(image: np.ndarray, label: np.ndarray,
+                  colours: dict[int, tuple[float, float, float]] = CLASS_COLOURS) -> np.ndarray:
     """Windowed grey image (1-99th percentile) with class colours blended at ``OVERLAY_ALPHA``."""
     img = np.asarray(image, dtype=np.float64)
     lo, hi = np.percentile(img, [1.0, 99.0]) if img.size else (0.0, 1.0)
     grey = np.clip((img - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(img)
     rgb = np.repeat(grey[..., None], 3, axis=-1)
     lab = np.asarray(label)
-    for cls, colour in CLASS_COLOURS.items():
+    for cls, colour in colours.items():
         mask = lab == cls
         rgb[mask] = (1.0 - OVERLAY_ALPHA) * rgb[mask] + OVERLAY_ALPHA * np.asarray(colour)
     return rgb
 
 
-def _save_montage(path: Path, images: Any, labels: Any, picked: np.ndarray) -> None:
+def _save_montage(path: Path, images: Any, labels: Any, picked: np.ndarray,
+                  classes: Sequence[str] = CLASSES) -> None:
     """One mosaic PNG at native resolution (tiles 1:1, slice index in yellow, legend below).
 
     Composed with NumPy and written by Pillow (matplotlib's dependency): a
@@ -188,7 +218,8 @@ def _save_montage(path: Path, images: Any, labels: Any, picked: np.ndarray) -> N
     """
     from PIL import Image, ImageDraw
 
-    tiles = [_overlay_tile(np.asarray(images[int(i)]), np.asarray(labels[int(i)])) for i in picked]
+    colours = class_colours(classes)
+    tiles = [_overlay_tile(np.asarray(images[int(i)]), np.asarray(labels[int(i)]), colours) for i in picked]
     h, w = tiles[0].shape[:2] if tiles else (128, 128)
     cols = max(min(len(tiles), 6 if len(tiles) <= 36 else 10), 1)
     rows = max(-(-len(tiles) // cols), 1)
@@ -205,10 +236,10 @@ def _save_montage(path: Path, images: Any, labels: Any, picked: np.ndarray) -> N
     if not tiles:
         draw.text((8, 8), "no slices", fill=(0, 0, 0))
     x = 8
-    for cls in sorted(CLASS_COLOURS):
-        colour = tuple(int(round(255 * v)) for v in CLASS_COLOURS[cls])
+    for cls in sorted(colours):
+        colour = tuple(int(round(255 * v)) for v in colours[cls])
         draw.rectangle((x, rows * h + 5, x + 10, rows * h + 15), fill=colour)
-        draw.text((x + 14, rows * h + 5), CLASSES[cls], fill=(0, 0, 0))
+        draw.text((x + 14, rows * h + 5), classes[cls], fill=(0, 0, 0))
         x += 80
     img.save(path, format="PNG")
 
@@ -233,7 +264,8 @@ def _text(draw, xy: tuple[float, float], text: str, font, anchor: str = "lt",
     draw.text((xy[0] - dx - left, xy[1] - dy - top), text, font=font, fill=fill)
 
 
-def _save_frequency_plot(path: Path, fractions: dict[str, list[float]]) -> None:
+def _save_frequency_plot(path: Path, fractions: dict[str, list[float]],
+                         classes: Sequence[str] = CLASSES) -> None:
     """Grouped bars (one group per stage, one bar per class) on a log axis, drawn with Pillow.
 
     The chart is a handful of rectangles and labels; matplotlib cost ~0.85 s of CPU per
@@ -246,7 +278,8 @@ def _save_frequency_plot(path: Path, fractions: dict[str, list[float]]) -> None:
     draw = ImageDraw.Draw(img)
     font, small = _font(12), _font(10)
     groups = list(fractions)
-    n_cls = len(CLASSES)
+    n_cls = len(classes)
+    bar_colours = _bar_colours(classes)
     positive = [v for vals in fractions.values() for v in vals if v > 0]
     lo = int(np.floor(np.log10(min(positive) / 3))) if positive else -6
     hi = 0.35  # log10 of the axis top: room above 100 % for the value labels
@@ -269,15 +302,15 @@ def _save_frequency_plot(path: Path, fractions: dict[str, list[float]]) -> None:
             x0 = centre + (c - n_cls / 2) * bar_w
             y = y_of(v) if v > 0 else height - bottom
             if v > 0:
-                draw.rectangle([x0 + 1, y, x0 + bar_w - 1, height - bottom - 1], fill=BAR_COLOURS[c])
+                draw.rectangle([x0 + 1, y, x0 + bar_w - 1, height - bottom - 1], fill=bar_colours[c])
             _text(draw, (x0 + bar_w / 2, y - 2), _pct(v), small, "mb")
         _text(draw, (centre, height - bottom + 6), name, font, "mt")
     _text(draw, (width / 2, 8), "Class frequencies (voxel share, log scale)", _font(14), "mt")
     x = left + 4
     for c in range(n_cls):  # legend
-        draw.rectangle([x, 32, x + 10, 42], fill=BAR_COLOURS[c])
-        _text(draw, (x + 14, 37), CLASSES[c], small, "lm")
-        x += 100
+        draw.rectangle([x, 32, x + 10, 42], fill=bar_colours[c])
+        _text(draw, (x + 14, 37), classes[c], small, "lm")
+        x += min(100, (width - left - right) // n_cls)
     img.save(path, format="PNG")
 
 
@@ -380,6 +413,7 @@ def render_build_report(out: Path, result: Any, plan: Any) -> Path:
 
     root = zarr.open_group(str(out / "store.zarr"), mode="r")
     attrs = dict(root.attrs)
+    classes = tuple(attrs.get("classes") or plan.classes)
     real = np.flatnonzero(np.asarray(root["case_index"][...]) >= 0)  # padding slices left out
     summary = {
         "plan": plan.to_dict(), "class_weight_scheme": plan.weight_scheme,
@@ -393,11 +427,11 @@ def render_build_report(out: Path, result: Any, plan: Any) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write_report(tmp, images=_Rows(root["images"], real), labels=_Rows(root["labels"], real),
-                     slice_counts_raw=np.asarray(attrs.get("class_counts_raw", [0] * len(CLASSES))),
+                     slice_counts_raw=np.asarray(attrs.get("class_counts_raw", [0] * len(classes))),
                      slice_counts=np.asarray(root["class_counts"][...])[real],
                      weights=np.asarray(root["weights"][...])[real], summary=summary,
                      quarantined=list(result.quarantined), warnings=list(result.warnings),
-                     seed=int(plan.seed), n_montage=N_MONTAGE)
+                     seed=int(plan.seed), n_montage=N_MONTAGE, classes=classes)
         final, old = out / "report", out / f".report-old-{os.getpid()}"
         if final.exists():
             os.replace(final, old)

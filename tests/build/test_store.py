@@ -119,7 +119,7 @@ def _damage_shard(version, how):
     elif how == "truncate":
         victim.write_bytes(victim.read_bytes()[:100])
     elif how == "records":
-        shutil.rmtree(next((version / "records").iterdir()))
+        shutil.rmtree(next(p for p in sorted((version / "records").iterdir()) if p.is_dir()))
     return victim
 
 
