@@ -234,8 +234,8 @@ class _Build:
         from cmrprep.anatomy import check_convention
 
         contacts = {r["case_id"]: r["contacts"] for r in outcomes if r.get("ok") and r.get("contacts")}
-        if not contacts:
-            return
+        if not contacts and all(r in self.label_map.roles() for r in ("RV", "MYO", "LV")):
+            return  # nothing new to judge (cases reused from the store were judged when built)
         verdict = check_convention(contacts, self.label_map)
         self.result.label_convention = verdict.to_dict()
         self.runlog.event("label_convention", **verdict.to_dict())

@@ -377,4 +377,5 @@ def _with_label_map(case: CaseSpec, label_map: LabelMap) -> CaseSpec:
 
     if not any(f.label is not None for f in case.frames):
         return case if case.label_map is None else replace(case, label_map=None)
-    return replace(case, label_map=label_map.values)
+    return replace(case, label_map=label_map.values,
+                   metadata={**case.metadata, "classes": list(label_map.classes)})

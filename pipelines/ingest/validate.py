@@ -77,10 +77,12 @@ def _histogram(label: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     return present.astype(np.int64) - shift, hist[present]
 
 
-def _remap(label: np.ndarray, label_map, case_id: str, path: str) -> tuple[np.ndarray, np.ndarray]:
+def _remap(label: np.ndarray, label_map, case_id: str, path: str,
+           classes=None) -> tuple[np.ndarray, np.ndarray]:
     """Apply ``label_map`` (file value -> class index pairs); unmapped values are errors.
 
-    ``label_map=None`` is ACDC's identity (0 background, 1 RV, 2 MYO, 3 LV).
+    ``label_map=None`` is ACDC's identity (0 background, 1 RV, 2 MYO, 3 LV);
+    ``classes`` (the class names, for messages) default to ACDC's.
     Returns the uint8 label and its voxel count per class (from the value
     histogram when there is one, so the volume is scanned once).
     """
@@ -92,7 +94,7 @@ def _remap(label: np.ndarray, label_map, case_id: str, path: str) -> tuple[np.nd
     if bad.size:
         raise CaseError(Problem(case_id, path, "label_values",
                                 f"label values {_values(bad)} are not in the label map "
-                                f"{_spec(pairs)}{_suggest(values)}"))
+                                f"{_spec(pairs, classes)}{_suggest(values, pairs, classes)}"))
     if all(a == b for a, b in pairs):
         out = label.astype(np.uint8, copy=False)
         mapped = values
@@ -108,18 +110,39 @@ def _remap(label: np.ndarray, label_map, case_id: str, path: str) -> tuple[np.nd
     return out, counts.astype(np.int64)
 
 
-def _spec(pairs) -> str:
-    return "{" + ", ".join(f"{a}: {b}" for a, b in pairs) + "} (file value: class)"
+def _class_names(pairs, classes) -> list[str]:
+    n = max(b for _, b in pairs) + 1
+    names = list(classes) if classes is not None and len(classes) == n else \
+        list(CLASSES) if n == len(CLASSES) else ["background", *(f"class{i}" for i in range(1, n))]
+    return names
 
 
-def _suggest(values: np.ndarray) -> str:
+def _spec(pairs, classes=None) -> str:
+    names = _class_names(pairs, classes)
+    return "'" + ",".join(f"{a}={names[b]}" for a, b in pairs) + "'"
+
+
+def _suggest(values: np.ndarray, pairs=(), classes=None) -> str:
     """How to fix unmapped values: a ``--label-map`` with the values the file holds."""
     shown = [int(v) for v in values[:12]]
     if len(values) > 12 or not shown or shown[0] != 0:
         return "; fix the label file or pass --label-map 'VALUE=NAME,...' naming every value."
-    names = dict(zip(range(4), ("background", "RV", "MYO", "LV"))) if len(shown) == 4 else {}
-    example = ",".join(f"{v}={names.get(i, 'background' if i == 0 else f'<class{i}>')}"
-                       for i, v in enumerate(shown))
+    known = dict(pairs)
+    names = _class_names(pairs, classes) if pairs else []
+    used, parts = set(), []  # mapped values keep their names; the others get placeholders
+    guess = len(shown) == len(CLASSES) and not any(v in known for v in shown[1:])  # 4 values: ACDC order
+    for i, v in enumerate(shown):
+        if guess:
+            name = CLASSES[i]
+        elif v in known and names:
+            name = names[known[v]]
+        else:
+            name = "background" if i == 0 else f"<class{i}>"
+        if name in used:
+            name = f"<class{i}>"
+        used.add(name)
+        parts.append(f"{v}={name}")
+    example = ",".join(parts)
     return (f"; if these are your classes, pass --label-map '{example}' (the order of the names is "
             "the order of the classes; check which value is which structure).")
 
@@ -137,8 +160,8 @@ def check_labels(label: np.ndarray, label_map, case_id: str,
     return out, warnings
 
 
-def _check_labels(label: np.ndarray, label_map, case_id: str,
-                  path: str) -> tuple[np.ndarray, list[Problem], np.ndarray]:
+def _check_labels(label: np.ndarray, label_map, case_id: str, path: str,
+                  classes=None) -> tuple[np.ndarray, list[Problem], np.ndarray]:
     """:func:`check_labels` plus the voxel count of each class of the result."""
     warnings: list[Problem] = []
     if np.issubdtype(label.dtype, np.floating):
@@ -157,7 +180,7 @@ def _check_labels(label: np.ndarray, label_map, case_id: str,
     elif not np.issubdtype(label.dtype, np.integer):
         raise CaseError(Problem(case_id, path, "label_values",
                                 f"label dtype {label.dtype} is not numeric; store labels as uint8."))
-    out, counts = _remap(label, label_map, case_id, path)
+    out, counts = _remap(label, label_map, case_id, path, classes)
     if not counts[1:].any():
         warnings.append(Problem(case_id, path, "empty_label",
                                 "label volume is all background; kept (check it is intended).",
@@ -226,7 +249,8 @@ def _inspect(case: CaseSpec, fr: FrameSpec) -> tuple[LoadedFrame | None, list[Pr
             raw, label_geom = read_volume(fr.label, case_id=cid, frame=fr.label_frame)
             if geom is not None:
                 problems += check_alignment(geom, label_geom, cid, fr.label)
-            label, warnings, counts = _check_labels(raw, case.label_map, cid, fr.label)
+            label, warnings, counts = _check_labels(raw, case.label_map, cid, fr.label,
+                                                    case.metadata.get("classes"))
             problems += warnings
         except CaseError as exc:
             problems.append(exc.problem)
