@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("pred", help="folder with *_pred.nii.gz files")
     p.add_argument("gt", help="ground-truth folder in any supported layout")
     p.add_argument("--out", help="output folder (default PRED/evaluation)")
-    add_discovery_arguments(p, ("acdc", "mnms", "nnunet", "generic"))
+    add_discovery_arguments(p, ("acdc", "mnms", "nnunet", "generic", "dicom"))
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -155,3 +155,25 @@ def test_corrupt_checkpoint_is_a_clear_error(run_dir, tmp_path, caplog):
     (run / "best.keras").write_bytes(b"PK\x03\x04" + bytes(100))  # zip magic, garbage inside
     assert predict_main([str(run), str(tmp_path), str(tmp_path / "out"), "--quiet"]) == 2
     assert "best.keras" in caplog.text and "Traceback" not in caplog.text
+
+
+def test_predicts_a_dicom_cine_into_nifti(run_dir, tmp_path):
+    """A cine exported as one DICOM series per slice: every frame segmented, NIfTI on the DICOM grid."""
+    from cmrprep.synthetic import generate_case
+    from pipelines.ingest import read_header
+    from tests.dicom_writer import write_cine_dicom
+
+    case = generate_case(78, 1)
+    src = write_cine_dicom(tmp_path / "scan" / "subject1", case.cine.astype(np.int16), case.affine,
+                           "per_slice")
+    res = predict(run_dir, tmp_path / "scan", tmp_path / "pred", progress=False)
+    assert res.exit_code == 0 and len(res.written) == case.cine.shape[3]
+    geom = read_header(src, case_id="subject1").geometry
+    for f in res.written:
+        assert f.endswith(".nii.gz") and "subject1_frame" in Path(f).name
+        img = nib.load(f)
+        assert img.shape == case.cine.shape[:3]
+        np.testing.assert_allclose(img.affine, geom.affine, atol=1e-4)
+    assert res.centres["subject1"]["source"] == "cine_first_harmonic"
+    report = json.loads((tmp_path / "pred" / "predict_report.json").read_text())
+    assert report["format"].startswith("NIfTI") and report["classes"] == ["background", "RV", "MYO", "LV"]

@@ -26,7 +26,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=help_formatter())
     p.add_argument("raw", help="folder with cases (ACDC, M&Ms, nnU-Net raw or generic layout)")
     p.add_argument("out", help="output folder (store.zarr, plan.json, report/, ...)")
-    add_discovery_arguments(p, ("acdc", "mnms", "nnunet", "generic"))
+    add_discovery_arguments(p, ("acdc", "mnms", "nnunet", "generic", "dicom"))
     p.add_argument("--plan", dest="plan_file", help="use this plan JSON (edit a previous plan.json)")
     p.add_argument("--spacing", type=float, help="in-plane target spacing in mm (default: median)")
     p.add_argument("--crop-mm", type=float, help="crop size in mm (default: 128 px at the spacing)")

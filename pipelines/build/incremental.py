@@ -145,12 +145,17 @@ def stamped_digests(files: list[str]) -> dict[str, list[Any]]:
 
 
 def case_files(case: dict[str, Any]) -> list[str]:
-    """All input files of a case dict (images, labels, cine, metadata), sorted and unique."""
+    """All input files of a case dict (images, labels, cine, metadata), sorted and unique.
+
+    A DICOM directory is not a file: discovery lists the files in it under
+    ``metadata["_metadata_files"]``, which are digested instead.
+    """
     files = {case["cine"]} if case.get("cine") else set()
     for f in case["frames"]:
         files.add(f["image"])
         if f.get("label"):
             files.add(f["label"])
+    files = {f for f in files if not os.path.isdir(f)}
     files.update(case.get("metadata", {}).get("_metadata_files", []))
     return sorted(files)
 

@@ -1,4 +1,4 @@
-"""Find cases on disk: ACDC, M&Ms, nnU-Net raw, generic globs and bare images.
+"""Find cases on disk: ACDC, M&Ms, nnU-Net raw, generic globs, DICOM and bare images.
 
 :func:`discover` only looks at names, small metadata files and (for bare 4D
 images) headers; pixel data is read later by :mod:`pipelines.ingest.validate`.
@@ -15,6 +15,8 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from cmrprep.cases import CaseError, CaseSpec, FrameSpec, Problem
 from cmrprep.labels import ACDC, MNMS, LabelMap
@@ -82,17 +84,28 @@ def _find_nifti(folder: Path, stem: str) -> Path | None:
 
 def detect_layout(root: Path, image_glob: str | None = None) -> str:
     """Guess the layout of ``root`` from file names (see module docstring)."""
-    if root.is_file() or is_volume_path(root):
-        return "images"
+    if root.is_file():
+        return "dicom" if _is_dicom_path(root) else "images"
     if (root / "dataset.json").is_file() and any((root / d).is_dir() for d in ("imagesTr", "imagesTs")):
         return "nnunet"
     if image_glob is not None:
         return "generic"
+    images = (p for p in rglob(root, "*.nii*") if not volume_stem(p).endswith("_gt"))
+    if next(images, None) is None and _dicom_sources(root):  # DICOM, NIfTI labels at most
+        return "dicom"
     if next(rglob(root, "Info.cfg"), None) or next(rglob(root, "*_frame[0-9][0-9]*.nii*"), None):
         return "acdc"
     if next(rglob(root, "*_sa.nii*"), None):
         return "mnms"
+    if is_volume_path(root):
+        return "images"
     return "generic"
+
+
+def _is_dicom_path(path: Path) -> bool:
+    from pipelines.ingest.dicom import is_dicom_source
+
+    return is_dicom_source(path)
 
 
 # -- ACDC ---------------------------------------------------------------------
@@ -239,6 +252,103 @@ def _discover_files(root: Path, layout: str, image_glob=None, label_suffix="_gt"
     return _collect(layout, images, make)
 
 
+# -- DICOM --------------------------------------------------------------------
+_DICOM_FRAME_LABEL = re.compile(r"_frame(\d+)$")
+
+
+def _dicom_sources(root: Path) -> list[Path]:
+    """Case sources under ``root``: ``root`` itself when it holds DICOM files directly
+    (unless each is a whole multi-frame cine), else each child folder or file with DICOM in it."""
+    from pipelines.ingest.dicom import is_dicom_file, is_dicom_source
+
+    if root.is_file():
+        return [root]
+    direct = [f for f in sorted(root.iterdir()) if is_dicom_file(f)]
+    if direct and not all(_is_multiframe(f) for f in direct):
+        return [root]
+    children = [d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")
+                and is_dicom_source(d)]
+    return direct + children
+
+
+def _is_multiframe(path: Path) -> bool:
+    import pydicom
+
+    try:
+        return int(pydicom.dcmread(str(path), stop_before_pixels=True,
+                                   specific_tags=["NumberOfFrames"]).get("NumberOfFrames", 1) or 1) > 1
+    except Exception:  # unreadable: reported when the case is read
+        return False
+
+
+def _dicom_labels(source: Path, label_suffix: str) -> list[Path]:
+    """NIfTI label files beside a DICOM source: ``*<suffix>.nii[.gz]`` in its folder
+    (for a file source, ``<file stem><suffix>.nii[.gz]`` next to it)."""
+    suffix = label_suffix or "_gt"
+    if source.is_file():
+        stem = source.name[:-4] if source.name.lower().endswith(".dcm") else source.name
+        return [p for p in (source.parent / f"{stem}{suffix}{e}" for e in NIFTI_SUFFIXES) if p.is_file()]
+    return sorted(p for p in source.iterdir() if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES)
+                  and volume_stem(p).endswith(suffix))
+
+
+def _dicom_case(source: Path, label_suffix: str) -> CaseSpec:
+    """One case of a DICOM source: its frames, with NIfTI labels where given.
+
+    A 4D label (same grid, same frame count) labels the frames where it has any
+    foreground; a 3D label named ``..._frameNN<suffix>`` labels frame NN
+    (1-based, as ACDC); a 3D label of a 3D image labels it.
+    """
+    import nibabel as nib
+
+    from pipelines.ingest.dicom import dicom_files
+
+    cid = source.name[:-4] if source.name.lower().endswith(".dcm") else source.name
+    shape = read_header(source, case_id=cid).shape
+    n_t = shape[3] if len(shape) == 4 else 1
+    labelled: dict[int, tuple[str, int | None]] = {}
+    for lab in _dicom_labels(source, label_suffix):
+        lshape = read_header(lab, case_id=cid).shape
+        m = _DICOM_FRAME_LABEL.search(volume_stem(lab)[: -len(label_suffix or "_gt")])
+        if len(lshape) == 4:
+            if lshape[3] != n_t:
+                raise CaseError(Problem(cid, str(lab), "frames",
+                                        f"4D label has {lshape[3]} frames, the DICOM cine {n_t}; "
+                                        "labels must be on the image's grid and frames."))
+            data = np.asanyarray(nib.load(str(lab)).dataobj)
+            for t in np.flatnonzero(data.reshape(-1, n_t).any(axis=0)):
+                labelled[int(t)] = (str(lab), int(t))
+        elif m is not None:
+            t = int(m.group(1)) - 1
+            if not 0 <= t < n_t:
+                raise CaseError(Problem(cid, str(lab), "frames",
+                                        f"label names frame {t + 1} but the cine has {n_t} frames (1-based)"))
+            labelled[t] = (str(lab), None)
+        elif n_t == 1:
+            labelled[0] = (str(lab), None)
+        else:
+            raise CaseError(Problem(cid, str(lab), "frames",
+                                    f"3D label beside a {n_t}-frame DICOM cine: name it "
+                                    f"..._frameNN{label_suffix or '_gt'}.nii.gz (NN = 1-based frame) or "
+                                    "give a 4D label"))
+    image_frame = (lambda t: t) if n_t > 1 else (lambda t: None)  # noqa: E731
+    if labelled:
+        frames = tuple(FrameSpec(f"F{t + 1:02d}", str(source), lab, image_frame(t), lt)
+                       for t, (lab, lt) in sorted(labelled.items()))
+    else:
+        frames = tuple(FrameSpec(f"F{t + 1:02d}", str(source), None, image_frame(t)) for t in range(n_t))
+    files = [str(f) for f in dicom_files(source)] if source.is_dir() else []
+    return CaseSpec(cid, "dicom", frames, str(source) if n_t > 1 else None,
+                    metadata={"_metadata_files": files} if files else {})
+
+
+def _discover_dicom(root: Path, label_suffix="_gt", **_) -> Discovery:
+    found = _collect("dicom", _dicom_sources(root), lambda src: _dicom_case(src, label_suffix))
+    if found.cases and not any(c.has_labels for c in found.cases):
+        log.info("DICOM input without NIfTI labels: image-only cases (for predict)")
+    return found
+
+
 # -- dispatch -----------------------------------------------------------------
 def _outside(path: str | None, root: str) -> bool:
     """True when ``path`` leaves ``root`` lexically (``..``, absolute elsewhere).
@@ -354,6 +464,8 @@ def discover(root: str | Path, layout: str | None = None, *, image_glob: str | N
     elif layout == "nnunet":
         cases, problems, lm = discover_nnunet(root, user_map)
         found = Discovery("nnunet", cases, problems, lm)
+    elif layout == "dicom":
+        found = _discover_dicom(root, **kw)
     else:
         found = _discover_files(root, layout, **kw)
     if layout == "mnms":

@@ -26,7 +26,7 @@ from cmrprep.plan import ConfigError
 
 __all__ = ["DiscoveryOptions", "add_discovery_arguments", "LAYOUTS"]
 
-LAYOUTS = ("acdc", "mnms", "nnunet", "generic", "images")
+LAYOUTS = ("acdc", "mnms", "nnunet", "generic", "dicom", "images")
 
 
 @dataclass(frozen=True)
@@ -36,11 +36,13 @@ class DiscoveryOptions:
     Parameters
     ----------
     layout : str, optional
-        ``acdc``, ``mnms``, ``nnunet``, ``generic`` or ``images``; detected when ``None``.
+        ``acdc``, ``mnms``, ``nnunet``, ``generic``, ``dicom`` or ``images``; detected when ``None``.
     image_glob : str, optional
         Generic layout: glob of image files relative to the input folder.
     label_suffix : str
-        Generic layout: ``X.nii.gz`` pairs with ``X<suffix>.nii.gz``.
+        Generic layout: ``X.nii.gz`` pairs with ``X<suffix>.nii.gz``.  DICOM:
+        NIfTI labels in a case folder end with it (``cine_gt.nii.gz``, 4D, or
+        ``..._frameNN_gt.nii.gz``, 3D).
     label_pattern : str, optional
         Generic layout: label file name with ``{stem}`` and ``{ext}``
         (``'{stem}_seg{ext}'``); overrides ``label_suffix``.

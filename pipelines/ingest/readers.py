@@ -1,4 +1,7 @@
-"""Read one volume (NIfTI via nibabel, DICOM/MHA/MHD/NRRD via SimpleITK) safely.
+"""Read one volume (NIfTI via nibabel, DICOM via pydicom, MHA/MHD/NRRD via SimpleITK) safely.
+
+DICOM sources (a file, or a directory of any depth) are assembled into cines
+by :mod:`pipelines.ingest.dicom`.
 
 Every reader looks at the header first and refuses absurd dimensions or
 spacing *before* any pixel buffer is allocated, so a corrupt header claiming
@@ -64,27 +67,26 @@ def volume_stem(path: str | Path) -> str:
     return name
 
 
-def is_dicom_dir(path: str | Path, probe: int = 4) -> bool:
-    """True when ``path`` is a directory holding DICOM files (``*.dcm`` or ``DICM`` magic)."""
-    p = Path(path)
-    if not p.is_dir():
-        return False
-    files = [f for f in sorted(p.iterdir()) if f.is_file() and not f.name.startswith(".")]
-    if any(f.suffix.lower() == ".dcm" for f in files):
-        return True
-    for f in files[:probe]:
-        with open(f, "rb") as fh:
-            if fh.read(132)[128:132] == b"DICM":
-                return True
-    return False
+def is_dicom_dir(path: str | Path) -> bool:
+    """True when ``path`` is a directory with DICOM files in it (at any depth)."""
+    from pipelines.ingest.dicom import is_dicom_source
+
+    return Path(path).is_dir() and is_dicom_source(path)
+
+
+def _is_dicom(p: Path) -> bool:
+    from pipelines.ingest.dicom import is_dicom_file, is_dicom_source
+
+    return is_dicom_source(p) if p.is_dir() else (not p.name.lower().endswith(NIFTI_SUFFIXES + SITK_SUFFIXES)
+                                                  and is_dicom_file(p))
 
 
 def is_volume_path(path: str | Path) -> bool:
-    """True for a supported volume file (NIfTI, MHA, MHD, NRRD) or a DICOM series directory."""
+    """True for a supported volume file (NIfTI, MHA, MHD, NRRD, DICOM) or a DICOM directory."""
     p = Path(path)
     if p.is_dir():
         return is_dicom_dir(p)
-    return p.name.lower().endswith(NIFTI_SUFFIXES + SITK_SUFFIXES)
+    return p.name.lower().endswith(NIFTI_SUFFIXES + SITK_SUFFIXES) or _is_dicom(p)
 
 
 def _nifti_header(path: Path):
@@ -199,45 +201,25 @@ def _nifti_info(path: Path, case_id: str) -> Header:
     return Header(shape, geom, payload)
 
 
-def _sitk_reader(path: Path, case_id: str):
-    """An information-read SimpleITK reader for a file, or a series reader for a DICOM dir."""
+def _sitk_info(path: Path, case_id: str):
+    """Header of an MHA/MHD/NRRD file through SimpleITK's information read."""
     import SimpleITK as sitk
 
-    if path.is_dir():
-        ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
-        if len(ids) != 1:
-            raise _fail(case_id, path, "readable",
-                        f"directory holds {len(ids)} DICOM series ({list(ids)[:4]}); "
-                        "point to a directory with exactly one series.")
-        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), ids[0])
-        info = sitk.ImageFileReader()
-        info.SetFileName(files[0])
-        info.ReadImageInformation()
-        return info, files
-    info = sitk.ImageFileReader()
-    info.SetFileName(str(path))
-    info.ReadImageInformation()
-    return info, None
-
-
-def _sitk_info(path: Path, case_id: str):
     try:
-        info, files = _sitk_reader(path, case_id)
-    except CaseError:
-        raise
+        info = sitk.ImageFileReader()
+        info.SetFileName(str(path))
+        info.ReadImageInformation()
     except RuntimeError as exc:
         raise _fail(case_id, path, "readable",
                     f"SimpleITK cannot read it ({str(exc).strip().splitlines()[-1][:300]}). "
                     "Check the file format and that it is complete.") from exc
     size = list(info.GetSize())
-    if files is not None:
-        size = size[:2] + [len(files)]
     if info.GetNumberOfComponents() != 1:
         raise _fail(case_id, path, "dimensions",
                     f"{info.GetNumberOfComponents()} components per voxel; expected a scalar image.")
     shape = _check_dims(size, case_id, path)
-    _check_spacing(info.GetSpacing()[: 2 if files is not None else 3], case_id, path, "header")
-    return info, files, shape
+    _check_spacing(info.GetSpacing()[:3], case_id, path, "header")
+    return info, shape
 
 
 def read_header(path: str | Path, *, case_id: str) -> Header:
@@ -252,15 +234,23 @@ def read_header(path: str | Path, *, case_id: str) -> Header:
     _check_exists(p, case_id)
     if p.name.lower().endswith(NIFTI_SUFFIXES):
         return _nifti_info(p, case_id)
-    info, files, shape = _sitk_info(p, case_id)
-    if files is not None:  # slice spacing of a series is only known after reading it
-        _, geom = _read_sitk(p, case_id, None, shape)
-        return Header(shape, geom)
+    if _is_dicom(p):
+        return _dicom_info(p, case_id)
+    info, shape = _sitk_info(p, case_id)
     lps = np.eye(4)
     d = np.asarray(info.GetDirection(), dtype=np.float64).reshape(len(info.GetSize()), -1)[:3, :3]
     lps[:3, :3] = d * np.asarray(info.GetSpacing()[:3])
     lps[:3, 3] = info.GetOrigin()[:3]
     return Header(shape, Geometry.from_affine(np.diag([-1.0, -1, 1, 1]) @ lps, shape[:3]))
+
+
+def _dicom_info(p: Path, case_id: str) -> Header:
+    from pipelines.ingest.dicom import read_dicom_header
+
+    shape, geom = read_dicom_header(p, case_id=case_id)
+    shape = _check_dims(list(shape), case_id, p)
+    _check_spacing(geom.spacing, case_id, p, "DICOM")
+    return Header(tuple(shape), geom)
 
 
 def _check_exists(p: Path, case_id: str) -> None:
@@ -385,22 +375,17 @@ def _read_nifti(path: Path, case_id: str, frame: int | None) -> tuple[np.ndarray
     return np.asarray(data), header.geometry
 
 
-def _read_sitk(path: Path, case_id: str, frame: int | None, shape=None) -> tuple[np.ndarray, Geometry]:
+def _read_sitk(path: Path, case_id: str, frame: int | None) -> tuple[np.ndarray, Geometry]:
     import SimpleITK as sitk
 
-    info, files, shape = _sitk_info(path, case_id) if shape is None else (None, None, shape)
+    _, shape = _sitk_info(path, case_id)
     t = _check_frame(shape, frame, case_id, path)
     try:
-        if path.is_dir():
-            reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(
-                str(path), sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))[0]))
-        else:
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(path))
-            if t is not None:  # stream one frame of a 4D file
-                reader.SetExtractIndex([0, 0, 0, t])
-                reader.SetExtractSize(list(shape[:3]) + [0])
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        if t is not None:  # stream one frame of a 4D file
+            reader.SetExtractIndex([0, 0, 0, t])
+            reader.SetExtractSize(list(shape[:3]) + [0])
         image = reader.Execute()
     except RuntimeError as exc:
         raise _fail(case_id, path, "readable",
@@ -447,10 +432,17 @@ def read_volume(path: str | Path, *, case_id: str,
     _check_exists(p, case_id)
     if p.name.lower().endswith(NIFTI_SUFFIXES):
         return _read_nifti(p, case_id, frame)
-    if p.is_dir() or p.name.lower().endswith(SITK_SUFFIXES):
+    if _is_dicom(p):
+        from pipelines.ingest.dicom import read_dicom
+
+        header = _dicom_info(p, case_id)
+        t = _check_frame(header.shape, frame, case_id, p)
+        return read_dicom(p, case_id=case_id, frame=t)
+    if p.name.lower().endswith(SITK_SUFFIXES):
         return _read_sitk(p, case_id, frame)
     raise _fail(case_id, p, "readable",
-                f"unsupported file type {p.name!r}; use .nii/.nii.gz/.mha/.mhd/.nrrd or a DICOM directory.")
+                f"unsupported file type {p.name!r}; use .nii/.nii.gz/.mha/.mhd/.nrrd, DICOM files or "
+                "a DICOM directory.")
 
 
 def read_cine(path: str | Path, *, case_id: str) -> tuple[np.ndarray, Geometry]:
@@ -466,6 +458,10 @@ def read_cine(path: str | Path, *, case_id: str) -> tuple[np.ndarray, Geometry]:
     if len(header.shape) != 4:
         raise _fail(case_id, p, "dimensions",
                     f"cine has shape {header.shape}; expected 4D (x, y, slice, time).")
+    if _is_dicom(p):
+        from pipelines.ingest.dicom import read_dicom
+
+        return read_dicom(p, case_id=case_id)
     try:
         if p.name.lower().endswith(NIFTI_SUFFIXES):
             import nibabel as nib
