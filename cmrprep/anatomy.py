@@ -73,13 +73,14 @@ def contact_counts(label: np.ndarray, in_plane: Sequence[int], num_classes: int)
         if ax in in_plane:  # one background voxel around the box, where the image has it
             lo, hi = max(lo - 1, 0), min(hi + 1, lab.shape[ax])
         box.append(slice(lo, hi))
-    sub = lab[tuple(box)].astype(np.int64)
-    sub = np.where(sub < c, sub, 0)
-    for ax in in_plane:
+    sub = lab[tuple(box)]
+    if sub.max() >= c:
+        sub = np.where(sub < c, sub, 0)
+    for ax in in_plane:  # compare neighbours on views; only the boundary voxels are gathered
         a = np.moveaxis(sub, ax, 0)
-        x, y = a[:-1].ravel(), a[1:].ravel()
+        x, y = a[:-1], a[1:]
         diff = x != y
-        codes = x[diff] * c + y[diff]
+        codes = x[diff].astype(np.int64) * c + y[diff]
         out += np.bincount(codes, minlength=c * c).reshape(c, c)
     return out + out.T
 

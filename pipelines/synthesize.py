@@ -2,8 +2,9 @@
 
 Usage::
 
-    python -m pipelines.synthesize OUT --cases N --seed S [--layout acdc|mnms|nnunet]
-                                   [--with-4d] [--overwrite]
+    python -m pipelines.synthesize OUT --cases N --seed S
+                                   [--layout acdc|mnms|nnunet|generic|dicom]
+                                   [--label-values 0,1,2,3] [--with-4d] [--overwrite]
 
 Layouts follow the real datasets:
 
@@ -15,6 +16,15 @@ Layouts follow the real datasets:
   cycle, for speed); the CSV keeps the true indices, which stay valid.
 * ``nnunet``: ``imagesTr/patientNNN_frameFF_0000.nii.gz``, ``labelsTr/patientNNN_frameFF.nii.gz``
   and ``dataset.json`` (``--with-4d`` is ignored).
+* ``generic``: one flat folder of ``patientNNN_frameFF.nii`` images (uncompressed) and
+  ``patientNNN_frameFF_seg.nii`` masks, as in-house exports often are (read it with
+  ``--layout generic --image-glob '*.nii' --label-pattern '{stem}_seg{ext}'``).
+* ``dicom``: ``OUT/patientNNN/sax_K/IM-*.dcm``, one DICOM series per slice position (as
+  the Kaggle DSB exports), and ``cine_gt.nii.gz`` beside them: the 4D labels, on the
+  DICOM grid, at the ED and ES frames.
+
+``--label-values`` sets the file value of each class (background, RV, MYO, LV), e.g.
+``0,85,170,255`` or M&Ms' ``0,3,2,1``; the default is the layout's own convention.
 
 ``OUT/synthesize.json`` records the arguments; ``--overwrite`` only replaces a folder
 that holds it (a folder written by this tool).  Exit codes: 0 ok, 2 configuration error,
@@ -45,7 +55,7 @@ __all__ = ["synthesize", "main", "LAYOUTS", "write_nifti"]
 
 log = logging.getLogger(__name__)
 
-LAYOUTS = ("acdc", "mnms", "nnunet")
+LAYOUTS = ("acdc", "mnms", "nnunet", "generic", "dicom")
 MARKER = "synthesize.json"
 MNMS_SWAP = np.array([0, 3, 2, 1], dtype=np.uint8)  # ACDC <-> M&Ms (1 LV, 2 MYO, 3 RV)
 MNMS_COLUMNS = ("External code", "VendorName", "Vendor", "Centre", "ED", "ES")
@@ -92,13 +102,13 @@ def _write_acdc(out: Path, case: SyntheticCase, with_4d: bool) -> None:
         write_nifti(folder / f"{case.case_id}_4d.nii.gz", case.cine, case, scaled=True)
 
 
-def _write_mnms(out: Path, case: SyntheticCase, code: str) -> dict:
+def _write_mnms(out: Path, case: SyntheticCase, code: str, values: np.ndarray = MNMS_SWAP) -> dict:
     folder = out / code
     folder.mkdir(parents=True, exist_ok=True)
     write_nifti(folder / f"{code}_sa.nii.gz", case.cine, case, scaled=True)
     gt = np.zeros(case.cine.shape, np.uint8)
     for t, lab in case.labels.items():
-        gt[..., case.frames.index(t)] = MNMS_SWAP[lab]
+        gt[..., case.frames.index(t)] = values[lab]
     write_nifti(folder / f"{code}_sa_gt.nii.gz", gt, case)
     return {"External code": code, "VendorName": case.vendor_name, "Vendor": case.vendor,
             "Centre": case.centre, "ED": case.ed, "ES": case.es}
@@ -113,6 +123,47 @@ def _write_nnunet(out: Path, case: SyntheticCase) -> int:
         write_nifti(out / "imagesTr" / f"{name}_0000.nii.gz", case.frame(t), case, scaled=True)
         write_nifti(out / "labelsTr" / f"{name}.nii.gz", case.labels[t], case)
     return len(frames)
+
+
+def _write_generic(out: Path, case: SyntheticCase, values: np.ndarray) -> None:
+    for t in sorted({case.ed, case.es}):
+        name = _frame_name(case, t)
+        write_nifti(out / f"{name}.nii", case.frame(t), case, scaled=True)
+        write_nifti(out / f"{name}_seg.nii", values[case.labels[t]], case)
+
+
+def _write_dicom(out: Path, case: SyntheticCase, values: np.ndarray) -> None:
+    from pipelines.dicom_export import write_cine_dicom
+    from pipelines.ingest.readers import read_header
+
+    physical = case.cine * case.scl_slope + case.scl_inter
+    folder = write_cine_dicom(out / case.case_id, physical, case.affine, "per_slice",
+                              slope=case.scl_slope, intercept=case.scl_inter)
+    geom = read_header(folder, case_id=case.case_id).geometry  # the reader's grid (slice order)
+    flip = not np.allclose(np.asarray(geom.affine)[:3, 2], case.affine[:3, 2], atol=1e-3)
+    gt = np.zeros(case.cine.shape, np.uint8)
+    for t, lab in case.labels.items():
+        gt[..., case.frames.index(t)] = values[lab[:, :, ::-1] if flip else lab]
+    img = nib.Nifti1Image(gt, np.asarray(geom.affine))
+    img.header.set_qform(np.asarray(geom.affine), code=1)
+    img.header.set_sform(np.asarray(geom.affine), code=1)
+    nib.save(img, str(folder / "cine_gt.nii.gz"))
+
+
+def _label_values(text: str | None, layout: str) -> np.ndarray:
+    """File value per class (background, RV, MYO, LV) from ``--label-values``."""
+    if text is None:
+        return MNMS_SWAP if layout == "mnms" else np.arange(4, dtype=np.uint8)
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4 or len(set(values)) != 4 or not all(0 <= v <= 255 for v in values):
+        raise ConfigError(f"--label-values {text!r} must be 4 distinct values 0..255 (background, RV, "
+                          "MYO, LV), e.g. '0,85,170,255'")
+    if layout == "nnunet":
+        raise ConfigError("--label-values does not apply to the nnunet layout (dataset.json names them)")
+    return np.asarray(values, dtype=np.uint8)
 
 
 def _check_args(out: Path, cases: int, seed: int, layout: str, overwrite: bool) -> None:
@@ -143,8 +194,12 @@ def _unique_code(code: str, used: set[str], index: int) -> str:
 
 
 def synthesize(out: str | Path, cases: int, seed: int, layout: str = "acdc",
-               with_4d: bool = False, overwrite: bool = False) -> list[str]:
+               with_4d: bool = False, overwrite: bool = False,
+               label_values: str | None = None) -> list[str]:
     """Generate ``cases`` synthetic cases from ``seed`` and write them under ``out``.
+
+    ``label_values`` (``"0,85,170,255"``) sets the file value of background, RV,
+    MYO and LV (see the module docstring).
 
     Returns
     -------
@@ -158,6 +213,7 @@ def synthesize(out: str | Path, cases: int, seed: int, layout: str = "acdc",
     """
     out = Path(out)
     _check_args(out, cases, seed, layout, overwrite)
+    values = _label_values(label_values, layout)
     if out.is_dir() and any(out.iterdir()):
         log.info("overwriting %s", out)
         shutil.rmtree(out)
@@ -167,20 +223,26 @@ def synthesize(out: str | Path, cases: int, seed: int, layout: str = "acdc",
     ids, rows, used, n_train = [], [], set(), 0
     for i in tqdm(range(int(cases)), desc=f"synthesize {layout}", unit="case",
                   disable=None):
-        case = generate_case(seed, i, full_cine=with_4d and layout != "nnunet",
+        case = generate_case(seed, i, full_cine=with_4d and layout not in ("nnunet", "generic"),
                              through_es=layout == "mnms")
         if layout == "acdc":
             _write_acdc(out, case, with_4d)
             ids.append(case.case_id)
         elif layout == "mnms":
-            rows.append(_write_mnms(out, case, _unique_code(case.code, used, i)))
+            rows.append(_write_mnms(out, case, _unique_code(case.code, used, i), values))
             ids.append(rows[-1]["External code"])
+        elif layout == "generic":
+            _write_generic(out, case, values)
+            ids.append(case.case_id)
+        elif layout == "dicom":
+            _write_dicom(out, case, values)
+            ids.append(case.case_id)
         else:
             n_train += _write_nnunet(out, case)
             ids.append(case.case_id)
     _write_index(out, layout, rows, n_train)
     _write_marker(out, dict(cases=int(cases), seed=int(seed), layout=layout,
-                            with_4d=bool(with_4d), case_ids=ids))
+                            with_4d=bool(with_4d), label_values=[int(v) for v in values], case_ids=ids))
     return ids
 
 
@@ -211,6 +273,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     p.add_argument("--layout", choices=LAYOUTS, default="acdc", help="folder layout (default acdc)")
     p.add_argument("--with-4d", action="store_true", help="render and write the full cine")
+    p.add_argument("--label-values", help="file value of background, RV, MYO, LV, e.g. '0,85,170,255' "
+                                          "(default: the layout's convention)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an OUT folder previously written by this tool")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -228,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         ids = synthesize(args.out, args.cases, args.seed, layout=args.layout,
-                         with_4d=args.with_4d, overwrite=args.overwrite)
+                         with_4d=args.with_4d, overwrite=args.overwrite, label_values=args.label_values)
     except ConfigError as exc:
         log.error("%s", exc)
         return EXIT_CONFIG

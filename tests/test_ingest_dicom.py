@@ -15,7 +15,7 @@ from cmrprep.geometry import from_sitk
 from cmrprep.synthetic import generate_case
 from pipelines.ingest import discover, read_header, read_volume
 from pipelines.ingest.readers import read_cine
-from tests.dicom_writer import reread, write_cine_dicom
+from pipelines.dicom_export import reread, write_cine_dicom
 
 pydicom = pytest.importorskip("pydicom")
 
@@ -177,3 +177,20 @@ def test_dicom_label_on_another_grid_is_quarantined(tmp_path, case):
     problems = validate_case(discover(folder.parent).cases[0])
     errors = [p for p in problems if p.severity == "error"]
     assert errors and "cine_gt.nii.gz" in errors[0].file and "affine" in errors[0].message
+
+
+@pytest.mark.parametrize("style", ["per_slice", "enhanced"])
+def test_dicom_and_the_nifti_it_was_written_from_are_the_same_image(tmp_path, case, style):
+    """Read from DICOM and from the NIfTI of the same cine: after reorientation to the closest
+    canonical (RAS) axes, the same 4D array and the same affine."""
+    from pipelines.synthesize import write_nifti
+
+    nifti = tmp_path / "cine.nii.gz"
+    write_nifti(nifti, case.cine, case)
+    src = write_cine_dicom(tmp_path / "dcm", case.cine.astype(np.int16), case.affine, style)
+    a_data, a_geom = read_cine(nifti, case_id="c")
+    b_data, b_geom = read_cine(src, case_id="c")
+    a = nib.as_closest_canonical(nib.Nifti1Image(np.asarray(a_data), np.asarray(a_geom.affine)))
+    b = nib.as_closest_canonical(nib.Nifti1Image(np.asarray(b_data), np.asarray(b_geom.affine)))
+    np.testing.assert_array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj))
+    np.testing.assert_allclose(a.affine, b.affine, atol=1e-3)

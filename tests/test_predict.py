@@ -161,7 +161,7 @@ def test_predicts_a_dicom_cine_into_nifti(run_dir, tmp_path):
     """A cine exported as one DICOM series per slice: every frame segmented, NIfTI on the DICOM grid."""
     from cmrprep.synthetic import generate_case
     from pipelines.ingest import read_header
-    from tests.dicom_writer import write_cine_dicom
+    from pipelines.dicom_export import write_cine_dicom
 
     case = generate_case(78, 1)
     src = write_cine_dicom(tmp_path / "scan" / "subject1", case.cine.astype(np.int16), case.affine,

@@ -1,4 +1,7 @@
-"""Test tooling: write a cine as DICOM the way scanners export it (pydicom).
+"""Write a cine as DICOM the way scanners export it (pydicom).
+
+Used by ``python -m pipelines.synthesize --layout dicom`` (synthetic DICOM data to try
+the DICOM path end to end) and by the tests.
 
 Three export styles of one ``cine[i, j, k, t]`` with a RAS affine:
 
@@ -53,8 +56,9 @@ def _base(study: str, series: str, series_number: int, sop_class: str) -> Datase
 def write_cine_dicom(folder: Path, cine: np.ndarray, affine: np.ndarray, style: str = "per_slice",
                      *, slope: float = 1.0, intercept: float = 0.0, seed: int = 0,
                      trigger: bool = True) -> Path:
-    """Write ``cine`` (int16 ``[i, j, k, t]``; stored = (value - intercept) / slope) as DICOM.
+    """Write ``cine`` (``[i, j, k, t]``; stored int16 = (value - intercept) / slope) as DICOM.
 
+    UIDs are new on every call (``generate_uid``); ``seed`` shuffles the file names.
     Returns the folder (``"per_slice"``, ``"one_series"``) or the file (``"enhanced"``).
     """
     folder.mkdir(parents=True, exist_ok=True)
@@ -65,7 +69,7 @@ def write_cine_dicom(folder: Path, cine: np.ndarray, affine: np.ndarray, style: 
     n_i, n_j, n_k, n_t = cine.shape
     stored = np.round((cine - intercept) / slope).astype(np.int16)
     study = generate_uid()
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)  # only the file names (never the data) are random
     if style == "enhanced":
         return _write_enhanced(folder / "cine.dcm", stored, row_cos, col_cos, row_sp, col_sp, step,
                                origin, study, slope, intercept)
@@ -131,5 +135,5 @@ def _write_enhanced(path, stored, row_cos, col_cos, row_sp, col_sp, step, origin
 
 
 def reread(path: Path) -> pydicom.Dataset:
-    """The dataset of one written file (for tests that edit tags)."""
+    """The dataset of one written file (to edit tags)."""
     return pydicom.dcmread(str(path))
