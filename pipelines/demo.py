@@ -50,7 +50,8 @@ def _train_predict_evaluate(out: Path, shards: Path, test_raw: Path, seed: int,
     run = out / "runs" / "demo"
     if run.exists():
         shutil.rmtree(run)
-    train(shards, run, epochs=200, max_minutes=minutes, seed=seed)
+    result = train(shards, run, epochs=200, max_minutes=minutes, seed=seed)
+    slow = _few_steps(run, result, minutes)
     try:
         from pipelines.evaluate import evaluate
         from pipelines.predict import predict
@@ -63,7 +64,34 @@ def _train_predict_evaluate(out: Path, shards: Path, test_raw: Path, seed: int,
     log.info("held-out mean foreground Dice %.3f after %.0f minutes of training (%s); the default "
              "reaches ~0.97 in 20 minutes on 2 cores: python -m pipelines.train %s RUN --max-minutes 20",
              mean, minutes, out / "eval_test" / "summary.md", shards)
+    if slow:
+        log.warning("%s; the Dice above is that of an under-trained model, not of cmrprep's default", slow)
     return 0
+
+
+#: Training steps per second the demo expects on 2 idle cores (batch 16, 128x128, PyTorch CPU;
+#: measured ~0.75-0.8 steps/s on the development machines).
+EXPECTED_STEPS_PER_S = 0.75
+
+
+def _few_steps(run: Path, result, minutes: float) -> str | None:
+    """A warning when training ran far fewer steps than planned (a slow or busy machine), else None."""
+    import json
+    import math
+
+    try:
+        config = json.loads((run / "train_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    per_epoch = config.get("steps_per_epoch") or math.ceil(
+        config["split"]["train_slices"] / max(int(config.get("batch_size", 16)), 1))
+    done = int(result.epochs_completed) * int(per_epoch)
+    planned = EXPECTED_STEPS_PER_S * 60.0 * minutes
+    if done >= 0.5 * planned:
+        return None
+    return (f"training ran {done} steps in {minutes:g} minutes, {100 * done / planned:.0f} % of the "
+            f"~{planned:.0f} planned on 2 idle cores (a slow or busy machine?); rerun with more "
+            "--train-minutes or on an idle machine")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,7 +39,12 @@ The segmentation keeps only the largest 3D-connected foreground component
 The training crops were jittered by up to ``plan.crop_jitter_mm`` around the
 heart so the network tolerates the residual centre error.  Inputs are never
 overwritten; a failing case is reported and the others continue.
-Exit codes: 0 ok, 3 some cases failed, 2 configuration error, 1 failure.
+After segmentation every case is checked for plausibility (:mod:`cmrprep.plausibility`:
+non-CMR input, empty or missing classes, LV/RV volumes, myocardial mass or EF outside
+physiological ranges, a heart touching the crop border, low localisation confidence);
+flags and the measured volumes are in ``predict_report.json`` and the log, and the
+predictions are written all the same.
+Exit codes: 0 ok, 3 some cases failed or were flagged, 2 configuration error, 1 failure.
 """
 
 from __future__ import annotations
@@ -71,10 +76,14 @@ class PredictResult:
     written: list[str] = field(default_factory=list)
     failed: list[dict[str, Any]] = field(default_factory=list)
     centres: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Plausibility flags per case (:mod:`cmrprep.plausibility`); a flagged case's files are written.
+    flags: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    #: Volumes measured on each case's prediction (EDV, ESV, EF, myocardial mass).
+    measures: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
-        return EXIT_QUARANTINE if self.failed else EXIT_OK
+        return EXIT_QUARANTINE if self.failed or any(self.flags.values()) else EXIT_OK
 
 
 def load_run(run_dir: str | Path):
@@ -202,10 +211,19 @@ def _cine_center(case: CaseSpec) -> np.ndarray | None:
     return geom.voxel_to_world([ci, cj, (geom.shape[2] - 1) / 2])
 
 
+@dataclass
+class Segmentation:
+    """One segmented frame: the label in the input geometry, the preprocessing record, the crop's prediction."""
+
+    label: np.ndarray
+    record: dict
+    crop: np.ndarray  # (S, H, W) class indices on the network's crop
+
+
 def segment_frame(net, image: np.ndarray, geometry: Geometry, plan: Plan,
                   center: np.ndarray | None, batch_size: int = 32,
-                  postprocess: bool = True) -> tuple[np.ndarray, dict]:
-    """Label map in the input geometry, and the preprocessing record used.
+                  postprocess: bool = True) -> Segmentation:
+    """Label map in the input geometry, the preprocessing record used and the crop's prediction.
 
     With ``postprocess`` only the largest connected foreground component is kept
     (:func:`cmrprep.postprocess.largest_foreground_component`).
@@ -218,7 +236,7 @@ def segment_frame(net, image: np.ndarray, geometry: Geometry, plan: Plan,
     pred = np.argmax(probs, axis=-1).astype(np.uint8)
     if postprocess:
         pred = np.moveaxis(largest_foreground_component(np.moveaxis(pred, 0, 2)), 2, 0)
-    return restore_prediction(pred, prepared.record), prepared.record
+    return Segmentation(restore_prediction(pred, prepared.record), prepared.record, pred)
 
 
 def _write_label(path: Path, label: np.ndarray, source: str, geometry: Geometry) -> None:
@@ -240,8 +258,14 @@ def _write_label(path: Path, label: np.ndarray, source: str, geometry: Geometry)
 
 
 def predict_case(net, case: CaseSpec, plan: Plan, out: Path, inputs: set[str],
-                 batch_size: int = 32, postprocess: bool = True) -> tuple[list[str], dict[str, Any]]:
-    """Segment every frame of one case; returns written files and the centres used."""
+                 batch_size: int = 32, postprocess: bool = True
+                 ) -> tuple[list[str], dict[str, Any], list[dict[str, Any]], dict[str, float]]:
+    """Segment every frame of one case.
+
+    Returns the written files, the centres used, the plausibility flags
+    (:mod:`cmrprep.plausibility`) and the volumes measured on the prediction.
+    """
+    from cmrprep import plausibility
     from pipelines.evaluate import prediction_name
     from pipelines.ingest import read_volume
     from pipelines.ingest.validate import check_intensities
@@ -257,15 +281,23 @@ def predict_case(net, case: CaseSpec, plan: Plan, out: Path, inputs: set[str],
         center = frames_center(volumes)
         source = "ed_es_difference" if center is not None else None
     written, frame_centres = [], []
+    flags = plausibility.input_flags(volumes[0][1].shape, volumes[0][1].spacing)
+    labels, spacings = {}, {}
     for frame, (image, geom) in zip(case.frames, volumes):
         c = center
         if c is None:
             c = coarse_center(net, image, geom, plan, batch_size)
             source = "coarse_network" if c is not None else "fov_centre"
-        label, _ = segment_frame(net, image, geom, plan, c, batch_size, postprocess)
+        seg = segment_frame(net, image, geom, plan, c, batch_size, postprocess)
         if source != "cine_first_harmonic":  # re-centre the crop on the segmented heart
-            label, c = _refine(net, image, geom, plan, label, c, batch_size, postprocess)
+            seg, c = _refine(net, image, geom, plan, seg, c, batch_size, postprocess)
+        label = seg.label
         frame_centres.append(None if c is None else [float(v) for v in c])
+        heart = label_center(label, geom)
+        offset = float(np.linalg.norm(heart - c)) if heart is not None and c is not None else None
+        flags += plausibility.frame_flags(label, geom.spacing, plan.classes, frame.phase)
+        flags += plausibility.crop_flags(seg.crop, frame.phase, offset, source)
+        labels[frame.phase], spacings[frame.phase] = label, geom.spacing
         name = prediction_name(frame.image, frame.image_frame if _is_4d(frame) else None)
         dest = out / case.case_id / name
         if str(dest.resolve()) in inputs:
@@ -274,8 +306,10 @@ def predict_case(net, case: CaseSpec, plan: Plan, out: Path, inputs: set[str],
         dest.parent.mkdir(parents=True, exist_ok=True)
         _write_label(dest, label, frame.image, geom)
         written.append(str(dest))
-    return written, {"source": source, "world_mm": None if center is None else list(map(float, center)),
-                     "frames_world_mm": frame_centres}
+    volume_flags, measures = plausibility.case_flags(labels, spacings, plan.classes)
+    centres = {"source": source, "world_mm": None if center is None else list(map(float, center)),
+               "frames_world_mm": frame_centres}
+    return written, centres, flags + volume_flags, measures
 
 
 #: Re-centre until the crop centre moves less than this (mm), at most :data:`REFINE_STEPS` times.
@@ -283,20 +317,20 @@ REFINE_TOL_MM = 3.0
 REFINE_STEPS = 2
 
 
-def _refine(net, image, geom, plan, label, center, batch_size, postprocess):
+def _refine(net, image, geom, plan, seg: Segmentation, center, batch_size, postprocess):
     """Re-segment with the crop centred on the previous segmentation (coarse-pass path).
 
     The coarse pass finds the heart to within a window; centring the final crop on
     the heart the network segmented there puts it where training crops were (the
-    ground-truth centre with a small jitter).  Returns ``(label, centre)``.
+    ground-truth centre with a small jitter).  Returns ``(segmentation, centre)``.
     """
     for _ in range(REFINE_STEPS):
-        new = label_center(label, geom)
+        new = label_center(seg.label, geom)
         if new is None or (center is not None and np.linalg.norm(new - center) < REFINE_TOL_MM):
             break
         center = new
-        label, _ = segment_frame(net, image, geom, plan, center, batch_size, postprocess)
-    return label, center
+        seg = segment_frame(net, image, geom, plan, center, batch_size, postprocess)
+    return seg, center
 
 
 def _is_4d(frame) -> bool:
@@ -324,9 +358,16 @@ def predict(run_dir: str | Path, input_path: str | Path, out: str | Path, *,
     result = PredictResult(failed=[p.to_dict() for p in disc.problems])
     for case in tqdm(disc.cases, desc="predict", unit="case", disable=not progress):
         try:
-            files, centre = predict_case(net, case, plan, out, inputs, batch_size, postprocess)
+            files, centre, flags, measures = predict_case(net, case, plan, out, inputs, batch_size,
+                                                          postprocess)
             result.written.extend(files)
             result.centres[case.case_id] = centre
+            result.measures[case.case_id] = measures
+            if flags:
+                result.flags[case.case_id] = flags
+                for f in flags:
+                    log.warning("%s%s: %s (%s)", case.case_id, f" {f['frame']}" if f["frame"] else "",
+                                f["message"], f["code"])
         except CaseError as exc:
             result.failed.append(exc.problem.to_dict())
         except Exception as exc:  # noqa: BLE001 - one bad case never stops the others
@@ -336,7 +377,8 @@ def predict(run_dir: str | Path, input_path: str | Path, out: str | Path, *,
     (out / "predict_report.json").write_text(json.dumps(
         {"classes": list(plan.classes), "label_values": "class indices 0..C-1 in the order of `classes`",
          "format": "NIfTI (.nii.gz) in each input's geometry",
-         "written": result.written, "failed": result.failed, "centres": result.centres}, indent=2))
+         "written": result.written, "failed": result.failed, "flags": result.flags,
+         "measures": result.measures, "centres": result.centres}, indent=2))
     return result
 
 
@@ -365,9 +407,12 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return EXIT_CONFIG
     print(f"wrote {len(res.written)} NIfTI label files (class indices, see predict_report.json) to "
-          f"{a.out}; {len(res.failed)} failed")
+          f"{a.out}; {len(res.failed)} failed; {len(res.flags)} case(s) flagged as implausible")
     for f in res.failed:
         print(f"  FAILED {f['case_id']}: {f['message']}")
+    for cid, flags in res.flags.items():
+        for f in flags:
+            print(f"  FLAGGED {cid}{' ' + f['frame'] if f['frame'] else ''}: {f['message']} ({f['code']})")
     return res.exit_code
 
 

@@ -3,7 +3,8 @@
 The block after "Try each path on synthetic data" is split into commands (continuation
 lines and the multi-line ``FLAT=(...)`` array joined) and run by bash in one shell, with
 ``--cases N`` set to 3 and ``--max-minutes M`` replaced by a two-step training; every
-command must exit 0 except the build that the README says is refused (exit 2).
+command must exit 0 except the build that the README says is refused (exit 2) and
+``predict``, which may flag the toy model's implausible segmentations (exit 3).
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ def test_readme_dataset_examples_run(tmp_path):
     assert len(codes) == len(commands), out.stdout + log
     refused = [cmd for code, cmd in codes if code == 2]
     assert len(refused) == 1 and "swapped" in refused[0], out.stdout + log
-    assert all(code == 0 for code, cmd in codes if cmd not in refused), out.stdout + log
+    for code, cmd in codes:  # a few training steps: predict may flag implausible cases (exit 3)
+        if cmd not in refused:
+            assert code in ((0, 3) if "pipelines.predict" in cmd else (0,)), out.stdout + log
     for folder in ("flat_pred", "dcm_pred"):
         assert (tmp_path / folder / "evaluation" / "summary.md").is_file()
     clinical = (tmp_path / "flat_pred" / "evaluation" / "clinical.csv").read_text()

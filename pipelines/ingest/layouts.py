@@ -128,7 +128,10 @@ def _parse_info(path: Path) -> dict:
 def _acdc_case(folder: Path) -> CaseSpec:
     cid, info = folder.name, folder / "Info.cfg"
     if not info.is_file():
-        raise CaseError(Problem(cid, str(info), "metadata", "Info.cfg is missing; add it with ED/ES."))
+        raise CaseError(Problem(cid, str(info), "metadata",
+                                "Info.cfg is missing; add it with ED/ES (ACDC layout, detected from the "
+                                "*_frameNN names). Not ACDC? Pass --layout generic --image-glob '...' "
+                                "(and --label-pattern / --patient-pattern)."))
     meta = _parse_info(info)
     for key in ("ED", "ES"):
         if not isinstance(meta.get(key), int) or meta[key] < 1:
