@@ -13,6 +13,14 @@ and pulmonary trunk above the base, descending aorta, lungs, liver, chest-wall
 fat, spine, skeletal muscle as dark as myocardium).  Images then get a smooth
 multiplicative bias, Rician noise and a random intensity scale (1 to ~4000).
 
+``site="B"`` renders the same anatomy as another scanner/site would
+(:func:`site_b`): coarser in-plane resolution (2.0-2.6 mm), thicker slices
+(9-12 mm, each the average of three thin sub-slices: partial volume), weaker
+blood-myocardium contrast, 1.5-2.2x the noise, in-plane blur, a strong non-linear
+surface-coil fall-off, and images stored transposed (axes 0 and 1 swapped, the
+affine with them).  Its parameters come from their own seed stream, so site A
+cases are unchanged by its existence.
+
 Examples
 --------
 >>> case = generate_case(0, 0)
@@ -36,7 +44,7 @@ from cmrprep import _phantom as ph
 from cmrprep.geometry import Geometry
 
 __all__ = ["SyntheticCase", "generate_case", "generate_dataset", "contraction", "GROUPS",
-           "VENDORS"]
+           "VENDORS", "SITES", "site_b"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +54,17 @@ VENDORS = {"A": ("Siemens", (1, 6)), "B": ("Philips", (2, 3)), "C": ("GE", (4,))
            "D": ("Canon", (5,))}
 _ALNUM = np.array(list(string.ascii_uppercase + string.digits))
 _MAX_SLICES = 18
+SITES = ("A", "B")
+
+
+@dataclass(frozen=True)
+class _Site:
+    """Acquisition of another site: sub-slice offsets (partial volume), blur, coil, storage."""
+
+    sub_depths: tuple[float, ...] = (0.0,)
+    blur_px: float = 0.0
+    coil: tuple[float, float, float] | None = None  # (u, v, length) mm: field 1 / (1 + (d / L)^2)
+    transpose: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -272,6 +291,32 @@ def _draw_plan(rng: np.random.Generator, group: str) -> _Plan:
                  bias=rng.normal(0.0, 0.2, 6), noise=float(rng.uniform(1 / 40, 1 / 12)))
 
 
+def site_b(plan: _Plan, rng: np.random.Generator) -> tuple[_Plan, _Site]:
+    """Another scanner's acquisition of the same anatomy (see the module docstring)."""
+    sp = float(rng.uniform(2.0, 2.6))
+    ni, nj, _ = plan.shape
+    shape_ij = (max(48, int(round(ni * plan.spacing / sp))), max(48, int(round(nj * plan.spacing / sp))))
+    ss = float(rng.uniform(9.0, 12.0))
+    lo, hi = float(plan.depth.min()), float(plan.depth.max())
+    depth = lo + np.arange(int(np.floor((hi - lo) / ss)) + 1) * ss
+    if plan.depth[0] > plan.depth[-1]:
+        depth = depth[::-1].copy()
+    values = dict(plan.heart.values)
+    values.update(myo=float(rng.uniform(0.45, 0.6)), rv_blood=float(rng.uniform(0.8, 0.95)))
+    values["muscle"] = values["myo"] * float(rng.uniform(0.95, 1.15))
+    heart = replace(plan.heart, values=values)
+    body = replace(plan.body, values=values)
+    scale = np.asarray(shape_ij) * sp / (np.asarray(plan.shape[:2]) * plan.spacing)
+    xy = (plan.heart_xy[0] * scale[0], plan.heart_xy[1] * scale[1])
+    new = replace(plan, shape=(*shape_ij, len(depth)), spacing=sp, depth=depth, heart=heart, body=body,
+                  heart_xy=xy, noise=float(plan.noise * rng.uniform(1.5, 2.2)))
+    coil = (float(rng.uniform(-40, 40)), float(body.axes[1] + rng.uniform(10, 30)),
+            float(rng.uniform(60.0, 100.0)))
+    site = _Site(sub_depths=(-ss / 3.0, 0.0, ss / 3.0), blur_px=float(rng.uniform(0.5, 1.0)),
+                 coil=coil, transpose=True)
+    return new, site
+
+
 def _body_coords(plan: _Plan) -> tuple[np.ndarray, np.ndarray]:
     """Body-frame ``(u, v)`` of every pixel; the LV centre lands on ``heart_xy``."""
     ni, nj, _ = plan.shape
@@ -336,7 +381,7 @@ def _draw_storage(rng: np.random.Generator) -> tuple[float, str, float, float]:
 
 # ----------------------------------------------------------------- public API
 def generate_case(seed: int, index: int, *, n_frames: int | None = None,
-                  full_cine: bool = False, through_es: bool = False) -> SyntheticCase:
+                  full_cine: bool = False, through_es: bool = False, site: str = "A") -> SyntheticCase:
     """Render synthetic case ``index`` of the dataset drawn from ``seed``.
 
     Parameters
@@ -349,6 +394,8 @@ def generate_case(seed: int, index: int, *, n_frames: int | None = None,
         Render every frame; otherwise only ED and ES (fast).
     through_es : bool
         Render frames ``0 .. max(ed, es)`` (a shortened 4D for M&Ms-style files).
+    site : {"A", "B"}
+        ``"B"``: the same anatomy acquired as another site would (:func:`site_b`).
 
     Returns
     -------
@@ -356,6 +403,8 @@ def generate_case(seed: int, index: int, *, n_frames: int | None = None,
     """
     if seed < 0 or index < 0:
         raise ValueError(f"seed and index must be >= 0, got seed={seed}, index={index}")
+    if site not in SITES:
+        raise ValueError(f"site must be one of {SITES}, got {site!r}")
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index, 0)))
     n, ed, es = _draw_timing(rng, n_frames)
     group = str(rng.choice(GROUPS))
@@ -366,37 +415,64 @@ def generate_case(seed: int, index: int, *, n_frames: int | None = None,
                 code="".join(rng.choice(_ALNUM, 6)))
     plan = _draw_plan(rng, group)
     storage = _draw_storage(rng)
-    affine = _draw_affine(rng, plan.spacing, float(plan.depth[1] - plan.depth[0]), plan.shape)
+    acquisition = _Site()
+    if site == "B":  # its own stream: site A's draws are untouched
+        plan, acquisition = site_b(plan, np.random.default_rng(
+            np.random.SeedSequence(seed, spawn_key=(index, 2))))
+    affine = _draw_affine(rng, plan.spacing, float(abs(plan.depth[1] - plan.depth[0])), plan.shape)
     if rng.random() < 0.5:  # apex-first stacks: reverse the slice order
         plan = replace(plan, depth=plan.depth[::-1].copy())
     frames = tuple(range(n)) if full_cine else (
         tuple(range(max(ed, es) + 1)) if through_es else tuple(sorted({ed, es})))
-    cine, labels = _render(plan, (seed, index), frames, (ed, es, n), storage)
+    cine, labels = _render(plan, (seed, index), frames, (ed, es, n), storage, acquisition)
+    if acquisition.transpose:  # stored with the in-plane axes swapped, the affine with them
+        cine = np.ascontiguousarray(np.swapaxes(cine, 0, 1))
+        labels = {t: np.ascontiguousarray(np.swapaxes(lab, 0, 1)) for t, lab in labels.items()}
+        affine = affine[:, [1, 0, 2, 3]]
     log.debug("case %d: shape %s, spacing %.2f, frames %s", index, plan.shape, plan.spacing, frames)
     return SyntheticCase(case_id=f"patient{index + 1:03d}", cine=cine, frames=frames,
                          labels=labels, ed=ed, es=es, affine=affine, n_frames=n,
                          scl_slope=storage[2], scl_inter=storage[3],
-                         extra={"dtype": storage[1], "scale": storage[0]}, **meta)
+                         extra={"dtype": storage[1], "scale": storage[0], "site": site}, **meta)
 
 
 def _render(plan: _Plan, key: tuple[int, int], frames: tuple[int, ...],
-            timing: tuple[int, int, int], storage: tuple) -> tuple[np.ndarray, dict]:
-    """Render ``frames``; the static background is shared, the heart box is redrawn."""
-    u, v = _body_coords(plan)
-    background = _background(plan, u, v)
-    box = _heart_box(plan)
+            timing: tuple[int, int, int], storage: tuple, site: _Site = _Site()) -> tuple[np.ndarray, dict]:
+    """Render ``frames``; the static background is shared, the heart box is redrawn.
+
+    With several ``site.sub_depths`` each slice is the mean of thin sub-slices at those
+    offsets (partial volume); its label is the middle sub-slice's.
+    """
+    n_sub = len(site.sub_depths)
+    thin = plan if n_sub == 1 else replace(
+        plan, depth=(plan.depth[:, None] + np.asarray(site.sub_depths)[None, :]).ravel(),
+        shape=(*plan.shape[:2], plan.shape[2] * n_sub))
+    u, v = _body_coords(thin)
+    background = _background(thin, u, v)
+    box = _heart_box(thin)
     uv = (u[box], v[box])
-    bias = _bias_field(plan, u, v)
+    bias = _bias_field(thin, u, v)[..., ::n_sub] if n_sub > 1 else _bias_field(plan, u, v)
+    if site.coil is not None:
+        cu, cv, length = site.coil
+        d2 = ((u - np.float32(cu)) ** 2 + (v - np.float32(cv)) ** 2) / np.float32(length ** 2)
+        bias = bias * (2.0 / (1.0 + d2))[..., None].astype(np.float32)
     ed, es, n = timing
     dtype = np.float32 if storage[1] == "float32" else np.int16
     cine = np.empty(plan.shape + (len(frames),), dtype)
     labels = {}
     for m, t in enumerate(frames):
-        image, label = _render_frame(plan, background, box, uv, contraction(t, ed, es, n))
+        image, label = _render_frame(thin, background, box, uv, contraction(t, ed, es, n))
+        if n_sub > 1:
+            image = image.reshape(*image.shape[:2], -1, n_sub).mean(axis=-1)
+            label = label[..., n_sub // 2::n_sub]
+        if site.blur_px > 0:
+            from scipy.ndimage import gaussian_filter
+
+            image = gaussian_filter(image, sigma=(site.blur_px, site.blur_px, 0.0))
         noise = np.random.default_rng(np.random.SeedSequence(key[0], spawn_key=(key[1], 1, t)))
         cine[..., m] = ph.store(ph.rician(image * bias, plan.noise, noise), storage)
         if t in (ed, es):
-            labels[t] = label
+            labels[t] = np.ascontiguousarray(label)
     return cine, labels
 
 

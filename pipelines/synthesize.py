@@ -4,7 +4,7 @@ Usage::
 
     python -m pipelines.synthesize OUT --cases N --seed S
                                    [--layout acdc|mnms|nnunet|generic|dicom]
-                                   [--label-values 0,1,2,3] [--with-4d] [--overwrite]
+                                   [--label-values 0,1,2,3] [--site A|B] [--with-4d] [--overwrite]
 
 Layouts follow the real datasets:
 
@@ -22,6 +22,11 @@ Layouts follow the real datasets:
 * ``dicom``: ``OUT/patientNNN/sax_K/IM-*.dcm``, one DICOM series per slice position (as
   the Kaggle DSB exports), and ``cine_gt.nii.gz`` beside them: the 4D labels, on the
   DICOM grid, at the ED and ES frames.
+
+``--site B`` renders the same kind of anatomy as another scanner/site acquires it
+(coarser and thicker, noisier, blurred, weaker blood-myocardium contrast, a strong
+surface-coil fall-off, stored transposed; :func:`cmrprep.synthetic.site_b`), to
+measure how a model trained on site A holds up.
 
 ``--label-values`` sets the file value of each class (background, RV, MYO, LV), e.g.
 ``0,85,170,255`` or M&Ms' ``0,3,2,1``; the default is the layout's own convention.
@@ -195,11 +200,11 @@ def _unique_code(code: str, used: set[str], index: int) -> str:
 
 def synthesize(out: str | Path, cases: int, seed: int, layout: str = "acdc",
                with_4d: bool = False, overwrite: bool = False,
-               label_values: str | None = None) -> list[str]:
+               label_values: str | None = None, site: str = "A") -> list[str]:
     """Generate ``cases`` synthetic cases from ``seed`` and write them under ``out``.
 
     ``label_values`` (``"0,85,170,255"``) sets the file value of background, RV,
-    MYO and LV (see the module docstring).
+    MYO and LV; ``site="B"`` another site's acquisition (see the module docstring).
 
     Returns
     -------
@@ -214,6 +219,8 @@ def synthesize(out: str | Path, cases: int, seed: int, layout: str = "acdc",
     out = Path(out)
     _check_args(out, cases, seed, layout, overwrite)
     values = _label_values(label_values, layout)
+    if site not in ("A", "B"):
+        raise ConfigError(f"--site must be A or B, got {site!r}")
     if out.is_dir() and any(out.iterdir()):
         log.info("overwriting %s", out)
         shutil.rmtree(out)
@@ -224,7 +231,7 @@ def synthesize(out: str | Path, cases: int, seed: int, layout: str = "acdc",
     for i in tqdm(range(int(cases)), desc=f"synthesize {layout}", unit="case",
                   disable=None):
         case = generate_case(seed, i, full_cine=with_4d and layout not in ("nnunet", "generic"),
-                             through_es=layout == "mnms")
+                             through_es=layout == "mnms", site=site)
         if layout == "acdc":
             _write_acdc(out, case, with_4d)
             ids.append(case.case_id)
@@ -242,7 +249,8 @@ def synthesize(out: str | Path, cases: int, seed: int, layout: str = "acdc",
             ids.append(case.case_id)
     _write_index(out, layout, rows, n_train)
     _write_marker(out, dict(cases=int(cases), seed=int(seed), layout=layout,
-                            with_4d=bool(with_4d), label_values=[int(v) for v in values], case_ids=ids))
+                            with_4d=bool(with_4d), label_values=[int(v) for v in values], site=site,
+                            case_ids=ids))
     return ids
 
 
@@ -273,6 +281,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     p.add_argument("--layout", choices=LAYOUTS, default="acdc", help="folder layout (default acdc)")
     p.add_argument("--with-4d", action="store_true", help="render and write the full cine")
+    p.add_argument("--site", choices=("A", "B"), default="A",
+                   help="B: another scanner/site's acquisition of the anatomy (domain shift)")
     p.add_argument("--label-values", help="file value of background, RV, MYO, LV, e.g. '0,85,170,255' "
                                           "(default: the layout's convention)")
     p.add_argument("--overwrite", action="store_true",
@@ -292,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         ids = synthesize(args.out, args.cases, args.seed, layout=args.layout,
-                         with_4d=args.with_4d, overwrite=args.overwrite, label_values=args.label_values)
+                         with_4d=args.with_4d, overwrite=args.overwrite, label_values=args.label_values,
+                         site=args.site)
     except ConfigError as exc:
         log.error("%s", exc)
         return EXIT_CONFIG

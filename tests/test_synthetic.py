@@ -242,3 +242,26 @@ def test_configuration_errors(tmp_path):
         generate_case(-1, 0)
     with pytest.raises(ConfigError, match="layout"):
         synthesize(tmp_path / "y", 1, 1, layout="nifti")
+
+
+def test_site_b_is_another_acquisition_of_the_same_kind_of_heart():
+    """#12: coarser, thicker, noisier, transposed; site A unchanged; seeded."""
+    from cmrprep.synthetic import generate_case
+
+    for index in range(3):
+        a, b = generate_case(7, index), generate_case(7, index, site="B")
+        assert generate_case(7, index).cine.tobytes() == a.cine.tobytes()  # A does not depend on B
+        np.testing.assert_array_equal(generate_case(7, index, site="B").cine, b.cine)
+        sp = b.geometry.spacing
+        assert 2.0 <= sp[0] <= 2.6 and 9.0 <= sp[2] <= 12.0 and sp[0] > a.geometry.spacing[0]
+        # stored transposed: the first voxel axis runs along A's second axis
+        cos = abs(float(np.dot(b.affine[:3, 0], a.affine[:3, 1]))) / (np.linalg.norm(b.affine[:3, 0])
+                                                                      * np.linalg.norm(a.affine[:3, 1]))
+        assert cos > 0.999
+        for t, lab in b.labels.items():
+            assert lab.shape == b.cine.shape[:3] and set(np.unique(lab)) == {0, 1, 2, 3}
+            img = b.frame(t).astype(np.float64)
+            blood, myo = img[lab == 3].mean(), img[lab == 2].mean()
+            img_a, lab_a = a.frame(t).astype(np.float64), a.labels[t]
+            # weaker blood-myocardium contrast than site A
+            assert blood / myo < img_a[lab_a == 3].mean() / img_a[lab_a == 2].mean()
