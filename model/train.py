@@ -3,6 +3,7 @@
 A run directory receives::
 
     train_config.json   arguments, classes, versions, split (case and patient ids)
+    training_fingerprint.json  acquisition ranges of the training data (dataset-shift reference)
     plan.json           copy of the store's plan (to reproduce preprocessing)
     history.csv         one row per epoch: loss, val_dice_{rv,myo,lv,mean}, ...
     curves.png          loss and validation Dice curves
@@ -186,6 +187,18 @@ def _write_metadata(run_dir: Path, config: dict, store: ShardStore, train_idx: n
         _write_json(run_dir / "plan.json", plan)
     else:
         log.warning("store has no `plan` attribute: plan.json not written")
+    reference = _shift_reference(store)
+    if reference is not None:  # what predict compares new inputs with (cmrprep.shift)
+        _write_json(run_dir / "training_fingerprint.json", reference)
+
+
+def _shift_reference(store: ShardStore) -> dict | None:
+    """``shift_reference`` of the build's ``fingerprint.json`` next to the store, if there is one."""
+    path = store.link.parent / "fingerprint.json"
+    try:
+        return json.loads(path.read_text()).get("shift_reference")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _user_model(model: Any, store: ShardStore) -> keras.Model:

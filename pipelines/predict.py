@@ -43,7 +43,11 @@ After segmentation every case is checked for plausibility (:mod:`cmrprep.plausib
 non-CMR input, empty or missing classes, LV/RV volumes, myocardial mass or EF outside
 physiological ranges, a heart touching the crop border, low localisation confidence);
 flags and the measured volumes are in ``predict_report.json`` and the log, and the
-predictions are written all the same.
+predictions are written all the same.  The inputs are also compared with the training
+data (``RUN_DIR/training_fingerprint.json``, :mod:`cmrprep.shift`): spacing, slice
+thickness, field of view, intensity distribution shape, blood-myocardium contrast (of the
+prediction) and storage orientation outside the training ranges are named warnings
+(``shift`` in the report).
 Exit codes: 0 ok, 3 some cases failed or were flagged, 2 configuration error, 1 failure.
 """
 
@@ -80,6 +84,8 @@ class PredictResult:
     flags: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     #: Volumes measured on each case's prediction (EDV, ESV, EF, myocardial mass).
     measures: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: Dataset-shift warnings: inputs outside the training data's ranges (:mod:`cmrprep.shift`).
+    shift: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -257,15 +263,22 @@ def _write_label(path: Path, label: np.ndarray, source: str, geometry: Geometry)
     tmp.replace(path)
 
 
-def predict_case(net, case: CaseSpec, plan: Plan, out: Path, inputs: set[str],
-                 batch_size: int = 32, postprocess: bool = True
-                 ) -> tuple[list[str], dict[str, Any], list[dict[str, Any]], dict[str, float]]:
-    """Segment every frame of one case.
+@dataclass
+class CaseOutcome:
+    """What :func:`predict_case` did for one case."""
 
-    Returns the written files, the centres used, the plausibility flags
-    (:mod:`cmrprep.plausibility`) and the volumes measured on the prediction.
-    """
+    written: list[str]
+    centres: dict[str, Any]
+    flags: list[dict[str, Any]]  # plausibility flags (cmrprep.plausibility)
+    measures: dict[str, float]  # volumes measured on the prediction
+    features: list[dict[str, Any]]  # shift features of the input frames (cmrprep.shift)
+
+
+def predict_case(net, case: CaseSpec, plan: Plan, out: Path, inputs: set[str],
+                 batch_size: int = 32, postprocess: bool = True) -> CaseOutcome:
+    """Segment every frame of one case: files written, centres, flags, volumes, shift features."""
     from cmrprep import plausibility
+    from cmrprep.shift import frame_features
     from pipelines.evaluate import prediction_name
     from pipelines.ingest import read_volume
     from pipelines.ingest.validate import check_intensities
@@ -282,7 +295,7 @@ def predict_case(net, case: CaseSpec, plan: Plan, out: Path, inputs: set[str],
         source = "ed_es_difference" if center is not None else None
     written, frame_centres = [], []
     flags = plausibility.input_flags(volumes[0][1].shape, volumes[0][1].spacing)
-    labels, spacings = {}, {}
+    labels, spacings, features = {}, {}, []
     for frame, (image, geom) in zip(case.frames, volumes):
         c = center
         if c is None:
@@ -298,6 +311,7 @@ def predict_case(net, case: CaseSpec, plan: Plan, out: Path, inputs: set[str],
         flags += plausibility.frame_flags(label, geom.spacing, plan.classes, frame.phase)
         flags += plausibility.crop_flags(seg.crop, frame.phase, offset, source)
         labels[frame.phase], spacings[frame.phase] = label, geom.spacing
+        features.append(frame_features(image, geom, label, classes=plan.classes))  # contrast: predicted
         name = prediction_name(frame.image, frame.image_frame if _is_4d(frame) else None)
         dest = out / case.case_id / name
         if str(dest.resolve()) in inputs:
@@ -309,7 +323,7 @@ def predict_case(net, case: CaseSpec, plan: Plan, out: Path, inputs: set[str],
     volume_flags, measures = plausibility.case_flags(labels, spacings, plan.classes)
     centres = {"source": source, "world_mm": None if center is None else list(map(float, center)),
                "frames_world_mm": frame_centres}
-    return written, centres, flags + volume_flags, measures
+    return CaseOutcome(written, centres, flags + volume_flags, measures, features)
 
 
 #: Re-centre until the crop centre moves less than this (mm), at most :data:`REFINE_STEPS` times.
@@ -356,16 +370,17 @@ def predict(run_dir: str | Path, input_path: str | Path, out: str | Path, *,
     out.mkdir(parents=True, exist_ok=True)
     inputs = {str(Path(f.image).resolve()) for c in disc.cases for f in c.frames}
     result = PredictResult(failed=[p.to_dict() for p in disc.problems])
+    features: dict[str, list[dict[str, Any]]] = {}
     for case in tqdm(disc.cases, desc="predict", unit="case", disable=not progress):
         try:
-            files, centre, flags, measures = predict_case(net, case, plan, out, inputs, batch_size,
-                                                          postprocess)
-            result.written.extend(files)
-            result.centres[case.case_id] = centre
-            result.measures[case.case_id] = measures
-            if flags:
-                result.flags[case.case_id] = flags
-                for f in flags:
+            done = predict_case(net, case, plan, out, inputs, batch_size, postprocess)
+            result.written.extend(done.written)
+            result.centres[case.case_id] = done.centres
+            result.measures[case.case_id] = done.measures
+            features[case.case_id] = done.features
+            if done.flags:
+                result.flags[case.case_id] = done.flags
+                for f in done.flags:
                     log.warning("%s%s: %s (%s)", case.case_id, f" {f['frame']}" if f["frame"] else "",
                                 f["message"], f["code"])
         except CaseError as exc:
@@ -374,12 +389,29 @@ def predict(run_dir: str | Path, input_path: str | Path, out: str | Path, *,
             log.exception("case %s failed", case.case_id)
             result.failed.append(Problem(case.case_id, None, "predict",
                                          f"{type(exc).__name__}: {exc}").to_dict())
+    result.shift = _shift_warnings(Path(run_dir), features)
     (out / "predict_report.json").write_text(json.dumps(
         {"classes": list(plan.classes), "label_values": "class indices 0..C-1 in the order of `classes`",
          "format": "NIfTI (.nii.gz) in each input's geometry",
-         "written": result.written, "failed": result.failed, "flags": result.flags,
+         "written": result.written, "failed": result.failed, "flags": result.flags, "shift": result.shift,
          "measures": result.measures, "centres": result.centres}, indent=2))
     return result
+
+
+def _shift_warnings(run_dir: Path, features: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Compare the inputs with the run's ``training_fingerprint.json`` (none: nothing to compare)."""
+    from cmrprep.shift import compare
+
+    path = run_dir / "training_fingerprint.json"
+    try:
+        reference = json.loads(path.read_text())
+    except (OSError, ValueError):
+        log.info("no %s: the inputs are not compared with the training data", path)
+        return []
+    warnings = compare(reference, features) if features else []
+    for w in warnings:
+        log.warning("dataset shift: %s (%s)", w["message"], w["code"])
+    return warnings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -410,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{a.out}; {len(res.failed)} failed; {len(res.flags)} case(s) flagged as implausible")
     for f in res.failed:
         print(f"  FAILED {f['case_id']}: {f['message']}")
+    for w in res.shift:
+        print(f"  SHIFT {w['message']}")
     for cid, flags in res.flags.items():
         for f in flags:
             print(f"  FLAGGED {cid}{' ' + f['frame'] if f['frame'] else ''}: {f['message']} ({f['code']})")

@@ -179,3 +179,13 @@ def test_predicts_a_dicom_cine_into_nifti(run_dir, tmp_path):
     assert res.centres["subject1"]["source"] == "cine_first_harmonic"
     report = json.loads((tmp_path / "pred" / "predict_report.json").read_text())
     assert report["format"].startswith("NIfTI") and report["classes"] == ["background", "RV", "MYO", "LV"]
+
+
+def test_predict_names_the_dataset_shift_of_another_site(run_dir, tmp_path):
+    """#12: inputs from another site are compared with the run's training_fingerprint.json."""
+    assert (run_dir / "training_fingerprint.json").is_file()
+    synthesize(tmp_path / "siteB", 1, 91, layout="acdc", site="B")
+    res = predict(run_dir, tmp_path / "siteB", tmp_path / "pred", progress=False)
+    assert not res.failed and len(res.written) == 2
+    report = json.loads((tmp_path / "pred" / "predict_report.json").read_text())
+    assert "shift_inplane_mm" in {w["code"] for w in report["shift"]}

@@ -309,7 +309,12 @@ class _Build:
                         type(exc).__name__, exc)
 
     def _fingerprint(self, entries: list[dict[str, Any]], plan: Plan) -> None:
-        """``OUT/fingerprint.json``, updated for the cases processed now."""
+        """``OUT/fingerprint.json``, updated for the cases processed now.
+
+        Besides the per-case fingerprints it holds ``shift_reference``
+        (:func:`cmrprep.shift.summarize` of every frame): the ranges a model trained
+        on this store compares new inputs with (copied into the training run).
+        """
         path = self.out / "fingerprint.json"
         try:
             previous = json.loads(path.read_text()).get("cases", {})
@@ -325,7 +330,12 @@ class _Build:
                     records = {c["case_id"]: c for c in read_records(self.out / "store.zarr")[0]}
                 fp = records[e["case_id"]]["fingerprint"]
             cases[e["case_id"]] = fp
-        _write_json(path, {"cases": cases, "target_spacing": plan.target_spacing}, indent=None)
+        from cmrprep.shift import summarize
+
+        frames = [f["shift"] for fp in cases.values() for f in (fp if isinstance(fp, list) else [fp])
+                  if isinstance(f, dict) and f.get("shift")]
+        _write_json(path, {"cases": cases, "target_spacing": plan.target_spacing,
+                           "shift_reference": summarize(frames)}, indent=None)
 
 
 def _build_key(phash: str, keys: list[str]) -> str:

@@ -34,8 +34,12 @@ def frame_rng(seed: int, case_id: str, frame_no: int) -> np.random.Generator:
 
 def _fingerprint(image: np.ndarray, label: np.ndarray | None, geometry,
                  intensity: dict[str, Any] | None = None,
-                 label_counts: np.ndarray | None = None) -> dict[str, Any]:
-    """Spacing, shape, intensity percentiles and class counts of one input frame.
+                 label_counts: np.ndarray | None = None,
+                 classes: tuple[str, ...] = ("background", "RV", "MYO", "LV")) -> dict[str, Any]:
+    """Spacing, shape, intensity percentiles, class counts and shift features of one input frame.
+
+    ``shift`` holds :func:`cmrprep.shift.frame_features`, the reference a trained
+    model's new inputs are compared with.
 
     The percentiles come from the same deterministic strided subsample as the
     normalisation (``intensity``, the preprocessing record's statistics) when
@@ -52,10 +56,13 @@ def _fingerprint(image: np.ndarray, label: np.ndarray | None, geometry,
         counts = [int(c) for c in label_counts]
     elif label is not None:
         counts = np.bincount(label.ravel(order="K")).tolist()
+    from cmrprep.shift import frame_features
+
+    percentiles = {"p0.5": float(intensity["low"]), "p50": float(intensity["median"]),
+                   "p99.5": float(intensity["high"])}
     return {"spacing": list(geometry.spacing), "shape": list(geometry.shape),
-            "percentiles": {"p0.5": float(intensity["low"]), "p50": float(intensity["median"]),
-                            "p99.5": float(intensity["high"])},
-            "class_counts": counts, "dtype": str(image.dtype)}
+            "percentiles": percentiles, "class_counts": counts, "dtype": str(image.dtype),
+            "shift": frame_features(image, geometry, label, percentiles, classes)}
 
 
 def _configure_process() -> None:
@@ -117,7 +124,7 @@ def _frame_block(case: CaseSpec, frame: FrameSpec, frame_no: int, plan: Plan):
     record = {"case_id": case.case_id, "phase": frame.phase, "image": frame.image,
               "label": frame.label, "image_frame": frame.image_frame, **prepared.record}
     fingerprint = _fingerprint(loaded.image, loaded.label, loaded.geometry,
-                               prepared.record.get("intensity"), loaded.label_counts)
+                               prepared.record.get("intensity"), loaded.label_counts, plan.classes)
     return arrays, record, fingerprint, loaded.warnings
 
 

@@ -26,6 +26,10 @@ def _parser() -> argparse.ArgumentParser:
     add_discovery_arguments(p)
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--workers", type=int, default=1, help="cases validated concurrently")
+    p.add_argument("--reference", metavar="RUN_OR_OUT",
+                   help="compare the acquisition with a training run (or build output) folder: "
+                        "spacing, thickness, FOV, intensity shape, contrast, orientation outside "
+                        "the training ranges are named warnings")
     p.add_argument("-v", "--verbose", action="store_true", help="log each problem")
     return p
 
@@ -40,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         result = ingest(args.root, DiscoveryOptions.from_args(args), workers=max(1, args.workers),
-                        report=args.report)
+                        report=args.report, reference=args.reference)
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
         return EXIT_CONFIG

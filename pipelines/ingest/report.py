@@ -16,6 +16,7 @@ from typing import Any
 from cmrprep.anatomy import check_convention
 from cmrprep.cases import CaseSpec, Problem
 from cmrprep.labels import ACDC, LabelMap
+from cmrprep.plan import ConfigError
 from pipelines.exitcodes import EXIT_CONFIG, EXIT_OK, EXIT_QUARANTINE
 from pipelines.ingest.options import DiscoveryOptions
 from pipelines.ingest.validate import inspect_case
@@ -42,6 +43,8 @@ class IngestReport:
     warnings: list[Problem] = field(default_factory=list)
     label_map: LabelMap = ACDC
     convention: dict[str, Any] = field(default_factory=dict)
+    #: Dataset-shift warnings against a training reference (:mod:`cmrprep.shift`); warnings only.
+    shift: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> list[str]:
@@ -67,7 +70,7 @@ class IngestReport:
             return {"case_id": p.case_id, "file": p.file, "check": p.check, "message": p.message}
         return {"layout": self.layout, "n_cases": self.n_cases, "ok": self.ok,
                 "classes": list(self.label_map.classes), "label_map": self.label_map.spec(),
-                "label_convention": self.convention,
+                "label_convention": self.convention, "shift": self.shift,
                 "patients": {c.case_id: [f.phase for f in c.frames] for c in self.cases},
                 "quarantined": [brief(p) for p in self.quarantined],
                 "quarantined_ids": self.quarantined_ids,
@@ -83,6 +86,7 @@ class IngestReport:
         if self.convention.get("severity") in ("error", "warning"):
             lines.append(f"  LABEL CONVENTION {self.convention['severity'].upper()}: "
                          f"{self.convention['message']}")
+        lines += [f"  SHIFT {w['message']}" for w in self.shift]
         if not self.cases:
             lines.append("  no usable case: nothing could be built from this input")
         return "\n".join(lines)
@@ -96,8 +100,27 @@ def _validate_all(cases: list[CaseSpec], workers: int) -> list[tuple[list[Proble
         return list(pool.map(inspect_case, cases))
 
 
+def load_reference(path: str | Path) -> dict[str, Any]:
+    """The shift reference of a run folder, a build folder, or one of their JSON files."""
+    p = Path(path)
+    candidates = [p] if p.is_file() else [p / "training_fingerprint.json", p / "fingerprint.json"]
+    for c in candidates:
+        if c.is_file():
+            try:
+                data = json.loads(c.read_text())
+            except ValueError as exc:
+                raise ConfigError(f"--reference {c} is not JSON: {exc}") from None
+            ref = data.get("shift_reference", data) if c.name == "fingerprint.json" else data
+            if not isinstance(ref, dict) or "n_frames" not in ref:
+                raise ConfigError(f"--reference {c} has no shift reference; rebuild the training store "
+                                  "with this cmrprep (its fingerprint.json gains shift_reference)")
+            return ref
+    raise ConfigError(f"--reference {p}: no training_fingerprint.json (a training run) or "
+                      "fingerprint.json (a build output) there")
+
+
 def ingest(root: str | Path, options: DiscoveryOptions | str | None = None, *, workers: int = 1,
-           report: str | Path | None = None) -> IngestReport:
+           report: str | Path | None = None, reference: str | Path | None = None) -> IngestReport:
     """Discover and validate every case under ``root``, and check the labels' convention.
 
     Parameters
@@ -110,6 +133,11 @@ def ingest(root: str | Path, options: DiscoveryOptions | str | None = None, *, w
         Cases validated concurrently (threads); the result does not depend on it.
     report : str or Path, optional
         Where to write the JSON report (:meth:`IngestReport.to_dict`).
+    reference : str or Path, optional
+        A training run folder (its ``training_fingerprint.json``), a build output
+        folder (its ``fingerprint.json``) or either file: the dataset's acquisition
+        is compared with it and every feature outside the training range is a
+        named warning (``shift``; :mod:`cmrprep.shift`).
 
     Returns
     -------
@@ -126,8 +154,11 @@ def ingest(root: str | Path, options: DiscoveryOptions | str | None = None, *, w
     errors = [p for p in found.problems if p.severity == "error"]
     warnings = [p for p in found.problems if p.severity != "error"]
     bad_ids = {p.case_id for p in errors}
-    accepted, contacts = [], {}
-    for case, (problems, pairs) in zip(found.cases, _validate_all(found.cases, workers)):
+    ref = load_reference(reference) if reference is not None else None
+    accepted, contacts, features = [], {}, {}
+    for case, (problems, pairs, feats) in zip(found.cases, _validate_all(found.cases, workers)):
+        if feats:
+            features[case.case_id] = feats
         errors += [p for p in problems if p.severity == "error"]
         warnings += [p for p in problems if p.severity != "error"]
         if any(p.severity == "error" for p in problems) or case.case_id in bad_ids:
@@ -141,6 +172,12 @@ def ingest(root: str | Path, options: DiscoveryOptions | str | None = None, *, w
     result = IngestReport(found.layout, n_cases, accepted, sorted(errors, key=by_case),
                           sorted(warnings, key=by_case), found.label_map,
                           convention.to_dict() if convention else {})
+    if ref is not None:
+        from cmrprep.shift import compare
+
+        result.shift = compare(ref, features)
+        for w in result.shift:
+            log.warning("dataset shift: %s (%s)", w["message"], w["code"])
     if convention is not None:
         (log.error if convention.severity == "error" else
          log.warning if convention.severity == "warning" else log.info)("%s", convention.message)

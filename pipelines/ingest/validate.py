@@ -345,21 +345,26 @@ def validate_case(case: CaseSpec) -> list[Problem]:
     return inspect_case(case)[0]
 
 
-def inspect_case(case: CaseSpec) -> tuple[list[Problem], np.ndarray | None]:
-    """:func:`validate_case` plus the case's in-plane class contacts (for the label-convention check).
+def inspect_case(case: CaseSpec) -> tuple[list[Problem], np.ndarray | None, list[dict]]:
+    """:func:`validate_case` plus the case's in-plane class contacts and shift features.
 
     The contacts (:func:`cmrprep.anatomy.contact_counts` summed over the
-    labelled frames, in class indices) are ``None`` without labels or when a
-    frame has an error.
+    labelled frames, in class indices; for the label-convention check) are
+    ``None`` without labels or when a frame has an error.  The features are
+    :func:`cmrprep.shift.frame_features` of each readable frame.
     """
     from cmrprep.anatomy import contact_counts
+    from cmrprep.shift import frame_features
 
     problems = check_case(case)
-    contacts = None
+    contacts, features = None, []
     n_classes = max(b for _, b in case.label_map) + 1 if case.label_map else len(CLASSES)
+    classes = tuple(case.metadata.get("classes") or CLASSES)
     for fr in case.frames:
         loaded, found = _inspect(case, fr)
         problems += found
+        if loaded is not None:
+            features.append(frame_features(loaded.image, loaded.geometry, loaded.label, classes=classes))
         if loaded is not None and loaded.label is not None:
             in_plane = tuple(int(a) for a in np.argsort(loaded.geometry.spacing, kind="stable")[:2])
             pairs = contact_counts(loaded.label, in_plane, n_classes)
@@ -368,4 +373,4 @@ def inspect_case(case: CaseSpec) -> tuple[list[Problem], np.ndarray | None]:
         log.info("%s", p)
     if any(p.severity == "error" for p in problems):
         contacts = None
-    return problems, contacts
+    return problems, contacts, features
