@@ -17,6 +17,25 @@ which also simulates a label-free crop-centre error; mild
 ``ElasticTransform``) uses linear interpolation for the image and nearest
 for the label, padding with the darkest value and background.
 
+Intensity augmentation covers what changes between scanners and sites (issue
+#12), on the image only (labels untouched):
+
+* contrast, brightness and gamma (``RandomBrightnessContrast``, ``RandomGamma``
+  with gamma 0.7-1.5);
+* a smooth multiplicative **bias field** (:func:`bias_field`: the exponential of
+  a random cubic polynomial in x and y, up to ``bias_strength`` in log
+  amplitude) and a **surface-coil fall-off** (:func:`coil_falloff`:
+  ``1 / (1 + (d / L)^2)`` from a random point beside the image) -- non-linear,
+  not only ramps; NumPy, since albumentations has neither;
+* **partial volume** of a thicker slice (:func:`partial_volume`): the slice
+  blended with a slightly scaled copy of itself, as a neighbouring slice's
+  structures bleed into a thick one (an in-plane approximation);
+* lower resolution (``Downscale``, 0.45-0.9), blur (``GaussianBlur``, sigma
+  0.3-1.2 px) and noise (``GaussNoise``, std 1-8 % of the range).
+
+Per-volume percentile clipping and z-scoring (:mod:`cmrprep.normalize`) already
+make the input independent of a site's absolute intensity scale.
+
 Randomness is seeded per sample (:meth:`Augmenter.__call__` takes ``seed``),
 so a sample's augmentation depends only on its seed, never on which loader
 worker produces it.
@@ -41,7 +60,7 @@ import numpy as np
 
 from cmrprep.plan import ConfigError
 
-__all__ = ["Augmenter", "AugmentConfig"]
+__all__ = ["Augmenter", "AugmentConfig", "bias_field", "coil_falloff", "partial_volume"]
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +77,74 @@ class AugmentConfig:
     elastic_sigma: float = 5.0
     p_elastic: float = 0.2
     brightness: float = 0.1
-    contrast: float = 0.15
+    contrast: float = 0.3
     p_brightness_contrast: float = 0.5
-    gamma: tuple[float, float] = (80.0, 120.0)
+    gamma: tuple[float, float] = (70.0, 150.0)
     p_gamma: float = 0.5
-    noise_std: tuple[float, float] = (0.01, 0.05)
-    p_noise: float = 0.3
+    bias_strength: float = 0.6
+    p_bias: float = 0.5
+    coil_length: tuple[float, float] = (0.5, 1.5)  # fall-off length, in image widths
+    p_coil: float = 0.3
+    partial_volume: tuple[float, float] = (0.15, 0.4)  # weight of the neighbour-like copy
+    p_partial_volume: float = 0.2
+    downscale: tuple[float, float] = (0.45, 0.9)
+    p_downscale: float = 0.25
+    blur_sigma: tuple[float, float] = (0.3, 1.2)
+    p_blur: float = 0.25
+    noise_std: tuple[float, float] = (0.01, 0.08)
+    p_noise: float = 0.4
     z_range: tuple[float, float] = (-3.0, 5.0)
     restore: str = "inverse"
+
+
+def bias_field(shape: tuple[int, int], rng: np.random.Generator, strength: float) -> np.ndarray:
+    """Smooth multiplicative field: ``exp`` of a random cubic polynomial, log amplitude <= ``strength``.
+
+    >>> f = bias_field((32, 32), np.random.default_rng(0), 0.5)
+    >>> f.shape, bool(f.min() > 0), bool(np.log(f).max() - np.log(f).min() <= 1.0 + 1e-6)
+    ((32, 32), True, True)
+    """
+    y, x = np.meshgrid(np.linspace(-1, 1, shape[0], dtype=np.float32),
+                       np.linspace(-1, 1, shape[1], dtype=np.float32), indexing="ij")
+    terms = [x, y, x * x, y * y, x * y, x ** 3, y ** 3, x * x * y, x * y * y]
+    poly = sum(np.float32(c) * t for c, t in zip(rng.normal(0.0, 1.0, len(terms)), terms))
+    span = float(poly.max() - poly.min())
+    if span < 1e-6:
+        return np.ones(shape, np.float32)
+    log_field = (poly - poly.mean()) * np.float32(2.0 * strength / span)  # range 2 * strength
+    return np.exp(log_field).astype(np.float32)
+
+
+def coil_falloff(shape: tuple[int, int], rng: np.random.Generator, length: tuple[float, float]) -> np.ndarray:
+    """Surface-coil sensitivity ``1 / (1 + (d / L)^2)`` from a point beside the image, scaled to max 1."""
+    h, w = shape
+    angle = rng.uniform(0, 2 * np.pi)
+    cy, cx = (h - 1) / 2 + 0.6 * h * np.sin(angle), (w - 1) / 2 + 0.6 * w * np.cos(angle)
+    yy, xx = np.indices(shape, dtype=np.float32)
+    ell = rng.uniform(*length) * max(h, w)
+    field = 1.0 / (1.0 + ((yy - cy) ** 2 + (xx - cx) ** 2) / np.float32(ell * ell))
+    return (field / field.max()).astype(np.float32)
+
+
+def partial_volume(unit: np.ndarray, rng: np.random.Generator, weight: tuple[float, float]) -> np.ndarray:
+    """Blend a slice with a slightly scaled copy of itself (a thicker slice's neighbour bleeding in)."""
+    h, w = unit.shape
+    s = rng.uniform(0.88, 1.12)
+    m = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), 0.0, s)
+    other = cv2.warpAffine(unit, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    a = np.float32(rng.uniform(*weight))
+    return ((1 - a) * unit + a * other).astype(np.float32)
+
+
+def _site_transforms(cfg: AugmentConfig) -> list:
+    """Acquisition changes applied after the NumPy fields: resolution, blur, noise."""
+    return [
+        A.Downscale(scale_range=cfg.downscale, interpolation_pair={"downscale": cv2.INTER_AREA,
+                                                                   "upscale": cv2.INTER_LINEAR},
+                    p=cfg.p_downscale),
+        A.GaussianBlur(blur_limit=0, sigma_limit=cfg.blur_sigma, p=cfg.p_blur),
+        A.GaussNoise(std_range=cfg.noise_std, p=cfg.p_noise),
+    ]
 
 
 def _transforms(cfg: AugmentConfig) -> list:
@@ -81,7 +160,6 @@ def _transforms(cfg: AugmentConfig) -> list:
         A.RandomBrightnessContrast(brightness_limit=cfg.brightness, contrast_limit=cfg.contrast,
                                    p=cfg.p_brightness_contrast),
         A.RandomGamma(gamma_limit=cfg.gamma, p=cfg.p_gamma),
-        A.GaussNoise(std_range=cfg.noise_std, p=cfg.p_noise),
     ]
 
 
@@ -104,14 +182,15 @@ class Augmenter:
         self._local = threading.local()
         self._compose()  # build once now so configuration errors surface here
 
-    def _compose(self) -> A.Compose:
-        """This thread's pipeline: seeding then applying must not interleave across threads."""
-        compose = getattr(self._local, "compose", None)
-        if compose is None:
+    def _compose(self) -> tuple[A.Compose, A.Compose]:
+        """This thread's pipelines: seeding then applying must not interleave across threads."""
+        composes = getattr(self._local, "composes", None)
+        if composes is None:
             # strict=True: an obsolete 1.x keyword raises instead of silently using defaults.
-            compose = A.Compose(_transforms(self.config), strict=True, seed=0)
-            self._local.compose = compose
-        return compose
+            composes = (A.Compose(_transforms(self.config), strict=True, seed=0),
+                        A.Compose(_site_transforms(self.config), strict=True, seed=0))
+            self._local.composes = composes
+        return composes
 
     def __getstate__(self) -> dict:
         return {"config": self.config}
@@ -139,11 +218,26 @@ class Augmenter:
             Augmented labels (nearest interpolation: no new values).
         """
         unit, lo, span = self._to_unit(image)
-        compose = self._compose()
-        compose.set_random_seed(int(seed))
-        out = compose(image=unit, mask=np.ascontiguousarray(label, dtype=np.uint8))
-        result = self._from_unit(np.asarray(out["image"], dtype=np.float32), lo, span)
-        return result, np.asarray(out["mask"], dtype=np.uint8)
+        geometry, site = self._compose()
+        geometry.set_random_seed(int(seed))
+        out = geometry(image=unit, mask=np.ascontiguousarray(label, dtype=np.uint8))
+        img = self._fields(np.asarray(out["image"], dtype=np.float32), int(seed))
+        site.set_random_seed((int(seed) + 0x9E3779B9) % 2 ** 32)
+        img = np.asarray(site(image=img)["image"], dtype=np.float32)
+        return self._from_unit(img, lo, span), np.asarray(out["mask"], dtype=np.uint8)
+
+    def _fields(self, unit: np.ndarray, seed: int) -> np.ndarray:
+        """Bias field, coil fall-off and partial volume (NumPy), from the sample's own stream."""
+        cfg = self.config
+        rng = np.random.default_rng(np.random.SeedSequence([seed, 12]))
+        draws = rng.random(3)
+        if draws[0] < cfg.p_bias:
+            unit = unit * bias_field(unit.shape, rng, cfg.bias_strength)
+        if draws[1] < cfg.p_coil:
+            unit = unit * coil_falloff(unit.shape, rng, cfg.coil_length)
+        if draws[2] < cfg.p_partial_volume:
+            unit = partial_volume(unit, rng, cfg.partial_volume)
+        return np.clip(unit, 0.0, 1.0).astype(np.float32)
 
     def _to_unit(self, image: np.ndarray) -> tuple[np.ndarray, float, float]:
         """Clip to ``z_range`` and map the slice's min..max to [0, 1]."""

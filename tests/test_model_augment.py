@@ -46,11 +46,42 @@ def test_seeded_and_scale_preserving(case):
     np.testing.assert_array_equal(a[1], b[1])
     assert not np.array_equal(a[0], aug(images[5], labels[5], 12)[0])
     identity = Augmenter(AugmentConfig(p_affine=0, p_elastic=0, p_brightness_contrast=0,
-                                       p_gamma=0, p_noise=0))
+                                       p_gamma=0, p_noise=0, **NO_SITE))
     out, _ = identity(images[5], labels[5], 0)
     np.testing.assert_allclose(out, np.clip(images[5], -3, 5), atol=1e-5)
     zs, _ = Augmenter(AugmentConfig(restore="zscore"))(images[5], labels[5], 0)
     assert abs(zs.mean()) < 1e-4 and zs.std() == pytest.approx(1, abs=1e-3)
+
+
+NO_SITE = dict(p_bias=0, p_coil=0, p_partial_volume=0, p_downscale=0, p_blur=0)
+ONLY = dict(p_affine=0, p_elastic=0, p_brightness_contrast=0, p_gamma=0, p_noise=0, **NO_SITE)
+
+
+@pytest.mark.parametrize("which", ["p_bias", "p_coil", "p_partial_volume", "p_downscale", "p_blur",
+                                   "p_noise", "p_gamma", "p_brightness_contrast"])
+def test_site_augmentations_are_seeded_label_safe_and_act(case, which):
+    """#12: each intensity augmentation alone changes the image, never the label, same seed same output."""
+    images, labels = case
+    aug = Augmenter(AugmentConfig(**{**ONLY, which: 1.0}))
+    k = int(np.argmax([(lab > 0).sum() for lab in labels]))
+    img, lab = aug(images[k], labels[k], 5)
+    again, _ = Augmenter(AugmentConfig(**{**ONLY, which: 1.0}))(images[k], labels[k], 5)
+    np.testing.assert_array_equal(img, again)
+    np.testing.assert_array_equal(lab, labels[k])
+    assert np.isfinite(img).all() and img.dtype == np.float32
+    assert np.abs(img - np.clip(images[k], -3, 5)).mean() > 1e-3
+    assert not np.array_equal(img, aug(images[k], labels[k], 6)[0])
+
+
+def test_bias_field_and_coil_are_smooth_and_bounded():
+    from model.augment import bias_field, coil_falloff
+
+    rng = np.random.default_rng(3)
+    f = bias_field((64, 64), rng, 0.6)
+    assert f.min() > 0 and np.log(f).max() - np.log(f).min() == pytest.approx(1.2, abs=1e-4)
+    assert np.abs(np.diff(np.log(f), axis=0)).max() < 0.1  # smooth: no jumps between neighbours
+    c = coil_falloff((64, 64), rng, (0.5, 1.5))
+    assert c.max() == pytest.approx(1.0) and 0 < c.min() < 0.9  # a non-linear fall-off across the image
 
 
 def test_bad_config():
