@@ -53,11 +53,11 @@ def test_seeded_and_scale_preserving(case):
     assert abs(zs.mean()) < 1e-4 and zs.std() == pytest.approx(1, abs=1e-3)
 
 
-NO_SITE = dict(p_bias=0, p_coil=0, p_partial_volume=0, p_downscale=0, p_blur=0)
+NO_SITE = dict(p_bias=0, p_coil=0, p_partial_volume=0, p_downscale=0, p_blur=0, p_class_contrast=0)
 ONLY = dict(p_affine=0, p_elastic=0, p_brightness_contrast=0, p_gamma=0, p_noise=0, **NO_SITE)
 
 
-@pytest.mark.parametrize("which", ["p_bias", "p_coil", "p_partial_volume", "p_downscale", "p_blur",
+@pytest.mark.parametrize("which", ["p_class_contrast", "p_bias", "p_coil", "p_partial_volume", "p_downscale", "p_blur",
                                    "p_noise", "p_gamma", "p_brightness_contrast"])
 def test_site_augmentations_are_seeded_label_safe_and_act(case, which):
     """#12: each intensity augmentation alone changes the image, never the label, same seed same output."""
