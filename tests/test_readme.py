@@ -20,7 +20,7 @@ QUICK_TRAIN = "--epochs 1 --steps-per-epoch 2 --batch-size 4 --filters 4 8 16 --
 
 
 def _block() -> str:
-    text = README.read_text()
+    text = README.read_text(encoding="utf-8")
     start = text.index("Try each path on synthetic data")
     body = text[text.index("```bash\n", start) + len("```bash\n"):]
     return body[: body.index("```")]
@@ -50,10 +50,10 @@ def test_readme_dataset_examples_run(tmp_path):
         script.append(f"{c} >> log.txt 2>&1; echo \"rc=$? :: {i}\"")
     env = {**os.environ, "PYTHONPATH": str(README.parent), "CI": "true"}
     out = subprocess.run(["bash", "-c", "\n".join(script)], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=900)
+                         capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=900)
     codes = [(int(m.group(1)), commands[int(m.group(2))])
              for m in re.finditer(r"rc=(\d+) :: (\d+)", out.stdout)]
-    log = (tmp_path / "log.txt").read_text()[-3000:] if (tmp_path / "log.txt").exists() else out.stderr
+    log = (tmp_path / "log.txt").read_text(encoding="utf-8", errors="replace")[-3000:] if (tmp_path / "log.txt").exists() else out.stderr
     assert len(codes) == len(commands), out.stdout + log
     refused = [cmd for code, cmd in codes if code == 2]
     assert len(refused) == 1 and "swapped" in refused[0], out.stdout + log
@@ -62,5 +62,5 @@ def test_readme_dataset_examples_run(tmp_path):
             assert code in ((0, 3) if "pipelines.predict" in cmd else (0,)), out.stdout + log
     for folder in ("flat_pred", "dcm_pred"):
         assert (tmp_path / folder / "evaluation" / "summary.md").is_file()
-    clinical = (tmp_path / "flat_pred" / "evaluation" / "clinical.csv").read_text()
+    clinical = (tmp_path / "flat_pred" / "evaluation" / "clinical.csv").read_text(encoding="utf-8")
     assert clinical.count("\n") >= 4  # a header and LV/RV rows per patient
