@@ -231,6 +231,16 @@ def _normal(fr: _Frame) -> np.ndarray:
     return n / np.linalg.norm(n)
 
 
+def _position_key(fr: _Frame, normal: np.ndarray) -> int:
+    """The slice a frame belongs to: its position along ``normal`` in units of :data:`POSITION_TOL_MM`."""
+    return round(float(np.dot(fr.position, normal)) / POSITION_TOL_MM)
+
+
+def _n_positions(frames: list[_Frame]) -> int:
+    normal = _normal(frames[0])
+    return len({_position_key(fr, normal) for fr in frames})
+
+
 def _stack_key(fr: _Frame) -> tuple:
     q = lambda v: tuple(round(x / ORIENTATION_TOL) for x in v)  # noqa: E731
     return (fr.study, q(fr.row_cos + fr.col_cos), fr.rows, fr.cols, tuple(round(s, 3) for s in fr.spacing))
@@ -238,8 +248,7 @@ def _stack_key(fr: _Frame) -> tuple:
 
 def _describe(frames: list[_Frame]) -> str:
     f = frames[0]
-    n_pos = len({round(float(np.dot(fr.position, _normal(f))) / POSITION_TOL_MM) for fr in frames})
-    return (f"{n_pos} slice position(s), orientation {np.round(f.row_cos + f.col_cos, 3).tolist()}, "
+    return (f"{_n_positions(frames)} slice position(s), orientation {np.round(f.row_cos + f.col_cos, 3).tolist()}, "
             f"{f.rows}x{f.cols}, series {sorted({fr.series_number for fr in frames})}")
 
 
@@ -253,11 +262,7 @@ def _choose_stack(frames: list[_Frame], source: Path, case_id: str) -> list[_Fra
                                      "give one study per case folder.")
     if len(stacks) == 1:
         return next(iter(stacks.values()))
-
-    def positions(st):
-        n = _normal(st[0])
-        return len({round(float(np.dot(fr.position, n)) / POSITION_TOL_MM) for fr in st})
-    multi = [st for st in stacks.values() if positions(st) > 1]
+    multi = [st for st in stacks.values() if _n_positions(st) > 1]
     if len(multi) == 1:
         left = [st for st in stacks.values() if st is not multi[0]]
         log.info("%s: using the stack of %s; left out %d other view(s): %s", source, _describe(multi[0]),
@@ -274,7 +279,7 @@ def _assemble(stack: list[_Frame], source: Path, case_id: str) -> tuple[list[lis
     normal = _normal(stack[0])
     by_pos: dict[int, list[_Frame]] = {}
     for fr in stack:
-        by_pos.setdefault(round(float(np.dot(fr.position, normal)) / POSITION_TOL_MM), []).append(fr)
+        by_pos.setdefault(_position_key(fr, normal), []).append(fr)
     slices, positions = [], []
     for key in sorted(by_pos):
         frs = by_pos[key]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -117,8 +117,9 @@ class DiscoveryOptions:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form (the label map as its text)."""
-        d = asdict(self) if not isinstance(self.label_map, LabelMap) else {
-            **{f.name: getattr(self, f.name) for f in fields(self)}, "label_map": self.label_map.spec()}
+        d = self.to_kwargs()
+        if isinstance(self.label_map, LabelMap):
+            d["label_map"] = self.label_map.spec()
         return d
 
     @classmethod
