@@ -107,7 +107,7 @@ def _check_input(input_shape: Sequence[int], n_levels: int, num_classes: int, ou
 def build_unet(input_shape: Sequence[int | None] = (128, 128, 1), num_classes: int = 4,
                filters: Sequence[int] = (16, 32, 64, 128, 256), batch_norm: bool = True,
                filter_scale: float = 1.0, depth: int | None = None, output: str = "logits",
-               upsampling: str = "upsample") -> keras.Model:
+               upsampling: str = "upsample", input_norm: bool = True) -> keras.Model:
     """Build a U-Net with ``len(filters)`` resolution levels.
 
     Parameters
@@ -131,6 +131,15 @@ def build_unet(input_shape: Sequence[int | None] = (128, 128, 1), num_classes: i
         Linear logits (default) or probabilities.
     upsampling : {"upsample", "transpose"}
         ``UpSampling2D`` + 2x2 conv, or ``Conv2DTranspose``.
+    input_norm : bool
+        z-score each input slice over its own pixels first (a parameter-free
+        ``GroupNormalization(groups=1)`` named ``"input_norm"``; default on).
+        The store's slices are z-scored per volume, so a site whose volume
+        statistics are dominated by something outside the heart (a bright
+        chest wall beside a surface coil) hands the network a crop whose heart
+        is several times darker than in training; normalising the crop itself
+        removes that difference (issue #12).  The layer travels with the saved
+        model, so prediction normalises exactly as training did.
 
     Returns
     -------
@@ -141,6 +150,9 @@ def build_unet(input_shape: Sequence[int | None] = (128, 128, 1), num_classes: i
     _check_input(input_shape, len(levels), num_classes, output, upsampling)
     inputs = keras.Input(shape=tuple(input_shape), name="image")
     x, skips = inputs, []
+    if input_norm:
+        x = layers.GroupNormalization(groups=1, axis=-1, center=False, scale=False, epsilon=1e-5,
+                                      name="input_norm")(x)
     for i, f in enumerate(levels[:-1]):
         x = _conv_block(x, f, batch_norm, f"enc{i}")
         skips.append(x)

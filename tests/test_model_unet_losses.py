@@ -29,6 +29,22 @@ def test_unet_shapes_and_logits_layer():
     assert deep.get_layer("bottleneck_conv1").filters == 16
 
 
+def test_unet_input_norm_makes_the_output_independent_of_the_slice_scale(tmp_path):
+    """A site whose volume statistics put the heart at another z-level gets the same answer."""
+    x = np.random.default_rng(1).normal(size=(2, 32, 32, 1)).astype(np.float32)
+    net = build_unet((32, 32, 1), filters=(8, 16, 32))
+    ref = np.asarray(net.predict(x, verbose=0))
+    np.testing.assert_allclose(np.asarray(net.predict(0.5 * x - 1.2, verbose=0)), ref, atol=1e-3)
+    path = tmp_path / "net.keras"
+    net.save(path)  # the normalisation travels with the saved model
+    np.testing.assert_allclose(np.asarray(keras.saving.load_model(path).predict(4 * x + 2, verbose=0)),
+                               ref, atol=1e-3)
+    plain = build_unet((32, 32, 1), filters=(8, 16, 32), input_norm=False)
+    assert "input_norm" not in [layer.name for layer in plain.layers]
+    assert not np.allclose(np.asarray(plain.predict(0.3 * x - 1.2, verbose=0)),
+                           np.asarray(plain.predict(x, verbose=0)), atol=1e-3)
+
+
 def test_unet_softmax_output_sums_to_one():
     net = build_unet((16, 16, 1), filters=(4, 8), output="softmax")
     out = net.predict_on_batch(np.random.default_rng(0).normal(size=(2, 16, 16, 1)).astype("float32"))
