@@ -39,6 +39,12 @@ Intensity augmentation covers what changes between scanners and sites (issue
   site whose heart lies far from the surface coil has a blood-myocardium
   contrast-to-noise ratio near 1).
 
+Independent draws rarely combine: with the probabilities above, fewer than 1 %
+of slices would be coarse, blurred, coil-shaded and noisy at once, which is
+what another site's whole dataset can look like.  A **poor acquisition**
+(``p_poor_acquisition``, default 0.25) therefore gets all of them together:
+tissue contrast, coil fall-off, lower resolution, blur and noise of 6-25 %.
+
 Per-volume percentile clipping and z-scoring (:mod:`cmrprep.normalize`) already
 make the input independent of a site's absolute intensity scale.
 
@@ -101,6 +107,8 @@ class AugmentConfig:
     p_blur: float = 0.25
     noise_std: tuple[float, float] = (0.01, 0.25)
     p_noise: float = 0.5
+    p_poor_acquisition: float = 0.25
+    poor_noise_std: tuple[float, float] = (0.06, 0.25)
     z_range: tuple[float, float] = (-3.0, 5.0)
     restore: str = "inverse"
 
@@ -172,6 +180,16 @@ def _site_transforms(cfg: AugmentConfig) -> list:
     ]
 
 
+def _poor_transforms(cfg: AugmentConfig) -> list:
+    """A poor acquisition: lower resolution, blur and strong noise together (see the module doc)."""
+    return [
+        A.Downscale(scale_range=cfg.downscale, interpolation_pair={"downscale": cv2.INTER_AREA,
+                                                                   "upscale": cv2.INTER_LINEAR}, p=1.0),
+        A.GaussianBlur(blur_limit=0, sigma_limit=cfg.blur_sigma, p=1.0),
+        A.GaussNoise(std_range=cfg.poor_noise_std, p=1.0),
+    ]
+
+
 def _transforms(cfg: AugmentConfig) -> list:
     constant = cv2.BORDER_CONSTANT
     return [
@@ -186,6 +204,11 @@ def _transforms(cfg: AugmentConfig) -> list:
                                    p=cfg.p_brightness_contrast),
         A.RandomGamma(gamma_limit=cfg.gamma, p=cfg.p_gamma),
     ]
+
+
+def _draw_poor(seed: int, p: float) -> bool:
+    """Whether sample ``seed`` is a poor acquisition (its own stream, independent of the others)."""
+    return bool(np.random.default_rng(np.random.SeedSequence([seed, 13])).random() < p)
 
 
 class Augmenter:
@@ -207,13 +230,14 @@ class Augmenter:
         self._local = threading.local()
         self._compose()  # build once now so configuration errors surface here
 
-    def _compose(self) -> tuple[A.Compose, A.Compose]:
+    def _compose(self) -> tuple[A.Compose, A.Compose, A.Compose]:
         """This thread's pipelines: seeding then applying must not interleave across threads."""
         composes = getattr(self._local, "composes", None)
         if composes is None:
             # strict=True: an obsolete 1.x keyword raises instead of silently using defaults.
             composes = (A.Compose(_transforms(self.config), strict=True, seed=0),
-                        A.Compose(_site_transforms(self.config), strict=True, seed=0))
+                        A.Compose(_site_transforms(self.config), strict=True, seed=0),
+                        A.Compose(_poor_transforms(self.config), strict=True, seed=0))
             self._local.composes = composes
         return composes
 
@@ -243,24 +267,28 @@ class Augmenter:
             Augmented labels (nearest interpolation: no new values).
         """
         unit, lo, span = self._to_unit(image)
-        geometry, site = self._compose()
+        geometry, site, poor_site = self._compose()
         geometry.set_random_seed(int(seed))
         out = geometry(image=unit, mask=np.ascontiguousarray(label, dtype=np.uint8))
-        img = self._fields(np.asarray(out["image"], dtype=np.float32), out["mask"], int(seed))
+        poor = _draw_poor(int(seed), self.config.p_poor_acquisition)
+        img = self._fields(np.asarray(out["image"], dtype=np.float32), out["mask"], int(seed), poor)
+        site = poor_site if poor else site
         site.set_random_seed((int(seed) + 0x9E3779B9) % 2 ** 32)
         img = np.asarray(site(image=img)["image"], dtype=np.float32)
         return self._from_unit(img, lo, span), np.asarray(out["mask"], dtype=np.uint8)
 
-    def _fields(self, unit: np.ndarray, label: np.ndarray, seed: int) -> np.ndarray:
-        """Tissue contrast, bias field, coil fall-off and partial volume (NumPy), from the sample's own stream."""
+    def _fields(self, unit: np.ndarray, label: np.ndarray, seed: int, poor: bool = False) -> np.ndarray:
+        """Tissue contrast, bias field, coil fall-off and partial volume (NumPy), from the sample's own stream.
+
+        A poor acquisition (``poor``) always gets the coil fall-off and the tissue contrast."""
         cfg = self.config
         rng = np.random.default_rng(np.random.SeedSequence([seed, 12]))
         draws = rng.random(4)
-        if draws[3] < cfg.p_class_contrast:
+        if poor or draws[3] < cfg.p_class_contrast:
             unit = class_contrast(unit, label, rng, cfg.class_gain)
         if draws[0] < cfg.p_bias:
             unit = unit * bias_field(unit.shape, rng, cfg.bias_strength)
-        if draws[1] < cfg.p_coil:
+        if poor or draws[1] < cfg.p_coil:
             unit = unit * coil_falloff(unit.shape, rng, cfg.coil_length)
         if draws[2] < cfg.p_partial_volume:
             unit = partial_volume(unit, rng, cfg.partial_volume)

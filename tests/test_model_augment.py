@@ -53,12 +53,13 @@ def test_seeded_and_scale_preserving(case):
     assert abs(zs.mean()) < 1e-4 and zs.std() == pytest.approx(1, abs=1e-3)
 
 
-NO_SITE = dict(p_bias=0, p_coil=0, p_partial_volume=0, p_downscale=0, p_blur=0, p_class_contrast=0)
+NO_SITE = dict(p_bias=0, p_coil=0, p_partial_volume=0, p_downscale=0, p_blur=0, p_class_contrast=0,
+               p_poor_acquisition=0)
 ONLY = dict(p_affine=0, p_elastic=0, p_brightness_contrast=0, p_gamma=0, p_noise=0, **NO_SITE)
 
 
 @pytest.mark.parametrize("which", ["p_class_contrast", "p_bias", "p_coil", "p_partial_volume", "p_downscale", "p_blur",
-                                   "p_noise", "p_gamma", "p_brightness_contrast"])
+                                   "p_noise", "p_gamma", "p_brightness_contrast", "p_poor_acquisition"])
 def test_site_augmentations_are_seeded_label_safe_and_act(case, which):
     """#12: each intensity augmentation alone changes the image, never the label, same seed same output."""
     images, labels = case
@@ -100,3 +101,18 @@ def test_threads_and_copies_reproduce(case):
     for e, g in zip(expected, got):
         np.testing.assert_array_equal(e, g)
     np.testing.assert_array_equal(copy.deepcopy(aug)(images[5], labels[5], 3)[0], expected[3])
+
+
+def test_poor_acquisition_combines_its_degradations(case):
+    """#12: a poor acquisition is noisier than a noise-free slice and blurs edges; drawn per seed."""
+    from model.augment import _draw_poor
+
+    images, labels = case
+    k = int(np.argmax([(lab > 0).sum() for lab in labels]))
+    poor = Augmenter(AugmentConfig(**{**ONLY, "p_poor_acquisition": 1.0}))
+    clean = np.clip(images[k], -3, 5)
+    img, _ = poor(images[k], labels[k], 7)
+    rough = np.abs(np.diff(img - clean, axis=1)).mean()
+    assert rough > 0.05  # noise and blur change the slice everywhere, not only its intensity scale
+    share = np.mean([_draw_poor(s, 0.25) for s in range(4000)])
+    assert 0.22 < share < 0.28
