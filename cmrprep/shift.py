@@ -91,12 +91,25 @@ def frame_features(image: np.ndarray, geometry, label: np.ndarray | None = None,
         "contrast": None, "axcodes": _axcodes(geometry.matrix),
     }
     if label is not None and "LV" in classes and "MYO" in classes and hi - lo > 1e-12:
-        lab = np.asarray(label)
-        lv, myo = lab == classes.index("LV"), lab == classes.index("MYO")
-        if lv.any() and myo.any():
-            img = np.asarray(image, dtype=np.float32)
-            out["contrast"] = float((img[lv].mean() - img[myo].mean()) / (hi - lo))
+        out["contrast"] = _contrast(np.asarray(image), np.asarray(label), classes.index("LV"),
+                                    classes.index("MYO"), hi - lo)
     return out
+
+
+def _contrast(image: np.ndarray, label: np.ndarray, lv: int, myo: int, span: float) -> float | None:
+    """``(mean LV - mean MYO) / span`` inside the foreground's bounding box (the heart is a small
+    part of the field of view: the class masks are built on that box only), ``None`` without both."""
+    fg = label > 0
+    rows = np.flatnonzero(fg.any(axis=tuple(range(1, fg.ndim))))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(fg[rows[0]:rows[-1] + 1].any(axis=(0, *range(2, fg.ndim))))
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    lab, img = label[box], image[box]
+    in_lv, in_myo = lab == lv, lab == myo
+    if not (in_lv.any() and in_myo.any()):
+        return None
+    return float((img[in_lv].astype(np.float64).mean() - img[in_myo].astype(np.float64).mean()) / span)
 
 
 def summarize(features: Iterable[Mapping[str, Any]]) -> dict[str, Any]:

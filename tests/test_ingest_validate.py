@@ -184,6 +184,7 @@ def test_cli_as_module(acdc_root, tmp_path):
     (np.uint8, None), (np.int8, None), (np.int16, None), (np.float32, None),
     (np.uint8, ((0, 0), (1, 3), (2, 2), (3, 1))), (np.int8, ((0, 0), (1, 3), (2, 2), (3, 1))),
     (np.uint16, ((0, 0), (500, 1), (600, 2), (700, 3))),
+    (np.int8, ((-1, 0), (1, 1), (-128, 2), (127, 3))),
 ])
 def test_label_counts_come_with_the_checked_labels(dtype, label_map):
     """The per-class voxel counts (used by the fingerprint) equal a count of the remapped labels."""

@@ -65,3 +65,26 @@ def test_bad_reference_is_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match="no training_fingerprint.json"):
         ingest(tmp_path, reference=tmp_path)
+
+
+def test_contrast_is_the_class_means_difference_over_the_range():
+    """The bounding-box computation equals the plain mean over the whole volume's class masks."""
+    import numpy as np
+
+    from cmrprep.geometry import Geometry
+    from cmrprep.shift import frame_features
+
+    rng = np.random.default_rng(4)
+    image = rng.normal(100, 20, (40, 50, 6)).astype(np.float32)
+    label = np.zeros(image.shape, np.uint8)
+    label[12:30, 20:41, 1:5] = 1
+    label[15:25, 22:30, 1:5] = 2
+    label[17:22, 24:27, 1:5] = 3
+    image[label == 3] += 80
+    geometry = Geometry.from_affine(np.diag([1.5, 1.5, 8.0, 1.0]), image.shape)
+    pct = {"p0.5": 40.0, "p50": 100.0, "p99.5": 200.0}
+    got = frame_features(image, geometry, label, pct)["contrast"]
+    want = (image[label == 3].mean() - image[label == 2].mean()) / 160.0
+    assert got == pytest.approx(float(want), rel=1e-5)
+    assert frame_features(image, geometry, np.where(label == 2, 0, label), pct)["contrast"] is None
+    assert frame_features(image, geometry, np.zeros_like(label), pct)["contrast"] is None

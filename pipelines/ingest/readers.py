@@ -353,8 +353,10 @@ def _nifti_image(path: Path, header: Header):
     return klass.from_bytes(data)
 
 
-def _read_nifti(path: Path, case_id: str, frame: int | None) -> tuple[np.ndarray, Geometry]:
-    header = _nifti_info(path, case_id)
+def _read_nifti(path: Path, case_id: str, frame: int | None,
+                header: Header | None = None) -> tuple[np.ndarray, Geometry]:
+    if header is None or header.payload_bytes is None:
+        header = _nifti_info(path, case_id)
     t = _check_frame(header.shape, frame, case_id, path)
     try:
         image = _nifti_image(path, header)
@@ -398,8 +400,8 @@ def _read_sitk(path: Path, case_id: str, frame: int | None) -> tuple[np.ndarray,
     return data, geom
 
 
-def read_volume(path: str | Path, *, case_id: str,
-                frame: int | None = None) -> tuple[np.ndarray, Geometry]:
+def read_volume(path: str | Path, *, case_id: str, frame: int | None = None,
+                header: Header | None = None) -> tuple[np.ndarray, Geometry]:
     """Read one 3D volume (or one frame of a 4D file) and its geometry.
 
     Parameters
@@ -411,6 +413,9 @@ def read_volume(path: str | Path, *, case_id: str,
         Case named in error messages.
     frame : int, optional
         0-based time index; required for 4D files.
+    header : Header, optional
+        :func:`read_header` of this same file when the caller already has it
+        (NIfTI: the header is then not parsed a second time).
 
     Returns
     -------
@@ -431,7 +436,7 @@ def read_volume(path: str | Path, *, case_id: str,
     p = Path(path)
     _check_exists(p, case_id)
     if p.name.lower().endswith(NIFTI_SUFFIXES):
-        return _read_nifti(p, case_id, frame)
+        return _read_nifti(p, case_id, frame, header)
     if _is_dicom(p):
         from pipelines.ingest.dicom import read_dicom
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from cmrprep.cases import CLASSES, CaseError, CaseSpec, FrameSpec, Problem
 from cmrprep.geometry import Geometry
-from pipelines.ingest.readers import read_cine, read_header, read_volume
+from pipelines.ingest.readers import Header, read_cine, read_header, read_volume
 
 __all__ = ["AFFINE_TOL_MM", "LoadedFrame", "load_frame", "load_cine", "validate_case", "inspect_case",
            "check_case",
@@ -71,10 +71,14 @@ def _histogram(label: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """Sorted distinct values and, for 8-bit labels, the voxels of each (one pass, no sort)."""
     if label.dtype not in (np.uint8, np.int8):
         return np.unique(label), None
-    shift = 128 if label.dtype == np.int8 else 0  # ravel(order="K"): no copy of a Fortran array
-    hist = np.bincount(label.ravel(order="K").astype(np.int16) + shift, minlength=256)
+    # ravel(order="K"): no copy of a Fortran array; int8 is counted as its uint8 bit pattern
+    hist = np.bincount(label.ravel(order="K").view(np.uint8), minlength=256)
+    if label.dtype == np.int8:  # bit patterns 128..255 are -128..-1: put them first
+        hist = np.roll(hist, 128)
+        present = np.flatnonzero(hist)
+        return present.astype(np.int64) - 128, hist[present]
     present = np.flatnonzero(hist)
-    return present.astype(np.int64) - shift, hist[present]
+    return present.astype(np.int64), hist[present]
 
 
 def _remap(label: np.ndarray, label_map, case_id: str, path: str,
@@ -214,39 +218,41 @@ def _pick_frame(case: CaseSpec, frame: FrameSpec | int | str) -> FrameSpec:
     return case.frames[frame]
 
 
-def _header_mismatch(case: CaseSpec, fr: FrameSpec) -> list[Problem]:
-    """Shape/affine errors visible from the image and label headers alone.
+def _frame_headers(case: CaseSpec, fr: FrameSpec) -> tuple[list[Problem], Header | None, Header | None]:
+    """Shape/affine errors visible from the image and label headers alone, and those headers.
 
     Comparing headers before any voxel is read means a label claiming a
-    gigantic grid costs nothing.  Only files are compared here (a DICOM
+    gigantic grid costs nothing; the headers then go to the voxel reads, so
+    each file's header is parsed once.  Only files are compared here (a DICOM
     directory's geometry needs its series read); unreadable headers are left
     to the full read, which reports them.
     """
     if fr.label is None or Path(fr.image).is_dir() or Path(fr.label).is_dir():
-        return []
+        return [], None, None
     try:
         image = read_header(fr.image, case_id=case.case_id)
         label = read_header(fr.label, case_id=case.case_id)
     except CaseError:
-        return []
-    return check_alignment(image.geometry, label.geometry, case.case_id, fr.label)
+        return [], None, None
+    return check_alignment(image.geometry, label.geometry, case.case_id, fr.label), image, label
 
 
 def _inspect(case: CaseSpec, fr: FrameSpec) -> tuple[LoadedFrame | None, list[Problem]]:
     """Read one frame and run every frame-level check; collect all problems found."""
     cid, problems = case.case_id, []
     image = geom = label = counts = None
-    mismatch = _header_mismatch(case, fr)
+    mismatch, image_header, label_header = _frame_headers(case, fr)
     if mismatch:  # the headers already disagree: read neither file's data
         return None, mismatch
     try:
-        image, geom = read_volume(fr.image, case_id=cid, frame=fr.image_frame)
+        image, geom = read_volume(fr.image, case_id=cid, frame=fr.image_frame, header=image_header)
         problems += check_intensities(image, cid, fr.image)
     except CaseError as exc:
         problems.append(exc.problem)
     if fr.label is not None:
         try:
-            raw, label_geom = read_volume(fr.label, case_id=cid, frame=fr.label_frame)
+            raw, label_geom = read_volume(fr.label, case_id=cid, frame=fr.label_frame,
+                                          header=label_header)
             if geom is not None:
                 problems += check_alignment(geom, label_geom, cid, fr.label)
             label, warnings, counts = _check_labels(raw, case.label_map, cid, fr.label,
