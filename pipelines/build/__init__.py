@@ -35,7 +35,7 @@ from pipelines.build import incremental, outdir
 from pipelines.build.cluster import dask_client, map_tasks
 from pipelines.build.config import BuildConfig, BuildResult
 from pipelines.build.planning import fingerprint, resolve_plan
-from pipelines.build.runlog import RunLog
+from pipelines.build.runlog import RunLog, peak_rss_mib
 
 __all__ = ["build", "BuildConfig", "BuildResult", "resolve_plan"]
 
@@ -153,10 +153,11 @@ class _Build:
         incremental.clear_staging(self.staging)
         if result.published and cfg.report:
             self._report(plan)
+            self.runlog.event("report", seconds=round(time.perf_counter() - self.t0, 3))
         self._fingerprint(entries, plan)
         result.seconds = time.perf_counter() - self.t0
         result.client_cpu_s = round(time.process_time() - self.cpu0, 3)
-        result.client_peak_rss_mib = round(_peak_rss_mib(), 1)
+        result.client_peak_rss_mib = round(peak_rss_mib(), 1)
         _write_json(out / "build_report.json", result.to_dict())
         self.runlog.event("end", **{k: v for k, v in result.to_dict().items() if k in
                                     ("n_cases", "n_slices", "exit_code", "seconds", "published",
@@ -386,14 +387,6 @@ class _OldSlices:
                 "frame_local": frames - frames.min(),
                 "warnings": self.index.warnings.get(case_id, []),
                 "old_first_slice": first, "old_group": self.index.groups[int(row[2])][0]}
-
-
-def _peak_rss_mib() -> float:
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
 def _current_key(current: Path | None) -> str | None:

@@ -11,9 +11,10 @@ from typing import Any
 
 
 class RunLog:
-    """Append JSON-lines events (``{"time", "pid", "event", "cpu_s", ...}``) to ``path``.
+    """Append JSON-lines events (``{"time", "pid", "event", "cpu_s", "peak_rss_mib", ...}``) to ``path``.
 
-    ``cpu_s`` is this process's CPU time so far: the client's share of a build, event by event.
+    ``cpu_s`` is this process's CPU time so far and ``peak_rss_mib`` its peak resident memory
+    so far: the client's share of a build, event by event.
     """
 
     def __init__(self, path: Path):
@@ -23,6 +24,16 @@ class RunLog:
     def event(self, name: str, **fields: Any) -> None:
         """Write one event line and flush it to disk."""
         rec = {"time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds"),
-               "pid": os.getpid(), "event": name, "cpu_s": round(time.process_time(), 3), **fields}
+               "pid": os.getpid(), "event": name, "cpu_s": round(time.process_time(), 3),
+               "peak_rss_mib": round(peak_rss_mib(), 1), **fields}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(rec, default=str) + "\n")
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, MiB."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
