@@ -34,7 +34,7 @@ from cmrprep.plan import ConfigError, Plan
 from pipelines.build import incremental, outdir
 from pipelines.build.cluster import dask_client, map_tasks
 from pipelines.build.config import BuildConfig, BuildResult
-from pipelines.build.planning import fingerprint, resolve_plan
+from pipelines.build.planning import resolve_plan
 from pipelines.build.runlog import RunLog, peak_rss_mib
 
 __all__ = ["build", "BuildConfig", "BuildResult", "resolve_plan"]
@@ -130,6 +130,9 @@ class _Build:
             outcomes = self._process(todo, keys, plan, phash, client)
             self._check_convention(outcomes)
             self._learn(outcomes, keys, digests, digest_index)
+            for res in outcomes:  # recorded above: the client keeps only the per-case summary
+                res.pop("contacts", None)
+                res.pop("digests", None)
             result.quarantined.extend(_quarantine_records(outcomes, todo))
             bad = {q["case_id"] for q in result.quarantined}
             done = {r["case_id"]: r for r in outcomes if r.get("ok")}
@@ -273,8 +276,11 @@ class _Build:
             base = {"case_id": cid, "key": keys[cid], "hashes": hashes, "patient": case.patient_id}
             if cid in done or cid in staged:
                 src = done.get(cid) or staged[cid]
+                fp = src.get("fingerprint_json")
+                if fp is None and src.get("fingerprint") is not None:  # staged by an interrupted build
+                    fp = json.dumps(src["fingerprint"], sort_keys=True)
                 entries.append({**base, "source": "staged", **{k: src[k] for k in _SUMMARY},
-                                "fingerprint": src.get("fingerprint")})
+                                "fingerprint_json": fp})
             else:
                 entries.append({**base, "source": "store", **old.summary(cid)})
         return entries
@@ -315,28 +321,33 @@ class _Build:
         Besides the per-case fingerprints it holds ``shift_reference``
         (:func:`cmrprep.shift.summarize` of every frame): the ranges a model trained
         on this store compares new inputs with (copied into the training run).
+        The new cases' fingerprints arrive as JSON text and are written as they are.
         """
+        from cmrprep.shift import summarize
+
         path = self.out / "fingerprint.json"
         try:
             previous = json.loads(path.read_text()).get("cases", {})
         except (OSError, ValueError, AttributeError):
             previous = {}
-        cases, records = {}, None
-        for e in entries:
-            fp = e.get("fingerprint") or previous.get(e["case_id"])
+        texts, frames, records = [], [], None
+        for e in entries:  # store order: sorted case ids, as sort_keys would write them
+            text = e.get("fingerprint_json")
+            fp = json.loads(text) if text is not None else previous.get(e["case_id"])
             if fp is None:  # fingerprint.json lost: the store's records have it
                 if records is None:
                     from pipelines.build.store import read_records
 
                     records = {c["case_id"]: c for c in read_records(self.out / "store.zarr")[0]}
                 fp = records[e["case_id"]]["fingerprint"]
-            cases[e["case_id"]] = fp
-        from cmrprep.shift import summarize
-
-        frames = [f["shift"] for fp in cases.values() for f in (fp if isinstance(fp, list) else [fp])
-                  if isinstance(f, dict) and f.get("shift")]
-        _write_json(path, {"cases": cases, "target_spacing": plan.target_spacing,
-                           "shift_reference": summarize(frames)}, indent=None)
+            if text is None:
+                text = json.dumps(fp, sort_keys=True)
+            texts.append(f"{json.dumps(e['case_id'])}: {text}")
+            frames.extend(f["shift"] for f in (fp if isinstance(fp, list) else [fp])
+                          if isinstance(f, dict) and f.get("shift"))
+        rest = json.dumps({"shift_reference": summarize(frames), "target_spacing": plan.target_spacing},
+                          sort_keys=True)
+        incremental.atomic_write_text(path, '{"cases": {' + ", ".join(texts) + "}, " + rest[1:] + "\n")
 
 
 def _build_key(phash: str, keys: list[str]) -> str:

@@ -74,9 +74,3 @@ def header_task(case_dict: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True, "spacing": None,
                 "problem": {"case_id": case_dict["case_id"], "file": getattr(exc, "filename", None),
                             "check": "readable", "message": f"cannot read: {exc}"}}
-
-
-def fingerprint(metas: list[dict[str, Any]], plan: Plan) -> dict[str, Any]:
-    """``OUT/fingerprint.json``: per case the spacing, shape, intensity percentiles, class counts."""
-    return {"cases": {m["case_id"]: m["fingerprint"] for m in metas},
-            "target_spacing": plan.target_spacing}

@@ -31,9 +31,21 @@ class RunLog:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far, MiB."""
+    """Peak resident memory of this process so far, MiB.
+
+    Linux: ``VmHWM`` of ``/proc/self/status``; ``getrusage``'s ``ru_maxrss``
+    survives ``exec`` there, so a build started by a larger parent process
+    would report the parent's peak.  Elsewhere ``ru_maxrss``.
+    """
     import resource
     import sys
 
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
