@@ -283,10 +283,14 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
     import sys
     import time
 
+    def default_sigint():  # as in a terminal: a shell's background job (`cmd &`) inherits SIGINT ignored
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     out = tmp_path / "syn"
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.synthesize", str(out), "--cases", "400",
                              "--seed", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[2], start_new_session=True)
+                            cwd=Path(__file__).resolve().parents[2], start_new_session=True,
+                            preexec_fn=default_sigint)
     deadline = time.monotonic() + 120
     while not (out / "patient002").exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
