@@ -99,13 +99,13 @@ def frame_features(image: np.ndarray, geometry, label: np.ndarray | None = None,
 def _contrast(image: np.ndarray, label: np.ndarray, lv: int, myo: int, span: float) -> float | None:
     """``(mean LV - mean MYO) / span`` inside the foreground's bounding box (the heart is a small
     part of the field of view: the class masks are built on that box only), ``None`` without both."""
-    fg = label > 0
-    rows = np.flatnonzero(fg.any(axis=tuple(range(1, fg.ndim))))
-    if rows.size == 0:
+    from cmrprep.crop import _fg_bbox
+
+    bbox = _fg_bbox(label)
+    if bbox is None:
         return None
-    cols = np.flatnonzero(fg[rows[0]:rows[-1] + 1].any(axis=(0, *range(2, fg.ndim))))
-    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-    lab, img = label[box], image[box]
+    (i0, j0), (i1, j1) = bbox
+    lab, img = label[i0:i1 + 1, j0:j1 + 1], image[i0:i1 + 1, j0:j1 + 1]
     in_lv, in_myo = lab == lv, lab == myo
     if not (in_lv.any() and in_myo.any()):
         return None

@@ -73,12 +73,11 @@ def _histogram(label: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         return np.unique(label), None
     # ravel(order="K"): no copy of a Fortran array; int8 is counted as its uint8 bit pattern
     hist = np.bincount(label.ravel(order="K").view(np.uint8), minlength=256)
+    offset = 0
     if label.dtype == np.int8:  # bit patterns 128..255 are -128..-1: put them first
-        hist = np.roll(hist, 128)
-        present = np.flatnonzero(hist)
-        return present.astype(np.int64) - 128, hist[present]
+        hist, offset = np.roll(hist, 128), -128
     present = np.flatnonzero(hist)
-    return present.astype(np.int64), hist[present]
+    return present.astype(np.int64) + offset, hist[present]
 
 
 def _remap(label: np.ndarray, label_map, case_id: str, path: str,
