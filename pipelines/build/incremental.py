@@ -280,13 +280,14 @@ class StoreIndex:
         records.  A version whose ``case_table`` cannot be read while its
         directory exists counts as wholly damaged (:attr:`unreadable`).
         """
-        from pipelines.build.store import shard_files  # store imports this module
+        from pipelines.build.store import key_separator, shard_files  # store imports this module
 
         bad_groups: set[str] = set()
+        sep = key_separator(self.version) if self.groups else "."
         for g in self.groups:
             gkey, first, n = g[0], int(g[1]), int(g[2])
             sizes = g[5] if len(g) > 5 else None
-            files = shard_files(self.version, first, n)
+            files = shard_files(self.version, first, n, sep)
             if sizes is None or len(sizes) != len(files):
                 continue  # written before sizes were recorded: nothing to compare with
             for f, size in zip(files, sizes):

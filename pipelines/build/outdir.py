@@ -146,13 +146,14 @@ def fsync_path(path: str | Path) -> None:
 def _fsync_tree(root: Path) -> None:
     """Flush a new version: its small files and directories.  Shard files are flushed by
     the task that wrote them, and hard links to an earlier version's files are durable
-    already (an ``fsync`` of each would cost one syscall per shard of the whole store)."""
+    already (an ``fsync`` of each would cost one syscall per shard of the whole store).
+    Directories are few: the store's chunk keys hold no ``/`` (``images/c.7.0.0``)."""
     for dirpath, _, files in os.walk(root):
         rel = os.path.relpath(dirpath, root).split(os.sep)
-        shards = len(rel) > 1 and rel[0] in ("images", "labels") and rel[1] == "c"
+        shards = rel[0] in ("images", "labels")
         for name in files:
             path = os.path.join(dirpath, name)
-            if shards or os.stat(path).st_nlink > 1:
+            if (shards and name != "zarr.json") or os.stat(path).st_nlink > 1:
                 continue
             fsync_path(path)
         fsync_path(dirpath)

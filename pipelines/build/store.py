@@ -47,7 +47,12 @@ from pipelines.build.outdir import fsync_path
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+#: Chunk keys of every array: ``images/c.7.0.0`` rather than zarr's default ``images/c/7/0/0``,
+#: so a version is a few directories whatever its size (format 3; format 2 used ``/``).  With
+#: one directory per shard, publishing a 1,600-case version spent 3 s flushing ~3,400
+#: directories, and hard-linking a group created one directory per shard.
+KEY_ENCODING = {"name": "default", "separator": "."}
 #: Values of the per-slice arrays for padding slices (the tail of a case group's last shard).
 PAD = -1
 #: Slices per inner chunk of ``images``/``labels``.  Readers take whole shards; 16 slices
@@ -81,17 +86,17 @@ def create_store(path: str | Path, *, n_slices: int, slice_shape: tuple[int, int
     for name, dtype in (("images", image_dtype), ("labels", "uint8")):
         root.create_array(name, shape=(n_slices, h, w), dtype=dtype, chunks=(chunk, h, w),
                           shards=(shard, h, w), compressors=_compressor(), fill_value=0,
-                          dimension_names=("slice", "y", "x"))
+                          dimension_names=("slice", "y", "x"), chunk_key_encoding=KEY_ENCODING)
     one_d = max(n_slices, 1)
     root.create_array("weights", shape=(n_slices,), dtype="float64", chunks=(one_d,),
-                      fill_value=0.0, dimension_names=("slice",))
+                      fill_value=0.0, dimension_names=("slice",), chunk_key_encoding=KEY_ENCODING)
     for name, dtype in (("case_index", "int32"), ("frame_index", "int32"),
                         ("slice_index", "int32"), ("phase", "int8")):
         root.create_array(name, shape=(n_slices,), dtype=dtype, chunks=(one_d,),
-                          fill_value=0, dimension_names=("slice",))
+                          fill_value=0, dimension_names=("slice",), chunk_key_encoding=KEY_ENCODING)
     root.create_array("class_counts", shape=(n_slices, num_classes), dtype="int64",
-                      chunks=(one_d, num_classes),
-                      fill_value=0, dimension_names=("slice", "class"))
+                      chunks=(one_d, num_classes), fill_value=0,
+                      dimension_names=("slice", "class"), chunk_key_encoding=KEY_ENCODING)
     return root
 
 
@@ -108,7 +113,8 @@ def write_shard(store_path: str | Path, start: int, images: np.ndarray, labels: 
         # write); an all-background label chunk then costs a few bytes instead of none
         with zarr.config.set({"array.write_empty_chunks": True}):
             arr[start:start + len(data)] = data.astype(arr.dtype, copy=False)
-        shard_file = Path(store_path, name, "c", str(start // arr.shards[0]), "0", "0")
+        shard_file = shard_path(Path(store_path), name, start // arr.shards[0],
+                                arr.metadata.chunk_key_encoding.separator)
         if shard_file.is_file():  # flushed here, in parallel; publishing then syncs clean files
             fsync_path(shard_file)
 
@@ -280,8 +286,9 @@ def write_version(path: Path, previous: Path | None, staging: Path, cases: list[
         real = np.flatnonzero(root["case_index"][...] >= 0)
         idx = real[sampling_mod.replicate_indices(stats["sampling_weights"], seed=plan.seed)]
         root.create_array("replicated_index", data=np.asarray(idx, dtype=np.int64),
-                          chunks=(max(len(idx), 1),))
+                          chunks=(max(len(idx), 1),), chunk_key_encoding=KEY_ENCODING)
     root.require_group("records")
+    previous_sep = key_separator(previous) if previous is not None else KEY_ENCODING["separator"]
     n_cols = 4 + plan.num_classes
     items, table, groups_meta = [], np.zeros((len(cases), n_cols), dtype=np.int64), []
     for g_no, group in enumerate(layout):
@@ -298,6 +305,7 @@ def write_version(path: Path, previous: Path | None, staging: Path, cases: list[
                 "shard": shard, "first_slice": group["first_slice"], "n_total": n_total,
                 "reuse_first_shard": reuse[1] if reuse else None,
                 "reuse_sizes": reuse[5] if reuse and len(reuse) > 5 else None,
+                "sep": KEY_ENCODING["separator"], "reuse_sep": previous_sep,
                 "cases": [{k: m.get(k) for k in ("case_id", "key", "source", "n_slices", "hashes",
                                                  "old_first_slice", "old_group")} for m in members]}
         items.append((str(path), str(previous) if previous else None, str(staging), task))
@@ -311,6 +319,7 @@ def write_version(path: Path, previous: Path | None, staging: Path, cases: list[
         meta.append(res["sizes"])  # bytes of each shard file (0: absent, all fill value)
     warnings = {c["case_id"]: c["warnings"] for c in cases if c.get("warnings")}
     root.create_array("case_table", data=table, chunks=(max(len(cases), 1), n_cols),
+                      chunk_key_encoding=KEY_ENCODING,
                       dimension_names=("case", "field"),
                       attributes={"columns": ["first_slice", "n_slices", "group", "n_frames",
                                               *(f"raw_{name}" for name in plan.classes)],
@@ -342,30 +351,55 @@ def write_group(version: Path, previous: Path | None, staging: Path,
             log.warning("group %s: shard files missing from %s; rewriting it", group["key"], previous)
     _write_group(version, previous, staging, group)
     sizes = [f.stat().st_size if f.is_file() else 0
-             for f in shard_files(version, group["first_shard"], group["n_shards"])]
+             for f in shard_files(version, group["first_shard"], group["n_shards"], group["sep"])]
     return {"ok": True, "linked": False, "key": group["key"], "sizes": sizes}
 
 
-def shard_files(version: Path, first: int, n: int) -> list[Path]:
+def shard_path(version: Path, name: str, k: int, sep: str = ".") -> Path:
+    """File of shard ``k`` of the (S, H, W) array ``name``, for the key separator ``sep``.
+
+    Examples
+    --------
+    >>> shard_path(Path("v.zarr"), "images", 7).as_posix()
+    'v.zarr/images/c.7.0.0'
+    >>> shard_path(Path("v.zarr"), "labels", 7, "/").as_posix()
+    'v.zarr/labels/c/7/0/0'
+    """
+    return version / name / sep.join(("c", str(k), "0", "0"))
+
+
+def key_separator(version: Path) -> str:
+    """The chunk key separator of a version's ``images`` (``/`` before format 3)."""
+    try:
+        meta = json.loads((version / "images" / "zarr.json").read_text())
+        return meta["chunk_key_encoding"]["configuration"]["separator"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "/"
+
+
+def shard_files(version: Path, first: int, n: int, sep: str = ".") -> list[Path]:
     """Shard files of ``n`` shards from ``first``: all ``images`` shards, then all ``labels`` shards
     (the order of the sizes recorded in ``case_table`` groups)."""
-    return [version / name / "c" / str(k) / "0" / "0" for name in ("images", "labels")
+    return [shard_path(version, name, k, sep) for name in ("images", "labels")
             for k in range(first, first + n)]
 
 
 def _link_group(version: Path, previous: Path, group: dict[str, Any]) -> None:
-    old = shard_files(previous, group["reuse_first_shard"], group["n_shards"])
-    new = shard_files(version, group["first_shard"], group["n_shards"])
+    old = shard_files(previous, group["reuse_first_shard"], group["n_shards"],
+                      group["reuse_sep"])
+    new = shard_files(version, group["first_shard"], group["n_shards"], group["sep"])
     sizes = group["reuse_sizes"]
     if sizes is None or len(sizes) != len(old):
         raise FileNotFoundError(f"no recorded shard sizes for group {group['key']}")
     for src, dst, size in zip(old, new, sizes):
         if size == 0:  # every chunk was the fill value: zarr stores no file
             continue
-        if not src.is_file() or src.stat().st_size != size:  # cheap check against the record
-            raise FileNotFoundError(f"store shard {src} is missing or has another size than written")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.link(src, dst)
+        try:
+            os.link(src, dst)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"store shard {src} is missing") from None
+        if os.stat(dst).st_size != size:  # cheap check against the record
+            raise FileNotFoundError(f"store shard {src} has another size than written")
     rec_src = previous / "records" / group["key"]
     rec_dst = version / "records" / group["key"]
     rec_dst.mkdir(parents=True, exist_ok=True)
@@ -379,7 +413,7 @@ def _link_group(version: Path, previous: Path, group: dict[str, Any]) -> None:
 def _unlink_group(version: Path, group: dict[str, Any]) -> None:
     import shutil
 
-    for f in shard_files(version, group["first_shard"], group["n_shards"]):
+    for f in shard_files(version, group["first_shard"], group["n_shards"], group["sep"]):
         f.unlink(missing_ok=True)
     shutil.rmtree(version / "records" / group["key"], ignore_errors=True)
 
@@ -415,7 +449,7 @@ def _write_group(version: Path, previous: Path | None, staging: Path, group: dic
                         labels[j * shard:j * shard + stop - start])
     zarr.create_array(str(version / "records" / group["key"]), shape=(len(records),), dtype="int32",
                       chunks=(max(len(records), 1),), fill_value=0, zarr_format=3,
-                      attributes={"cases": records})
+                      chunk_key_encoding=KEY_ENCODING, attributes={"cases": records})
 
 
 class _OldVersion:
@@ -425,6 +459,7 @@ class _OldVersion:
         self.path = path
         root = zarr.open_group(str(path), mode="r")
         self.images, self.labels = root["images"], root["labels"]
+        self.sep = self.images.metadata.chunk_key_encoding.separator
         self._groups = {g[0]: g for g in root["case_table"].attrs["groups"]}
         self._sizes: dict[tuple[str, int], int] = {}  # (array, shard) -> bytes written
         for g in self._groups.values():
@@ -439,7 +474,7 @@ class _OldVersion:
         shard = self.images.shards[0]
         for name in ("images", "labels"):  # zarr would read a missing shard as zeros
             for k in range(lo // shard, (hi - 1) // shard + 1):
-                f = self.path / name / "c" / str(k) / "0" / "0"
+                f = shard_path(self.path, name, k, self.sep)
                 size = self._sizes.get((name, k))
                 if size != 0 and (not f.is_file() or (size is not None and f.stat().st_size != size)):
                     raise FileNotFoundError(f"store shard {f} is missing: the previous version is "

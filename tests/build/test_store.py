@@ -60,7 +60,7 @@ def _small_groups_plan(tmp_path, raw):
 
 
 def _links(version):
-    files = [p for name in ("images", "labels") for p in (version / name / "c").rglob("*")
+    files = [p for name in ("images", "labels") for p in (version / name).rglob("c*")
              if p.is_file()]
     return sum(1 for p in files if p.stat().st_nlink > 1), len(files)
 
@@ -96,6 +96,33 @@ def test_adding_a_case_rewrites_only_its_group(raw, tmp_path):
     assert records(out, part) == records(fresh, raw)
 
 
+def test_a_format_2_version_is_reused_by_a_format_3_build(raw, tmp_path, monkeypatch):
+    """Versions written before format 3 keep shards under ``c/K/0/0``; the next build links
+    their unchanged groups into the new layout (``c.K.0.0``) instead of rewriting them."""
+    from pipelines.build import store
+
+    plan = _small_groups_plan(tmp_path, raw)
+    part = tmp_path / "raw_part"
+    shutil.copytree(raw, part)
+    shutil.rmtree(part / "patient004")
+    out = tmp_path / "out"
+    monkeypatch.setattr(store, "KEY_ENCODING", {"name": "default", "separator": "/"})
+    build(BuildConfig(part, out, plan_file=plan, workers=0, progress=False, report=False))
+    old = (out / "store.zarr").resolve()
+    assert (old / "images" / "c").is_dir() and store.key_separator(old) == "/"
+    monkeypatch.undo()
+    shutil.copytree(raw / "patient004", part / "patient004")
+    res = build(BuildConfig(part, out, plan_file=plan, workers=0, progress=False, report=False))
+    assert res.processed == ["patient004"]
+    new = (out / "store.zarr").resolve()
+    assert store.key_separator(new) == "." and not (new / "images" / "c").exists()
+    linked, total = _links(new)
+    assert 0 < linked < total
+    fresh = tmp_path / "fresh"
+    build(BuildConfig(raw, fresh, plan_file=plan, workers=0, progress=False, report=False))
+    _same_arrays(out, fresh)
+
+
 def _same_arrays(a, b):
     ga, gb = zarr.open_group(str(a / "store.zarr"), mode="r"), zarr.open_group(str(b / "store.zarr"), mode="r")
     for name in ("images", "labels", "weights", "case_index", "frame_index", "class_counts"):
@@ -112,7 +139,7 @@ def damaged_setup(raw, tmp_path_factory):
 
 
 def _damage_shard(version, how):
-    files = sorted(p for p in (version / "images" / "c").rglob("*") if p.is_file())
+    files = sorted(version.joinpath("images").glob("c.*"))
     victim = files[len(files) // 2]
     if how == "delete":
         victim.unlink()
