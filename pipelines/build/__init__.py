@@ -293,8 +293,9 @@ class _Build:
         stats = store.dataset_statistics(entries, plan)
         tmp = outdir.new_version_dir(self.out, build_key[:12])
 
-        def run_tasks(func, items):
-            return map_tasks(func, items, client=client, retries=1, desc="groups", progress=False)
+        def run_tasks(func, items, cost):
+            return map_tasks(func, items, client=client, retries=1, desc="groups", progress=False,
+                             cost=cost)
 
         previous = None if index.unreadable else current  # nothing can be reused from it
         counts = store.write_version(tmp, previous, self.staging, entries, plan, stats, build_key,

@@ -158,14 +158,19 @@ async def _call_async(func: Callable[[], None]) -> None:
 
 def map_tasks(func: Callable[..., dict], items: list[tuple], *, client: Any | None,
               retries: int = 2, desc: str = "cases", progress: bool = True,
-              on_result: Callable[[dict], None] | None = None, batch: int | None = None) -> list[dict]:
+              on_result: Callable[[dict], None] | None = None, batch: int | None = None,
+              cost: list[float] | None = None) -> list[dict]:
     """Run ``func(*item)`` for every item; results come back in input order.
 
     With ``client=None`` the items run serially in this process (debugging,
     tiny inputs).  On a cluster, items are sent in batches of ``batch`` per
     task (default: :func:`batch_size`): Dask's per-task cost on the client
     (~2 ms of CPU) would otherwise be a serial share of the build that grows
-    with the dataset.  An item whose exception survives ``retries`` retries
+    with the dataset.  With ``cost`` (an estimate per item), batches are of
+    about equal cost instead (:func:`plan_batches`) and the costliest are
+    submitted first, so a few heavy items among many light ones (the groups
+    rewritten by a nightly run among the linked ones) spread over the
+    workers instead of queueing behind each other in one batch.  An item whose exception survives ``retries`` retries
     (``OSError``, transient) or any other exception is returned as
     ``{"ok": False, "exception": "..."}``, never raised, so one bad case
     cannot take down the run.
@@ -186,23 +191,53 @@ def map_tasks(func: Callable[..., dict], items: list[tuple], *, client: Any | No
     else:
         from distributed import as_completed
 
-        size = batch or batch_size(len(items), _n_workers(client))
-        starts = list(range(0, len(items), size))
-        futures = [client.submit(_run_batch, func, items[s:s + size], retries, pure=False)
-                   for s in starts]
-        index = {f.key: s for f, s in zip(futures, starts)}
+        workers = _n_workers(client)
+        spans = plan_batches(cost if cost is not None else [1.0] * len(items), workers, batch)
+        futures = [client.submit(_run_batch, func, items[a:b], retries, pure=False)
+                   for a, b in spans]
+        index = {f.key: span for f, span in zip(futures, spans)}
         for fut in as_completed(futures):
-            start = index[fut.key]
+            start, stop = index[fut.key]
             try:
                 batch_results = fut.result()
             except Exception as exc:  # noqa: BLE001 - a lost worker: reported per item
-                batch_results = [{"ok": False, "exception": f"{type(exc).__name__}: {exc}"}] * len(
-                    items[start:start + size])
+                batch_results = [{"ok": False, "exception": f"{type(exc).__name__}: {exc}"}] * (
+                    stop - start)
             for k, res in enumerate(batch_results):
                 results[start + k] = res
                 _done(bar, on_result, res)
     bar.close()
     return [r if r is not None else {"ok": False, "exception": "no result"} for r in results]
+
+
+def plan_batches(cost: list[float], n_workers: int, batch: int | None = None) -> list[tuple[int, int]]:
+    """Contiguous ``(start, stop)`` spans of items, costliest first.
+
+    With equal costs every span holds :func:`batch_size` items (or ``batch``).
+    Otherwise a span closes when its cost reaches the total over
+    ``8 * n_workers`` or it holds 16 items, so a heavy item is a task of its
+    own and light ones share one.
+
+    Examples
+    --------
+    >>> plan_batches([1.0] * 40, 2)
+    [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10), (10, 12), (12, 14), (14, 16), (16, 18), (18, 20), (20, 22), (22, 24), (24, 26), (26, 28), (28, 30), (30, 32), (32, 34), (34, 36), (36, 38), (38, 40)]
+    >>> plan_batches([1, 1, 50, 1, 1, 40, 1], 1)
+    [(2, 3), (5, 6), (0, 2), (3, 5), (6, 7)]
+    """
+    n = len(cost)
+    if batch is not None or len(set(cost)) <= 1:
+        size = batch or batch_size(n, n_workers)
+        return [(a, min(a + size, n)) for a in range(0, n, size)]
+    target = sum(cost) / max(8 * n_workers, 1)
+    spans, start, acc = [], 0, 0.0
+    for i, c in enumerate(cost):
+        if i > start and (acc + c > target or i - start >= 16):
+            spans.append((start, i))
+            start, acc = i, 0.0
+        acc += c
+    spans.append((start, n))
+    return sorted(spans, key=lambda s: -sum(cost[s[0]:s[1]]))
 
 
 def batch_size(n_items: int, n_workers: int) -> int:

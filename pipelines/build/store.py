@@ -239,7 +239,7 @@ def slice_arrays(cases: list[dict[str, Any]], layout: list[dict[str, Any]], n_to
 
 def write_version(path: Path, previous: Path | None, staging: Path, cases: list[dict[str, Any]],
                   plan: Plan, stats: dict[str, Any], build_id: str,
-                  run_tasks: Callable[[Callable[..., dict], list[tuple]], list[dict]],
+                  run_tasks: Callable[[Callable[..., dict], list[tuple], list[float]], list[dict]],
                   old_groups: dict[str, int] | None = None) -> dict[str, int]:
     """Write a complete store version at ``path`` (a fresh directory).
 
@@ -260,7 +260,9 @@ def write_version(path: Path, previous: Path | None, staging: Path, cases: list[
         ``{group key: [key, first shard, shards, first case, cases, shard file sizes]}`` of
         ``previous`` (its ``case_table`` groups).
     run_tasks : callable
-        ``run_tasks(func, items) -> results``: the build's cluster (or serial).
+        ``run_tasks(func, items, cost) -> results``: the build's cluster (or
+        serial); ``cost`` estimates each item's work (a linked group 1, a
+        written one 1 + its slices).
 
     Returns
     -------
@@ -290,7 +292,7 @@ def write_version(path: Path, previous: Path | None, staging: Path, cases: list[
     root.require_group("records")
     previous_sep = key_separator(previous) if previous is not None else KEY_ENCODING["separator"]
     n_cols = 4 + plan.num_classes
-    items, table, groups_meta = [], np.zeros((len(cases), n_cols), dtype=np.int64), []
+    items, cost, table, groups_meta = [], [], np.zeros((len(cases), n_cols), dtype=np.int64), []
     for g_no, group in enumerate(layout):
         members = [cases[i] for i in group["cases"]]
         gkey = group_key([m["key"] for m in members], shard)
@@ -309,7 +311,8 @@ def write_version(path: Path, previous: Path | None, staging: Path, cases: list[
                 "cases": [{k: m.get(k) for k in ("case_id", "key", "source", "n_slices", "hashes",
                                                  "old_first_slice", "old_group")} for m in members]}
         items.append((str(path), str(previous) if previous else None, str(staging), task))
-    results = run_tasks(group_task, items)
+        cost.append(1.0 if reuse else 1.0 + group["n_slices"])
+    results = run_tasks(group_task, items, cost)
     failed = [(it[3]["key"], r) for it, r in zip(items, results) if not r.get("ok")]
     if failed:
         key, res = failed[0]

@@ -210,7 +210,12 @@ def test_an_all_background_label_shard_is_absent_and_still_reused(tmp_path):
     plan = Plan(target_spacing=1.0, crop_shape=(16, 16), shard_slices=16, group_cases=1)
     staging = tmp_path / "staging"
     cases = [_staged_case(staging, "a", 20, 0), _staged_case(staging, "b", 12, 3)]
-    serial = lambda func, items: [func(*it) for it in items]  # noqa: E731
+    costs = []
+
+    def serial(func, items, cost):
+        costs.append(cost)
+        return [func(*it) for it in items]
+
     stats = dataset_statistics(cases, plan)
     v1 = tmp_path / "v1.zarr"
     write_version(v1, None, staging, cases, plan, stats, "k1", serial)
@@ -225,6 +230,8 @@ def test_an_all_background_label_shard_is_absent_and_still_reused(tmp_path):
     counts = write_version(v2, v1, staging, cases, plan, dataset_statistics(cases, plan), "k2", serial,
                            old_groups={g[0]: g for g in index.groups})
     assert counts["groups_linked"] >= 1
+    assert costs[0] == [21.0, 13.0]  # written: 1 + slices
+    assert costs[1].count(1.0) == counts["groups_linked"]  # linked: 1
     a, b = zarr.open_group(str(v1), mode="r"), zarr.open_group(str(v2), mode="r")
     n1 = a["images"].shape[0]
     np.testing.assert_array_equal(b["labels"][:n1], a["labels"][...])
