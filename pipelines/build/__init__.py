@@ -92,8 +92,7 @@ class _Build:
         index = incremental.StoreIndex(current)
         self._damaged_groups = self._verify(index)
         digest_index = incremental.DigestIndex(self.state / "digests.json")
-        headers, problems, digests = incremental.survey(disc.cases, digest_index, index)
-        result.quarantined.extend(p.to_dict() for p in problems)
+        headers, digests = incremental.survey(disc.cases, digest_index)
         if not headers:  # an empty or unmounted RAW, or every case unreadable: change nothing
             raise ConfigError(_nothing_usable(result.quarantined, self.raw))
         try:
@@ -127,7 +126,7 @@ class _Build:
             _build_key(phash, [keys[c.case_id] for c in cases]) == _current_key(current))
         client = self._client() if not unchanged else None
         try:
-            outcomes = self._process(todo, keys, plan, phash, client)
+            outcomes = self._process(todo, keys, digests, index, plan, phash, client)
             self._check_convention(outcomes)
             self._learn(outcomes, keys, digests, digest_index)
             for res in outcomes:  # recorded above: the client keeps only the per-case summary
@@ -135,7 +134,9 @@ class _Build:
                 res.pop("digests", None)
             result.quarantined.extend(_quarantine_records(outcomes, todo))
             bad = {q["case_id"] for q in result.quarantined}
-            done = {r["case_id"]: r for r in outcomes if r.get("ok")}
+            done = {r["case_id"]: r for r in outcomes if r.get("ok") and not r.get("unchanged")}
+            # a touched file with the same content: the stored case stands
+            result.reused.extend(r["case_id"] for r in outcomes if r.get("unchanged"))
             entries = self._entries([c for c in cases if c.case_id not in bad], keys, digests,
                                     done, staged, index)
             if not entries:
@@ -210,13 +211,22 @@ class _Build:
         self._header_problems = [r["problem"] for r in results if r.get("problem")]
         return [r.get("spacing") for r in results]
 
-    def _process(self, todo, keys, plan: Plan, phash: str, client) -> list[dict]:
+    def _process(self, todo, keys, digests, index, plan: Plan, phash: str, client) -> list[dict]:
+        """Process ``todo`` on the cluster.  A case the store holds whose files changed stamp
+        goes with its stored key and the digests still known, so its worker hashes only the
+        changed files and skips the case when the content is the same."""
         from pipelines.build.tasks import process_case
 
         if not todo:
             return []
         plan_dict = plan.to_dict()
-        items = [(c.to_dict(), plan_dict, str(self.staging), keys[c.case_id], phash) for c in todo]
+        items = []
+        for c in todo:
+            d, reuse = c.to_dict(), None
+            if keys[c.case_id] is None and c.case_id in index:
+                reuse = {"key": index.key_of(c.case_id),
+                         "digests": {f: digests[f] for f in incremental.case_files(d) if f in digests}}
+            items.append((d, plan_dict, str(self.staging), keys[c.case_id], phash, reuse))
 
         def note(res: dict) -> None:
             self.runlog.event("case", case_id=res.get("case_id"), ok=res.get("ok"))

@@ -88,18 +88,8 @@ class DigestIndex:
         ok = isinstance(data, dict) and data.get("algorithm") == ALGORITHM
         self._index: dict[str, list[Any]] = data.get("files", {}) if ok else {}
 
-    def digest(self, file: str) -> str:
-        """Content digest of ``file``, reusing the stored one when size and mtime match."""
-        stamp = file_stamp(file)
-        entry = self._index.get(file)
-        if entry and entry[:-1] == stamp:
-            return entry[-1]
-        d = file_digest(file)
-        self._index[file] = [*stamp, d]
-        return d
-
-    def unchanged(self, files: list[str]) -> dict[str, str] | None:
-        """Stored digests of ``files`` when every one has its recorded size and mtime, else ``None``.
+    def known(self, files: list[str]) -> dict[str, str]:
+        """Stored digests of those ``files`` that still have their recorded stamp.
 
         Costs one ``stat`` per file; a missing file counts as changed.
         """
@@ -107,30 +97,15 @@ class DigestIndex:
         for f in files:
             entry = self._index.get(f)
             try:
-                if not entry or entry[:-1] != file_stamp(f):
-                    return None
+                if entry and entry[:-1] == file_stamp(f):
+                    found[f] = entry[-1]
             except OSError:
-                return None
-            found[f] = entry[-1]
+                pass
         return found
 
     def record(self, file: str, entry: list[Any]) -> None:
         """Store ``[*stamp, digest]`` computed elsewhere (by the worker that read the file)."""
         self._index[file] = list(entry)
-
-    def digest_many(self, files: list[str], threads: int = 4) -> dict[str, str]:
-        """Digests of ``files`` (unique), hashed on ``threads`` threads.
-
-        hashlib and file reads release the GIL, so hashing runs in parallel
-        with itself and with the cluster start-up.
-        """
-        from concurrent.futures import ThreadPoolExecutor
-
-        unique = list(dict.fromkeys(files))
-        if threads <= 1 or len(unique) < 2:
-            return {f: self.digest(f) for f in unique}
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cmrprep-hash") as pool:
-            return dict(zip(unique, pool.map(self.digest, unique)))
 
     def save(self) -> None:
         """Write the index atomically."""
@@ -323,45 +298,23 @@ class StoreIndex:
 
 
 # -- what changed since the last build ---------------------------------------------
-def survey(cases: list, digests: DigestIndex, index: StoreIndex) -> tuple[list, list, dict]:
-    """Digests of the inputs of cases the store holds; nothing is read for new cases.
+def survey(cases: list, digests: DigestIndex) -> tuple[list, dict[str, str]]:
+    """Header records of the cases and the digests of their files that are known unchanged.
 
-    Returns ``(headers, problems, file_digests)``: ``{"case", "spacing"}``
-    records (``spacing`` ``None``: read by a worker only when the plan needs
-    it, see :func:`pipelines.build.planning.resolve_plan`), the
-    :class:`~cmrprep.cases.Problem` records of cases whose files cannot be
-    read, and the digests known so far.  A case whose files all have the stat
-    stamp recorded when they were hashed gets its digests from the index (a
-    case the store holds is then taken as it is, one staged by an interrupted
-    build from the staging folder): an unchanged re-run reads no file.  The files of a case the store holds with
-    another stamp are hashed here (on threads); a new case's files are hashed
-    by the worker that reads them (:func:`pipelines.build.tasks.process_case`),
-    so no input is read twice and the client reads no new input at all.
+    Returns ``(headers, file_digests)``: ``{"case", "spacing"}`` records
+    (``spacing`` ``None``: read by a worker only when the plan needs it, see
+    :func:`pipelines.build.planning.resolve_plan`) and the digest of every
+    input file that still has the stat stamp it had when it was hashed (one
+    ``stat`` per file).  Nothing is read: a case with a changed or new file is
+    hashed by the worker that reads it (:func:`pipelines.build.tasks.process_case`,
+    which also recognises a touched file whose content is unchanged), so the
+    client reads no input at all and an unchanged re-run reads no file.
     """
-    from cmrprep.cases import Problem
-
-    ok, problems, file_digests, to_hash = [], [], {}, {}
+    headers, file_digests = [], {}
     for case in cases:
-        ok.append({"case": case, "spacing": None})
-        files = case_files(case.to_dict())
-        known = digests.unchanged(files)  # also for a case staged by an interrupted build
-        if known is not None:
-            file_digests.update(known)
-        elif case.case_id in index:
-            to_hash[case.case_id] = files
-    try:
-        file_digests.update(digests.digest_many([f for fs in to_hash.values() for f in fs]))
-    except OSError:  # find which case's file vanished or is unreadable; keep the others
-        keep = []
-        for h in ok:
-            try:
-                file_digests.update({f: digests.digest(f) for f in to_hash.get(h["case"].case_id, [])})
-                keep.append(h)
-            except OSError as exc:
-                problems.append(Problem(h["case"].case_id, getattr(exc, "filename", None), "readable",
-                                        f"cannot read: {exc}"))
-        ok = keep
-    return ok, problems, file_digests
+        headers.append({"case": case, "spacing": None})
+        file_digests.update(digests.known(case_files(case.to_dict())))
+    return headers, file_digests
 
 
 def plan_work(cases: list, digests: dict[str, str], phash: str, index: StoreIndex,

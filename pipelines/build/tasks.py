@@ -136,19 +136,24 @@ def select_frames(case: CaseSpec, plan: Plan) -> list[FrameSpec]:
 
 
 def process_case(case_dict: dict[str, Any], plan_dict: dict[str, Any], staging: str,
-                 key: str | None, plan_hash: str | None = None) -> dict[str, Any]:
+                 key: str | None, plan_hash: str | None = None,
+                 reuse: dict[str, Any] | None = None) -> dict[str, Any]:
     """Preprocess every frame of one case and stage it for the store.
 
-    ``key=None`` (a case the build has never seen) means: hash the case's input
-    files here, right before reading them, and derive the key with
-    ``plan_hash`` -- the build then does not read every new file twice.
+    ``key=None`` (a case whose files are new or changed) means: hash the case's
+    input files here, right before reading them, and derive the key with
+    ``plan_hash`` -- the build then does not read any file twice.  ``reuse``
+    (``{"key", "digests"}``) is given for a case the store holds: the files
+    whose digest is still known are not hashed again, and when the key comes
+    out as the stored one (a touched file, same content) nothing is processed.
 
     Returns
     -------
     dict
         ``{"case_id", "ok": True, "key", "digests", **summary}`` (``digests``:
-        ``{file: [*stamp, digest]}`` when hashed here; ``summary``: see
-        :func:`case_summary`) or ``{"case_id", "ok": False, "problem": {...}}``.
+        ``{file: [*stamp, digest]}`` of the files hashed here; ``summary``: see
+        :func:`case_summary`), ``{"case_id", "ok": True, "key", "digests",
+        "unchanged": True}`` or ``{"case_id", "ok": False, "problem": {...}}``.
     """
     _configure_process()
     case = CaseSpec.from_dict(case_dict)
@@ -156,7 +161,11 @@ def process_case(case_dict: dict[str, Any], plan_dict: dict[str, Any], staging: 
     try:
         digests = {}
         if key is None:
-            key, digests = _hash_inputs(case_dict, case.case_id, plan_hash)
+            known = (reuse or {}).get("digests") or {}
+            key, digests = _hash_inputs(case_dict, case.case_id, plan_hash, known)
+            if reuse and key == reuse.get("key"):
+                return {"case_id": case.case_id, "ok": True, "key": key, "digests": digests,
+                        "unchanged": True}
         return {**_process(case, plan, Path(staging), key), "digests": digests}
     except CaseError as exc:
         return {"case_id": case.case_id, "ok": False, "problem": exc.problem.to_dict()}
@@ -169,19 +178,21 @@ def process_case(case_dict: dict[str, Any], plan_dict: dict[str, Any], staging: 
         return {"case_id": case.case_id, "ok": False, "problem": problem.to_dict()}
 
 
-def _hash_inputs(case_dict: dict[str, Any], case_id: str,
-                 plan_hash: str | None) -> tuple[str, dict[str, list[Any]]]:
-    """Cache key of a case from its input files hashed here; an unreadable file is a CaseError."""
+def _hash_inputs(case_dict: dict[str, Any], case_id: str, plan_hash: str | None,
+                 known: dict[str, str]) -> tuple[str, dict[str, list[Any]]]:
+    """Cache key of a case from its input files (those not in ``known`` hashed here);
+    an unreadable file is a CaseError."""
     if plan_hash is None:
         raise ValueError("process_case needs plan_hash when key is None")
     files = incremental.case_files(case_dict)
+    todo = [f for f in files if f not in known]
     try:
-        stamped = incremental.stamped_digests(files)
+        stamped = incremental.stamped_digests(todo)
     except OSError as exc:
         raise CaseError(Problem(case_id, str(getattr(exc, "filename", None) or files[0]), "readable",
                                 f"cannot read: {exc}")) from exc
-    key = incremental.case_key(case_dict, {f: v[-1] for f, v in stamped.items()}, plan_hash)
-    return key, stamped
+    digests = {**{f: known[f] for f in files if f in known}, **{f: v[-1] for f, v in stamped.items()}}
+    return incremental.case_key(case_dict, digests, plan_hash), stamped
 
 
 def _process(case: CaseSpec, plan: Plan, staging: Path, key: str) -> dict[str, Any]:

@@ -9,26 +9,25 @@ import numpy as np
 from pipelines.build import incremental
 
 
-def test_digest_index_reuses_digests_of_unchanged_files(tmp_path, monkeypatch):
-    f = tmp_path / "a.nii"
-    f.write_bytes(b"x" * 100)
+def test_digest_index_knows_the_digests_of_files_with_their_recorded_stamp(tmp_path):
+    a, b = tmp_path / "a.nii", tmp_path / "b.nii"
+    a.write_bytes(b"x" * 100)
+    b.write_bytes(b"y" * 100)
     index = incremental.DigestIndex(tmp_path / "digests.json")
-    d = index.digest(str(f))
+    for f, entry in incremental.stamped_digests([str(a), str(b)]).items():
+        index.record(f, entry)
     index.save()
     again = incremental.DigestIndex(tmp_path / "digests.json")
-    assert again.unchanged([str(f)]) == {str(f): d}
-    calls = []
-    monkeypatch.setattr(incremental, "file_digest", lambda p, **k: calls.append(p) or "new")
-    assert again.digest(str(f)) == d and calls == []
-    st = f.stat()
-    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    assert again.unchanged([str(f)]) is None
-    assert again.unchanged([str(tmp_path / "gone")]) is None
+    d = incremental.file_digest(a)
+    assert again.known([str(a)]) == {str(a): d}
+    st = b.stat()
+    os.utime(b, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert again.known([str(a), str(b), str(tmp_path / "gone")]) == {str(a): d}
 
 
 def test_index_written_with_another_algorithm_is_ignored(tmp_path):
     (tmp_path / "digests.json").write_text('{"algorithm": "md5", "files": {"x": [1, 2, "d"]}}')
-    assert incremental.DigestIndex(tmp_path / "digests.json").unchanged(["x"]) is None
+    assert incremental.DigestIndex(tmp_path / "digests.json").known(["x"]) == {}
 
 
 def test_staged_entry_is_valid_only_when_complete(tmp_path):

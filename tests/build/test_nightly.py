@@ -105,6 +105,35 @@ def test_unchanged_rerun_reads_no_input_and_a_touched_file_is_checked_again(refe
     assert [Path(p).name for p in hashed] == ["patient003_frame01.nii.gz"] and opened == []
 
 
+def test_a_moved_raw_folder_reads_each_input_once(reference, tmp_path, monkeypatch):
+    """RAW under another path: keys hold paths, so every case is processed again, and each
+    file is hashed once, by the task that reads it (the client used to hash the whole dataset
+    first, serially, only to find keys that could not match)."""
+    from pipelines.build import incremental
+
+    out = tmp_path / "out"
+    shutil.copytree(reference["out"], out, symlinks=True)
+    moved = shutil.copytree(reference["raw"], tmp_path / "moved")
+    import inspect
+
+    hashed, where = [], set()
+    real_digest = incremental.file_digest
+
+    def digest(p, **kw):
+        hashed.append(str(p))
+        where.add(any(f.function == "process_case" for f in inspect.stack()))
+        return real_digest(p, **kw)
+
+    monkeypatch.setattr(incremental, "file_digest", digest)
+    res = build(BuildConfig(moved, out, workers=0, progress=False, report=False))
+    assert len(res.processed) == 4 and res.reused == []
+    files = [str(p) for p in moved.rglob("*.nii.gz")]
+    assert sorted(hashed) == sorted(files) and where == {True}  # each once, in the case's task
+    got = _snapshot(out)["arrays"]
+    for k in ARRAYS:  # the same data (the build key differs: keys hold the paths)
+        np.testing.assert_array_equal(got[k], reference["snap"]["arrays"][k], err_msg=k)
+
+
 def test_plan_change_triggers_full_rebuild(reference, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(reference["out"], out, symlinks=True)
