@@ -207,7 +207,8 @@ class _Build:
         from pipelines.build.planning import header_task
 
         results = map_tasks(header_task, [(c.to_dict(),) for c in cases], client=self._client(),
-                            retries=self.cfg.retries, desc="headers", progress=False)
+                            retries=self.cfg.retries, desc="headers", progress=False,
+                            max_batch=128)  # a header read takes milliseconds
         self._header_problems = [r["problem"] for r in results if r.get("problem")]
         return [r.get("spacing") for r in results]
 

@@ -101,14 +101,16 @@ _NO_HTTP = {"distributed.scheduler.http.routes": [], "distributed.worker.http.ro
 #: sample every worker's threads every 10 ms (``profile``), the nannies' memory every
 #: 100 ms, host CPU/disk/network every 500 ms and tick the event loop every 20 ms; the
 #: scheduler and nannies live in the build's own process, so that was ~35 ms of its CPU per
-#: second of build (a third of the client's CPU in a 400-case build).  Memory limits are
-#: still enforced, within half a second.
+#: second of build (a third of the client's CPU in a 400-case build).  With these settings an
+#: idle cluster costs the build's process ~10 ms of CPU per second (17 with a 200 ms tick;
+#: the tick only checks that the event loop is not blocked for seconds).  Memory limits
+#: are still enforced, within half a second.
 _LIGHT_MONITORING = {
     "distributed.worker.profile.enabled": False,
     "distributed.worker.memory.monitor-interval": "500ms",
     "distributed.admin.system-monitor.interval": "2s",
     "distributed.admin.system-monitor.disk": False,
-    "distributed.admin.tick.interval": "200ms",
+    "distributed.admin.tick.interval": "1s",
 }
 
 
@@ -159,18 +161,20 @@ async def _call_async(func: Callable[[], None]) -> None:
 def map_tasks(func: Callable[..., dict], items: list[tuple], *, client: Any | None,
               retries: int = 2, desc: str = "cases", progress: bool = True,
               on_result: Callable[[dict], None] | None = None, batch: int | None = None,
-              cost: list[float] | None = None) -> list[dict]:
+              cost: list[float] | None = None, max_batch: int = 16) -> list[dict]:
     """Run ``func(*item)`` for every item; results come back in input order.
 
     With ``client=None`` the items run serially in this process (debugging,
     tiny inputs).  On a cluster, items are sent in batches of ``batch`` per
-    task (default: :func:`batch_size`): Dask's per-task cost on the client
-    (~2 ms of CPU) would otherwise be a serial share of the build that grows
-    with the dataset.  With ``cost`` (an estimate per item), batches are of
-    about equal cost instead (:func:`plan_batches`) and the costliest are
-    submitted first, so a few heavy items among many light ones (the groups
-    rewritten by a nightly run among the linked ones) spread over the
-    workers instead of queueing behind each other in one batch.  An item whose exception survives ``retries`` retries
+    task (default: :func:`batch_size`, at most ``max_batch``; raise it for
+    items of a few milliseconds, such as header reads): Dask's per-task cost
+    on the client (~2 ms of CPU) would otherwise be a serial share of the
+    build that grows with the dataset.  With ``cost`` (an estimate per item),
+    batches are of about equal cost instead (:func:`plan_batches`) and the
+    costliest are submitted first, so a few heavy items among many light ones
+    (the groups rewritten by a nightly run among the linked ones) spread over
+    the workers instead of queueing behind each other in one batch.  An item
+    whose exception survives ``retries`` retries
     (``OSError``, transient) or any other exception is returned as
     ``{"ok": False, "exception": "..."}``, never raised, so one bad case
     cannot take down the run.
@@ -192,7 +196,8 @@ def map_tasks(func: Callable[..., dict], items: list[tuple], *, client: Any | No
         from distributed import as_completed
 
         workers = _n_workers(client)
-        spans = plan_batches(cost if cost is not None else [1.0] * len(items), workers, batch)
+        spans = plan_batches(cost if cost is not None else [1.0] * len(items), workers, batch,
+                             max_batch)
         futures = [client.submit(_run_batch, func, items[a:b], retries, pure=False)
                    for a, b in spans]
         index = {f.key: span for f, span in zip(futures, spans)}
@@ -210,29 +215,30 @@ def map_tasks(func: Callable[..., dict], items: list[tuple], *, client: Any | No
     return [r if r is not None else {"ok": False, "exception": "no result"} for r in results]
 
 
-def plan_batches(cost: list[float], n_workers: int, batch: int | None = None) -> list[tuple[int, int]]:
+def plan_batches(cost: list[float], n_workers: int, batch: int | None = None,
+                 max_batch: int = 16) -> list[tuple[int, int]]:
     """Contiguous ``(start, stop)`` spans of items, costliest first.
 
-    With equal costs every span holds :func:`batch_size` items (or ``batch``).
-    Otherwise a span closes when its cost reaches the total over
-    ``8 * n_workers`` or it holds 16 items, so a heavy item is a task of its
-    own and light ones share one.
+    With ``batch``, or equal costs, every span holds ``batch`` items (default
+    :func:`batch_size`).  Otherwise a span closes when its cost reaches the
+    total over ``8 * n_workers`` or it holds ``max_batch`` items, so a heavy
+    item is a task of its own and light ones share one.
 
     Examples
     --------
-    >>> plan_batches([1.0] * 40, 2)
-    [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10), (10, 12), (12, 14), (14, 16), (16, 18), (18, 20), (20, 22), (22, 24), (24, 26), (26, 28), (28, 30), (30, 32), (32, 34), (34, 36), (36, 38), (38, 40)]
+    >>> plan_batches([1.0] * 100, 2)[:3]
+    [(0, 6), (6, 12), (12, 18)]
     >>> plan_batches([1, 1, 50, 1, 1, 40, 1], 1)
     [(2, 3), (5, 6), (0, 2), (3, 5), (6, 7)]
     """
     n = len(cost)
     if batch is not None or len(set(cost)) <= 1:
-        size = batch or batch_size(n, n_workers)
+        size = batch or batch_size(n, n_workers, max_batch)
         return [(a, min(a + size, n)) for a in range(0, n, size)]
     target = sum(cost) / max(8 * n_workers, 1)
     spans, start, acc = [], 0, 0.0
     for i, c in enumerate(cost):
-        if i > start and (acc + c > target or i - start >= 16):
+        if i > start and (acc + c > target or i - start >= max_batch):
             spans.append((start, i))
             start, acc = i, 0.0
         acc += c
@@ -240,13 +246,13 @@ def plan_batches(cost: list[float], n_workers: int, batch: int | None = None) ->
     return sorted(spans, key=lambda s: -sum(cost[s[0]:s[1]]))
 
 
-def batch_size(n_items: int, n_workers: int) -> int:
-    """Items per task: about 8 tasks per worker, at most 16 items each (load stays balanced).
+def batch_size(n_items: int, n_workers: int, max_batch: int = 16) -> int:
+    """Items per task: about 8 tasks per worker, at most ``max_batch`` items each (load stays balanced).
 
-    >>> batch_size(400, 2), batch_size(10, 2), batch_size(100_000, 100)
-    (16, 1, 16)
+    >>> batch_size(400, 2), batch_size(10, 2), batch_size(100_000, 100), batch_size(1600, 2, 128)
+    (16, 1, 16, 100)
     """
-    return max(1, min(16, n_items // max(8 * n_workers, 1)))
+    return max(1, min(max_batch, n_items // max(8 * n_workers, 1)))
 
 
 def _n_workers(client: Any) -> int:

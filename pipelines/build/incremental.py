@@ -5,9 +5,8 @@ the cmrprep version: an unchanged case is never preprocessed twice and any
 change is detected.  The published store version is the only copy of the
 prepared data; its ``case_table`` records each case's key (see
 :class:`StoreIndex`).  A case processed by this build is *staged* as
-``OUT/staging/<key>.npz`` + ``<key>.json`` (the JSON is written last, so an
-entry is valid only when both exist) until the store version holding it is
-published; then the staging folder is emptied.  A killed build leaves its
+one file, ``OUT/staging/<key>.npz`` (its arrays and its JSON record, renamed
+into place once complete) until the store version holding it is published; then the staging folder is emptied.  A killed build leaves its
 staged cases for the next run, which takes them instead of processing again.
 
 ``OUT/state/digests.json`` remembers each input file's digest by its stat
@@ -160,33 +159,29 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def write_staged(staging: Path, key: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-    """Atomically stage one processed case: its arrays, then its JSON (the commit marker)."""
+    """Atomically stage one processed case: one ``<key>.npz`` holding its arrays and its JSON
+    record (as UTF-8 bytes, member ``meta``; no pickle), written aside, flushed and renamed."""
     staging.mkdir(parents=True, exist_ok=True)
     tmp = staging / f".{key}.{os.getpid()}.npz.tmp"
+    record = np.frombuffer(json.dumps(meta, sort_keys=True).encode("utf-8"), dtype=np.uint8)
     with open(tmp, "wb") as fh:
-        np.savez(fh, **{k: arrays[k] for k in STAGED_ARRAYS})
+        np.savez(fh, **{k: arrays[k] for k in STAGED_ARRAYS}, meta=record)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, staging / f"{key}.npz")
-    atomic_write_text(staging / f"{key}.json", json.dumps(meta, sort_keys=True))
 
 
 def read_staged_meta(staging: Path, key: str) -> dict[str, Any] | None:
-    """The staged JSON of a case key, or ``None`` when absent, unreadable or incomplete
-    (then the case is simply processed again)."""
+    """The staged record of a case key, or ``None`` when absent, unreadable or incomplete
+    (then the case is simply processed again).  Reads the zip directory and the record only."""
     try:
-        meta = json.loads((staging / f"{key}.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if meta.get("key") != key:
-        return None
-    try:  # reads only the zip directory: a torn or truncated file is processed again
         with np.load(staging / f"{key}.npz", allow_pickle=False) as z:
-            if set(z.files) != set(STAGED_ARRAYS):
+            if set(z.files) != {*STAGED_ARRAYS, "meta"}:
                 return None
+            meta = json.loads(z["meta"].tobytes().decode("utf-8"))
     except (OSError, ValueError, EOFError, zipfile.BadZipFile):
         return None
-    return meta
+    return meta if isinstance(meta, dict) and meta.get("key") == key else None
 
 
 def read_staged_arrays(staging: str | Path, key: str,

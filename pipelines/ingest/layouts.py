@@ -50,8 +50,9 @@ class Discovery:
     label_map: LabelMap = ACDC
 
 
-def rglob(root: Path, pattern: str):
-    """``root.rglob(pattern)`` that also descends into symlinked folders (sorted, loop-safe).
+def rglob(root: Path, *patterns: str):
+    """``root.rglob(pattern)`` that also descends into symlinked folders (sorted, loop-safe);
+    with several patterns, the names matching any of them (one walk).
 
     Datasets are often assembled from symlinks (one folder per patient pointing
     into an archive); :meth:`pathlib.Path.rglob` skips symlinked directories
@@ -71,7 +72,7 @@ def rglob(root: Path, pattern: str):
         seen.add(real)
         dirnames.sort()
         for name in sorted(filenames + dirnames):
-            if fnmatch.fnmatchcase(name, pattern):
+            if any(fnmatch.fnmatchcase(name, p) for p in patterns):
                 yield Path(dirpath) / name
 
 
@@ -156,9 +157,8 @@ def _acdc_case(folder: Path) -> CaseSpec:
 
 
 def _discover_acdc(root: Path, **_) -> Discovery:
-    folders = {p.parent for p in rglob(root, "Info.cfg")}
-    folders |= {p.parent for p in rglob(root, "*_frame[0-9][0-9]*.nii*")
-                if _ACDC_FRAME.match(volume_stem(p))}  # not *_frameNN_pred (predict's output)
+    folders = {p.parent for p in rglob(root, "Info.cfg", "*_frame[0-9][0-9]*.nii*")
+               if p.name == "Info.cfg" or _ACDC_FRAME.match(volume_stem(p))}  # not *_frameNN_pred
     return _collect("acdc", sorted(folders), _acdc_case)
 
 

@@ -36,7 +36,9 @@ def test_staged_entry_is_valid_only_when_complete(tmp_path):
     incremental.write_staged(tmp_path, "k1", arrays, {"key": "k1", "n_slices": 2})
     assert incremental.read_staged_meta(tmp_path, "k1")["n_slices"] == 2
     assert incremental.read_staged_arrays(tmp_path, "k1", ("images",))["images"].shape == (2, 4, 4)
-    (tmp_path / "k1.npz").unlink()  # a build killed between the two files
+    assert [p.name for p in tmp_path.iterdir()] == ["k1.npz"]  # one file a case
+    data = (tmp_path / "k1.npz").read_bytes()
+    (tmp_path / "k1.npz").write_bytes(data[: len(data) // 2])  # torn by a power loss
     assert incremental.read_staged_meta(tmp_path, "k1") is None
     assert incremental.read_staged_meta(tmp_path, "other") is None
     incremental.clear_staging(tmp_path)
