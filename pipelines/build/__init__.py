@@ -29,6 +29,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cmrprep.cases import CaseSpec, Problem
 from cmrprep.plan import ConfigError, Plan
 from pipelines.build import incremental, outdir
@@ -379,8 +381,7 @@ def _quarantine_records(outcomes: list[dict], todo: list[CaseSpec]) -> list[dict
     return recs
 
 
-_SUMMARY = ("n_slices", "n_frames", "class_counts", "class_counts_raw", "slice_index", "phase",
-            "frame_local", "warnings")
+_SUMMARY = ("n_slices", "n_frames", "class_counts_raw", "slices", "warnings")
 
 
 class _OldSlices:
@@ -404,10 +405,10 @@ class _OldSlices:
         first, n = int(row[0]), int(row[1])
         sl = slice(first, first + n)
         frames = a["frame_index"][sl]
-        return {"n_slices": n, "n_frames": int(row[3]), "class_counts": a["class_counts"][sl],
-                "class_counts_raw": [int(v) for v in row[4:]],
-                "slice_index": a["slice_index"][sl], "phase": a["phase"][sl],
-                "frame_local": frames - frames.min(),
+        table = np.column_stack([a["slice_index"][sl], a["phase"][sl], frames - frames.min(),
+                                 a["class_counts"][sl]]).astype(np.int32)  # tasks.SLICE_COLUMNS
+        return {"n_slices": n, "n_frames": int(row[3]), "class_counts_raw": [int(v) for v in row[4:]],
+                "slices": table,
                 "warnings": self.index.warnings.get(case_id, []),
                 "old_first_slice": first, "old_group": self.index.groups[int(row[2])][0]}
 

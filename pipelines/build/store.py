@@ -186,8 +186,10 @@ def dataset_statistics(cases: list[dict[str, Any]], plan: Plan) -> dict[str, Any
     ``cases`` are per-case summaries (:func:`pipelines.build.tasks.case_summary`),
     in store order; padding slices are not included (their weight is 0).
     """
+    from pipelines.build.tasks import slice_column
+
     c = plan.num_classes
-    rows = [np.asarray(m["class_counts"], dtype=np.int64).reshape(-1, c) for m in cases]
+    rows = [slice_column(m, "class_counts").astype(np.int64) for m in cases]
     counts = np.concatenate(rows) if rows else np.zeros((0, c), dtype=np.int64)
     if counts.shape[0] == 0:
         raise ValueError("no usable slices to build a store from")
@@ -211,11 +213,12 @@ def dataset_statistics(cases: list[dict[str, Any]], plan: Plan) -> dict[str, Any
 def slice_arrays(cases: list[dict[str, Any]], layout: list[dict[str, Any]], n_total: int,
                  weights: np.ndarray) -> dict[str, np.ndarray]:
     """The per-slice arrays of a version (padding rows: -1, zero counts and weight)."""
+    from pipelines.build.tasks import slice_column
+
     arrays = {name: np.full(n_total, PAD, dtype=dtype) for name, dtype in
               (("case_index", np.int32), ("frame_index", np.int32), ("slice_index", np.int32),
                ("phase", np.int8))}
-    c = int(np.asarray(cases[0]["class_counts"]).reshape(len(cases[0]["slice_index"]), -1).shape[1]) \
-        if cases else 4
+    c = slice_column(cases[0], "class_counts").shape[1] if cases else 4
     arrays["class_counts"] = np.zeros((n_total, c), dtype=np.int64)
     arrays["weights"] = np.zeros(n_total, dtype=np.float64)
     frame_offset, w_pos = 0, 0
@@ -226,10 +229,10 @@ def slice_arrays(cases: list[dict[str, Any]], layout: list[dict[str, Any]], n_to
             n = m["n_slices"]
             sl = slice(pos, pos + n)
             arrays["case_index"][sl] = case_no
-            arrays["frame_index"][sl] = np.asarray(m["frame_local"], dtype=np.int32) + frame_offset
-            arrays["slice_index"][sl] = m["slice_index"]
-            arrays["phase"][sl] = m["phase"]
-            arrays["class_counts"][sl] = np.asarray(m["class_counts"], dtype=np.int64).reshape(-1, c)
+            arrays["frame_index"][sl] = slice_column(m, "frame_local") + frame_offset
+            arrays["slice_index"][sl] = slice_column(m, "slice_index")
+            arrays["phase"][sl] = slice_column(m, "phase")
+            arrays["class_counts"][sl] = slice_column(m, "class_counts")
             arrays["weights"][sl] = weights[w_pos:w_pos + n]
             frame_offset += m["n_frames"]
             pos += n

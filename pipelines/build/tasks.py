@@ -236,15 +236,31 @@ def _contacts(labels: np.ndarray, plan: Plan) -> list[list[int]] | None:
     return contact_counts(labels, (1, 2), plan.num_classes).tolist()
 
 
+#: Leading columns of a summary's ``slices`` table; one column per class follows.
+SLICE_COLUMNS = ("slice_index", "phase", "frame_local")
+
+
 def case_summary(arrays: dict[str, np.ndarray], n_frames: int) -> dict[str, Any]:
-    """What the client keeps of a case: counts and per-slice metadata (small NumPy arrays,
-    about 300 bytes a case), no image data."""
+    """What the client keeps of a case: counts and one small per-slice table, no image data.
+
+    ``slices`` is an int32 ``(S, 3 + C)`` array: :data:`SLICE_COLUMNS`, then the
+    per-slice class counts.  One array instead of four keeps the client's memory
+    per case small (about 1 KB for 30 slices): at 100,000 cases the client holds
+    every summary until the store is written.
+    """
+    table = np.column_stack([np.asarray(arrays[k], dtype=np.int32) for k in SLICE_COLUMNS]
+                            + [np.asarray(arrays["class_counts"], dtype=np.int32)])
     return {"n_slices": int(arrays["images"].shape[0]), "n_frames": int(n_frames),
-            "class_counts": np.asarray(arrays["class_counts"], dtype=np.int64),
-            "class_counts_raw": arrays["class_counts_raw"].sum(axis=0).tolist(),
-            "slice_index": np.asarray(arrays["slice_index"], dtype=np.int32),
-            "phase": np.asarray(arrays["phase"], dtype=np.int8),
-            "frame_local": np.asarray(arrays["frame_local"], dtype=np.int32)}
+            "class_counts_raw": arrays["class_counts_raw"].sum(axis=0).tolist(), "slices": table}
+
+
+def slice_column(summary: dict[str, Any], name: str) -> np.ndarray:
+    """Column ``name`` (one of :data:`SLICE_COLUMNS`, or ``"class_counts"``: all class columns)
+    of a summary's ``slices`` table (a list when it comes from a staged JSON record)."""
+    table = np.asarray(summary["slices"], dtype=np.int32).reshape(int(summary["n_slices"]), -1)
+    if name == "class_counts":
+        return table[:, len(SLICE_COLUMNS):]
+    return table[:, SLICE_COLUMNS.index(name)]
 
 
 def group_task(version: str, previous: str | None, staging: str, group: dict[str, Any]) -> dict[str, Any]:

@@ -197,9 +197,10 @@ def _staged_case(staging, cid, n, label_value):
     meta = {"case_id": cid, "key": key, "case": {"case_id": cid, "layout": "x", "frames": [{"image": f"/{cid}.nii"}]},
             "frames": [{"case_id": cid}], "fingerprint": [{}], "warnings": [], "n_slices": n}
     incremental.write_staged(staging, key, arrays, meta)
-    return {"case_id": cid, "key": key, "source": "staged", "hashes": {}, "n_slices": n, "n_frames": 1,
-            "class_counts": arrays["class_counts"].tolist(), "class_counts_raw": [256 * n, 0, 0, 0],
-            "slice_index": list(range(n)), "phase": [0] * n, "frame_local": [0] * n, "warnings": []}
+    from pipelines.build.tasks import case_summary
+
+    return {"case_id": cid, "key": key, "source": "staged", "hashes": {}, "warnings": [],
+            **case_summary(arrays, 1)}
 
 
 def test_an_all_background_label_shard_is_absent_and_still_reused(tmp_path):
