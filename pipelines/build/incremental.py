@@ -6,8 +6,9 @@ change is detected.  The published store version is the only copy of the
 prepared data; its ``case_table`` records each case's key (see
 :class:`StoreIndex`).  A case processed by this build is *staged* as
 one file, ``OUT/staging/<key>.npz`` (its arrays and its JSON record, renamed
-into place once complete) until the store version holding it is published; then the staging folder is emptied.  A killed build leaves its
-staged cases for the next run, which takes them instead of processing again.
+into place once complete) until the store version holding it is published;
+then the staging folder is emptied.  A killed build leaves its staged cases
+for the next run, which takes them instead of processing again.
 
 ``OUT/state/digests.json`` remembers each input file's digest by its stat
 stamp, so unchanged files are not re-read.

@@ -134,6 +134,34 @@ def test_a_moved_raw_folder_reads_each_input_once(reference, tmp_path, monkeypat
         np.testing.assert_array_equal(got[k], reference["snap"]["arrays"][k], err_msg=k)
 
 
+def test_a_stored_case_whose_file_turns_unreadable_is_quarantined_by_name(pool, tmp_path, monkeypatch):
+    """A changed file of a stored case is hashed by the case's task; when it cannot be read the
+    case is quarantined naming the case, the file and the OS error, and the others stay."""
+    from pipelines.build import incremental
+
+    raw = _raw(pool, tmp_path / "raw", [1, 2])
+    out = tmp_path / "out"
+    build(BuildConfig(raw, out, workers=0, progress=False, report=False))
+    img = raw / "patient002" / "patient002_frame01.nii.gz"
+    st = img.stat()
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    real_digest = incremental.file_digest
+
+    def digest(p, **kw):
+        if Path(p) == img:
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_digest(p, **kw)
+
+    monkeypatch.setattr(incremental, "file_digest", digest)
+    res = build(BuildConfig(raw, out, workers=0, progress=False, report=False))
+    [q] = res.quarantined
+    assert q["case_id"] == "patient002" and q["check"] == "readable" and q["file"] == str(img)
+    assert "Permission denied" in q["message"]
+    assert res.reused == ["patient001"] and res.exit_code == 3
+    ids = zarr.open_group(str(out / "store.zarr"), mode="r")["case_table"].attrs["case_ids"]
+    assert ids == ["patient001"]
+
+
 def test_plan_change_triggers_full_rebuild(reference, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(reference["out"], out, symlinks=True)
