@@ -153,6 +153,7 @@ class _Build:
                 log.info("store is up to date (%d cases); nothing to publish", len(entries))
             else:
                 self._publish(entries, plan, build_key, current, index, client)
+            self._clear_staging(client)
         finally:
             self._stack.close()
         _write_json(out / "plan.json", plan.to_dict())  # the plan of the published version
@@ -320,6 +321,18 @@ class _Build:
                  self.result.n_slices, len(entries), counts["groups_written"], counts["groups"])
         self.runlog.event("published", seconds=round(time.perf_counter() - self.t0, 3), **counts)
 
+    def _clear_staging(self, client) -> None:
+        """Delete the staged cases (the published version holds them), on the cluster.
+
+        Unlinking a staged case frees its blocks in the kernel (~0.4 ms each):
+        done serially here it was ~15 % of this process's CPU in a 1,600-case
+        build, and it grows with the dataset; the workers delete in parallel.
+        """
+        files = incremental.staged_files(self.staging)
+        batches = [(files[i:i + _UNLINK_BATCH],) for i in range(0, len(files), _UNLINK_BATCH)]
+        map_tasks(incremental.remove_files, batches, client=client, retries=1,
+                  desc="staging", progress=False, batch=1)
+
     def _report(self, plan: Plan) -> None:
         from pipelines.build.report import render_build_report
 
@@ -380,6 +393,9 @@ def _quarantine_records(outcomes: list[dict], todo: list[CaseSpec]) -> list[dict
                                 f"task failed after retries: {res.get('exception')}").to_dict())
     return recs
 
+
+#: Staged files deleted by one cleanup task (:meth:`_Build._clear_staging`).
+_UNLINK_BATCH = 256
 
 _SUMMARY = ("n_slices", "n_frames", "class_counts_raw", "slices", "warnings")
 

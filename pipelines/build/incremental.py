@@ -194,9 +194,30 @@ def read_staged_arrays(staging: str | Path, key: str,
 
 def clear_staging(staging: Path) -> None:
     """Remove every staged case (after the version holding them is published)."""
-    if staging.is_dir():
-        for p in staging.iterdir():
-            p.unlink(missing_ok=True)
+    remove_files(staged_files(staging))
+
+
+def staged_files(staging: Path) -> list[str]:
+    """Paths of everything in the staging folder (none when it does not exist)."""
+    try:
+        with os.scandir(staging) as it:
+            return [entry.path for entry in it]
+    except FileNotFoundError:
+        return []
+
+
+def remove_files(paths: list[str]) -> dict[str, Any]:
+    """Delete ``paths`` (already gone is fine); a Dask task of the build's staging cleanup.
+
+    >>> remove_files([])
+    {'ok': True, 'removed': 0}
+    """
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    return {"ok": True, "removed": len(paths)}
 
 
 class StoreIndex:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from pipelines.build.cluster import map_tasks
@@ -22,10 +24,28 @@ def test_serial_map_keeps_order_and_captures_failures():
     assert len(seen) == 4
 
 
+def _echo(case: dict, plan: dict) -> dict:
+    return {"ok": True, "case": case, "plan": plan}
+
+
+def _tasks_on_scheduler(dask_scheduler=None) -> int:
+    return len(dask_scheduler.tasks)
+
+
 @pytest.mark.timeout(120)
 def test_local_cluster_map_equals_serial():
     from pipelines.build.cluster import dask_client
 
+    items = [({"case_id": f"c{i}", "frames": [{"phase": "ED", "image": f"/r/c{i}.nii"}]},
+              {"crop_shape": [128, 128], "seed": i}) for i in range(5)]
     with dask_client(2) as client:
         out = map_tasks(_task, [(i,) for i in range(5)], client=client, retries=0, progress=False)
+        nested = map_tasks(_echo, items, client=client, retries=0, progress=False, batch=2)
+        # every batch's future is released as its result arrives: nothing stays behind
+        deadline = time.monotonic() + 10
+        while (left := client.run_on_scheduler(_tasks_on_scheduler)) and time.monotonic() < deadline:
+            time.sleep(0.05)  # releases reach the scheduler asynchronously
     assert out == map_tasks(_task, [(i,) for i in range(5)], client=None, progress=False)
+    assert nested == [{"ok": True, "case": c, "plan": p} for c, p in items]  # JSON round trip
+    assert left == 0
+

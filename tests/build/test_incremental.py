@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -59,3 +60,16 @@ def test_case_key_depends_on_contents_plan_and_paths():
     assert k != incremental.case_key(case, {"/r/a": "1", "/r/b": "3"}, "plan")
     assert k != incremental.case_key(case, {"/r/a": "1", "/r/b": "2"}, "plan2")
     assert k == incremental.case_key({**case, "metadata": {"x": 1}}, {"/r/a": "1", "/r/b": "2"}, "plan")
+
+
+def test_remove_files_deletes_what_is_there_and_skips_what_is_gone(tmp_path):
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    for name in ("a.npz", "b.npz"):
+        (staging / name).write_bytes(b"x")
+    files = incremental.staged_files(staging)
+    assert sorted(Path(f).name for f in files) == ["a.npz", "b.npz"]
+    (staging / "a.npz").unlink()  # deleted meanwhile (a retried task): not an error
+    assert incremental.remove_files(files) == {"ok": True, "removed": 2}
+    assert not list(staging.iterdir())
+    assert incremental.staged_files(tmp_path / "absent") == []
