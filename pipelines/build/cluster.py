@@ -129,14 +129,18 @@ def _local_client(workers: int, threads_per_worker: int, memory_limit: str) -> I
     log.info("starting LocalCluster: %d workers x %d threads, memory limit %s (TLS, loopback)",
              workers, threads_per_worker, memory_limit)
     try:
-        with dask.config.set({**_NO_HTTP, **_LIGHT_MONITORING}):  # read by the workers' processes as they start
+        config = {**_NO_HTTP, **_LIGHT_MONITORING}  # read by every node as it starts
+        with dask.config.set(config):
             cluster = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker,
                                    processes=True, memory_limit=memory_limit, dashboard_address=None,
                                    host="127.0.0.1", protocol="tls://", security=Security.temporary(),
                                    local_directory=local_dir, silence_logs=logging.WARNING)
-        with cluster, Client(cluster) as client:
-            _close_http_servers(cluster, client)
-            yield client
+        with cluster:
+            with dask.config.set(config):
+                client = Client(cluster)
+            with client:
+                _close_http_servers(cluster, client)
+                yield client
     finally:
         shutil.rmtree(local_dir, ignore_errors=True)  # workers' scratch space (spill, locks)
 
