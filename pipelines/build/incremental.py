@@ -130,8 +130,10 @@ def case_files(case: dict[str, Any]) -> list[str]:
         files.add(f["image"])
         if f.get("label"):
             files.add(f["label"])
-    files = {f for f in files if not os.path.isdir(f)}
-    files.update(case.get("metadata", {}).get("_metadata_files", []))
+    listed = case.get("metadata", {}).get("_metadata_files")
+    if listed:  # only DICOM cases list files: a stat per path only for them (3 calls a case a build)
+        files = {f for f in files if not os.path.isdir(f)}
+        files.update(listed)
     return sorted(files)
 
 
