@@ -71,7 +71,7 @@ class _Build:
         # resolved: ``../raw`` and ``/abs/raw`` are the same inputs (case keys hold paths)
         self.raw, self.out = Path(config.raw).resolve(), Path(config.out)
         self.staging, self.state = self.out / "staging", self.out / "state"
-        self.t0, self.cpu0 = time.perf_counter(), time.process_time()
+        self.t0, self.cpu0, self.thread_cpu0 = time.perf_counter(), time.process_time(), time.thread_time()
         self.runlog = RunLog(self.out / "logs" / "build.jsonl")
         self.result = BuildResult(out=self.out)
         self._stack, self._client_ = ExitStack(), None
@@ -164,11 +164,13 @@ class _Build:
         self._fingerprint(entries, plan)
         result.seconds = time.perf_counter() - self.t0
         result.client_cpu_s = round(time.process_time() - self.cpu0, 3)
+        result.client_main_thread_cpu_s = round(time.thread_time() - self.thread_cpu0, 3)
         result.client_peak_rss_mib = round(peak_rss_mib(), 1)
         _write_json(out / "build_report.json", result.to_dict())
         self.runlog.event("end", **{k: v for k, v in result.to_dict().items() if k in
                                     ("n_cases", "n_slices", "exit_code", "seconds", "published",
-                                     "client_cpu_s", "client_peak_rss_mib")},
+                                     "client_cpu_s", "client_main_thread_cpu_s",
+                                     "client_peak_rss_mib")},
                           quarantined=[q["case_id"] for q in result.quarantined])
         return result
 

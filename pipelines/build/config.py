@@ -110,7 +110,12 @@ class BuildResult:
     full_rebuild: bool = False
     published: bool = False
     seconds: float = 0.0
+    #: CPU time of the build's process: its own work plus, with a local cluster, the Dask
+    #: scheduler and nannies it hosts (their event loop runs in this process).
     client_cpu_s: float = 0.0
+    #: The part of :attr:`client_cpu_s` spent by the thread that called :func:`build`: the
+    #: build's own serial work (discovery, plan, statistics, publishing, report).
+    client_main_thread_cpu_s: float = 0.0
     client_peak_rss_mib: float = 0.0
 
     @property
