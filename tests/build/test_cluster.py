@@ -48,4 +48,3 @@ def test_local_cluster_map_equals_serial():
     assert out == map_tasks(_task, [(i,) for i in range(5)], client=None, progress=False)
     assert nested == [{"ok": True, "case": c, "plan": p} for c, p in items]  # JSON round trip
     assert left == 0
-
