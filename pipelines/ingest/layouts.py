@@ -58,9 +58,15 @@ def rglob(root: Path, *patterns: str):
     into an archive); :meth:`pathlib.Path.rglob` skips symlinked directories
     before Python 3.13, which would silently drop those cases.
     """
-    seen: set[str] = set()
+    match = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns)).match
+    seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
+        try:
+            st = os.stat(dirpath)
+        except OSError:  # vanished while walking
+            dirnames[:] = []
+            continue
+        real = (st.st_dev, st.st_ino)  # one stat (realpath takes one per path component)
         if real in seen:  # a symlink loop or a folder linked twice
             dirnames[:] = []
             continue
@@ -71,15 +77,19 @@ def rglob(root: Path, *patterns: str):
             continue
         seen.add(real)
         dirnames.sort()
+        folder = None
         for name in sorted(filenames + dirnames):
-            if any(fnmatch.fnmatchcase(name, p) for p in patterns):
-                yield Path(dirpath) / name
+            if match(name):
+                folder = folder or Path(dirpath)
+                yield folder / name
 
 
 def _find_nifti(folder: Path, stem: str) -> Path | None:
-    for suffix in NIFTI_SUFFIXES:
-        if (folder / f"{stem}{suffix}").is_file():
-            return folder / f"{stem}{suffix}"
+    base = os.fspath(folder)
+    for suffix in NIFTI_SUFFIXES:  # plain strings: a miss costs a stat, not two Path objects
+        path = os.path.join(base, stem + suffix)
+        if os.path.isfile(path):
+            return Path(path)
     return None
 
 
