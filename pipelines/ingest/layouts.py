@@ -58,6 +58,8 @@ def rglob(root: Path, *patterns: str):
     into an archive); :meth:`pathlib.Path.rglob` skips symlinked directories
     before Python 3.13, which would silently drop those cases.
     """
+    if not patterns:
+        return
     match = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns)).match
     seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
