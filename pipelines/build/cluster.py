@@ -184,8 +184,8 @@ def map_tasks(func: Callable[..., dict], items: list[tuple], *, client: Any | No
     task (default: :func:`batch_size`, at most ``max_batch``; raise it for
     items of a few milliseconds, such as header reads): Dask's per-task cost
     in the client process (3-7 ms of CPU over TLS, scheduler included) would
-    otherwise be a serial share of the build that grows with the dataset.  With ``cost`` (an estimate per item),
-    batches are of about equal cost instead (:func:`plan_batches`) and the
+    otherwise be a serial share of the build that grows with the dataset.
+    With ``cost`` (an estimate per item), batches are of about equal cost instead (:func:`plan_batches`) and the
     costliest are submitted first, so a few heavy items among many light ones
     (the groups rewritten by a nightly run among the linked ones) spread over
     the workers instead of queueing behind each other in one batch.  An item
