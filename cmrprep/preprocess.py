@@ -80,6 +80,7 @@ from cmrprep.reorient import (Reorientation, canonical_reorientation, reorient_g
                               undo_reorientation)
 from cmrprep.resample import (resample_inplane, resample_inplane_window, resample_label_inplane_support,
                               resample_to_reference, target_geometry)
+from cmrprep.stats import slice_class_counts
 
 __all__ = ["PreparedFrame", "preprocess_frame", "restore_prediction", "RECORD_VERSION"]
 
@@ -118,10 +119,7 @@ class PreparedFrame:
 
 def _slice_counts(label: np.ndarray, num_classes: int) -> np.ndarray:
     """``(K, C)`` int64 counts of each class per slice of ``label[i, j, k]``."""
-    k = label.shape[2]
-    flat = label.transpose(2, 0, 1).reshape(k, -1).astype(np.int64) + \
-        num_classes * np.arange(k)[:, None]
-    return np.bincount(flat.ravel(), minlength=k * num_classes).reshape(k, num_classes)
+    return slice_class_counts(label.transpose(2, 0, 1), num_classes)
 
 
 def _validate(image: np.ndarray, label: np.ndarray | None, geometry: Geometry, plan: Plan) -> None:

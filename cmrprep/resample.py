@@ -45,6 +45,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from cmrprep.geometry import Geometry, to_sitk
+from cmrprep.stats import slice_class_counts
 
 __all__ = ["target_geometry", "resample_inplane", "resample_inplane_window",
            "resample_cine_inplane", "resample_label_inplane", "resample_label_inplane_support",
@@ -193,7 +194,7 @@ def _class_probabilities(label: np.ndarray, geometry: Geometry, ref: Geometry,
     overrides whether class 0 counts as present (``label`` may be a block of
     a larger label whose border is background).
     """
-    present = np.bincount(label.ravel(order="K"), minlength=num_classes)[:num_classes] > 0
+    present = np.array([bool((label == c).any()) for c in range(num_classes)])
     if background is not None:
         present[0] = background
     fg = [c for c in range(1, num_classes) if present[c]]
@@ -242,10 +243,7 @@ def _restore_lost(out: np.ndarray, prob: np.ndarray, nearest, present_in: np.nda
 
 def _presence(label: np.ndarray, num_classes: int) -> np.ndarray:
     """``(K, C)`` bool: class ``c`` occurs in slice ``k``."""
-    k = label.shape[2]
-    flat = label.transpose(2, 0, 1).reshape(k, -1).astype(np.int64) + \
-        num_classes * np.arange(k)[:, None]
-    return (np.bincount(flat.ravel(), minlength=k * num_classes).reshape(k, num_classes) > 0)
+    return slice_class_counts(label.transpose(2, 0, 1), num_classes) > 0
 
 
 def resample_label_inplane(label: np.ndarray, geometry: Geometry,

@@ -67,12 +67,22 @@ def check_intensities(image: np.ndarray, case_id: str, path: str) -> list[Proble
     return []
 
 
+#: Below this largest value, :func:`_histogram` counts each value by comparison.
+_FEW_VALUES = 16
+
+
 def _histogram(label: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """Sorted distinct values and, for 8-bit labels, the voxels of each (one pass, no sort)."""
     if label.dtype not in (np.uint8, np.int8):
         return np.unique(label), None
     # ravel(order="K"): no copy of a Fortran array; int8 is counted as its uint8 bit pattern
-    hist = np.bincount(label.ravel(order="K").view(np.uint8), minlength=256)
+    flat = label.ravel(order="K").view(np.uint8)
+    top = int(flat.max()) if flat.size else 0
+    if top < _FEW_VALUES:  # a few label values: one vectorised comparison each, ~10x faster
+        hist = np.array([np.count_nonzero(flat == v) for v in range(top + 1)], dtype=np.int64)
+        present = np.flatnonzero(hist)
+        return present.astype(np.int64), hist[present]
+    hist = np.bincount(flat, minlength=256)  # casts to int64 first: ~7 ms a cine frame
     offset = 0
     if label.dtype == np.int8:  # bit patterns 128..255 are -128..-1: put them first
         hist, offset = np.roll(hist, 128), -128
