@@ -1,7 +1,7 @@
 """Write a tiny slice store following the schema of docs/DESIGN.md ("Store").
 
 The arrays are created and the shards written by the build's own store code
-(:func:`pipelines.build.store.create_store`, :func:`~pipelines.build.store.write_shard`),
+(:func:`pipelines.build.store.create_store`, :func:`~pipelines.build.store.write_shards`),
 so the schema cannot drift; only the content is synthetic.  Each synthetic 'patient' is a short-axis stack: an LV disc (3)
 ringed by myocardium (2) with an RV crescent (1) beside it, shrinking towards
 the apex; the first and last slices of each stack hold background only.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from cmrprep.plan import Plan
-from pipelines.build.store import create_store, write_shard
+from pipelines.build.store import create_store, write_shards
 
 __all__ = ["write_store", "synthetic_case"]
 
@@ -119,9 +119,7 @@ def write_store(path: str | Path, *, n_patients: int = 6, slices_per_patient: in
     n = images.shape[0]
     root = create_store(store, n_slices=n, slice_shape=(size, size), image_dtype="float32",
                         shard_slices=shard_slices)
-    for start in range(0, n, root["images"].shards[0]):  # whole shards, as the build writes them
-        stop = start + root["images"].shards[0]
-        write_shard(store, start, images[start:stop], labels[start:stop])
+    write_shards(store, 0, images, labels)  # whole shards, as the build writes them
     case_index = np.repeat(np.arange(n_patients, dtype=np.int32), slices_per_patient)
     small = {"case_index": case_index, "frame_index": case_index.copy(),
              "slice_index": np.tile(np.arange(slices_per_patient, dtype=np.int32), n_patients),

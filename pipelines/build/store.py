@@ -17,9 +17,9 @@ unchanged from the previous version and writes only the other groups, so the
 cost of a build follows what changed, and versions share their data on disk.
 
 Writes are shard-aligned by construction: each group's shards are written by
-one :func:`write_group` call (concurrent writes into one shard silently
-corrupt data in zarr-python 3.x; different shards are different files and safe
-in parallel).  Readers live in :mod:`model.reader`.
+one :func:`write_group` call, through :func:`write_shards` (concurrent writes
+into one shard silently corrupt data in zarr-python 3.x; different shards are
+different files and safe in parallel).  Readers live in :mod:`model.reader`.
 """
 
 from __future__ import annotations
@@ -100,23 +100,32 @@ def create_store(path: str | Path, *, n_slices: int, slice_shape: tuple[int, int
     return root
 
 
-def write_shard(store_path: str | Path, start: int, images: np.ndarray, labels: np.ndarray) -> None:
-    """Write one whole shard (``images``/``labels`` from index ``start``) of a store.
+def write_shards(store_path: str | Path, start: int, images: np.ndarray, labels: np.ndarray) -> None:
+    """Write whole shards of a store: ``images``/``labels`` from slice ``start`` (a shard boundary).
 
-    Each call writes exactly one shard file per array, so calls for different
-    shards may run concurrently in different processes (concurrent writes into
-    the *same* shard corrupt it: zarr-python 3.x does not lock).
+    The data covers one or more consecutive shards (the last one may end at the
+    array's end).  Each shard file is written by exactly one call, so calls for
+    different shards may run concurrently in different processes (concurrent
+    writes into the *same* shard corrupt it: zarr-python 3.x does not lock).
+
+    Each array is opened once with ``write_empty_chunks`` on: zarr then skips
+    its all-fill-value scan of every shard (a third of the encoding time; an
+    all-background label chunk costs a few bytes instead of none).  The runtime
+    option belongs to the opened array (``with_config``); setting it in
+    ``zarr.config`` after opening has no effect.
     """
     for name, data in (("images", images), ("labels", labels)):
-        arr = zarr.open_array(str(Path(store_path) / name), mode="r+")
-        # write_empty_chunks: skip zarr's all-fill-value scan of every chunk (25 % of the
-        # write); an all-background label chunk then costs a few bytes instead of none
-        with zarr.config.set({"array.write_empty_chunks": True}):
-            arr[start:start + len(data)] = data.astype(arr.dtype, copy=False)
-        shard_file = shard_path(Path(store_path), name, start // arr.shards[0],
-                                arr.metadata.chunk_key_encoding.separator)
-        if shard_file.is_file():  # flushed here, in parallel; publishing then syncs clean files
-            fsync_path(shard_file)
+        arr = zarr.open_array(str(Path(store_path) / name), mode="r+").with_config(
+            {"write_empty_chunks": True})
+        shard = arr.shards[0]
+        if start % shard:
+            raise ValueError(f"start {start} is not a shard boundary (shards of {shard} slices)")
+        arr[start:start + len(data)] = data.astype(arr.dtype, copy=False)
+        sep = arr.metadata.chunk_key_encoding.separator
+        for k in range(start // shard, -(-(start + len(data)) // shard)):
+            shard_file = shard_path(Path(store_path), name, k, sep)
+            if shard_file.is_file():  # flushed here, in parallel; publishing then syncs clean files
+                fsync_path(shard_file)
 
 
 def _boundary(case_id: str, mean_cases: int) -> bool:
@@ -449,12 +458,8 @@ def _write_group(version: Path, previous: Path | None, staging: Path, group: dic
             records.append(old.record(case["old_group"], case["case_id"]))
         pos += k
     end = min(group["first_slice"] + n, group["n_total"])  # the store's last shard may be partial
-    for j in range(group["n_shards"]):
-        start = group["first_slice"] + j * shard
-        stop = min(start + shard, end)
-        if stop > start:
-            write_shard(version, start, images[j * shard:j * shard + stop - start],
-                        labels[j * shard:j * shard + stop - start])
+    k = end - group["first_slice"]
+    write_shards(version, group["first_slice"], images[:k], labels[:k])
     zarr.create_array(str(version / "records" / group["key"]), shape=(len(records),), dtype="int32",
                       chunks=(max(len(records), 1),), fill_value=0, zarr_format=3,
                       chunk_key_encoding=KEY_ENCODING, attributes={"cases": records})

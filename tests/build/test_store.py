@@ -203,8 +203,28 @@ def _staged_case(staging, cid, n, label_value):
             **case_summary(arrays, 1)}
 
 
+def _drop_fill_value_shards(version):
+    """Make ``version`` look written by an earlier cmrprep: zarr's default ``write_empty_chunks=False``
+    stored no file for a shard of fill values only, and the build recorded its size as 0."""
+    from pipelines.build.store import shard_files
+
+    table = zarr.open_array(str(version / "case_table"), mode="r+")
+    groups = table.attrs["groups"]
+    labels = zarr.open_array(str(version / "labels"), mode="r")
+    shard = labels.shards[0]
+    for g in groups:
+        files = shard_files(version, g[1], g[2])
+        for j, f in enumerate(files[g[2]:]):  # the labels shards
+            k = g[1] + j
+            if not labels[k * shard:(k + 1) * shard].any():
+                f.unlink()
+                g[5][g[2] + j] = 0
+    table.attrs.update({"groups": groups})
+
+
 def test_an_all_background_label_shard_is_absent_and_still_reused(tmp_path):
-    """zarr writes no file for a shard that is all fill value; reuse must not take that for damage."""
+    """Stores written before ``write_empty_chunks`` was on have no file for a shard of fill
+    values only (size 0 recorded); reuse must not take that for damage."""
     from pipelines.build import incremental
     from pipelines.build.store import dataset_statistics, write_version
 
@@ -220,6 +240,8 @@ def test_an_all_background_label_shard_is_absent_and_still_reused(tmp_path):
     stats = dataset_statistics(cases, plan)
     v1 = tmp_path / "v1.zarr"
     write_version(v1, None, staging, cases, plan, stats, "k1", serial)
+    assert all(s > 0 for g in incremental.StoreIndex(v1).groups for s in g[5])  # every shard written
+    _drop_fill_value_shards(v1)
     index = incremental.StoreIndex(v1)
     sizes = [g[5] for g in index.groups]
     assert any(s == 0 for g in sizes for s in g)  # some labels shard holds only background
