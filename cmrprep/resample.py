@@ -128,21 +128,33 @@ def _index_frame(geometry: Geometry, ref: Geometry) -> tuple[list[float], list[f
 
 def _resample_channels(channels: np.ndarray, geometry: Geometry, ref: Geometry,
                        interp: int) -> np.ndarray:
-    """Resample ``[i, j, k, c]`` float32 channels -> ``[I, J, K, c]``, one 3D call per channel."""
+    """Resample ``[i, j, k, c]`` float32 channels -> ``[I, J, K, c]``, one 3D call per channel.
+
+    One filter, configured once with the output grid (no reference image is
+    allocated), executes every channel.
+    """
     frame = _index_frame(geometry, ref)
     out_shape = [int(s) for s in ref.shape[:3]]
-    reference = sitk.Image(out_shape, sitk.sitkUInt8)
+    resampler = sitk.ResampleImageFilter()
+    resampler.SetSize(out_shape)
+    resampler.SetInterpolator(interp)
+    resampler.SetDefaultPixelValue(0.0)
+    resampler.SetOutputPixelType(sitk.sitkFloat32)
+    resampler.SetUseNearestNeighborExtrapolator(True)
     if frame is None:
-        reference = _world_frame(reference, ref)
+        grid = _world_frame(sitk.Image([1, 1, 1], sitk.sitkUInt8), ref)
+        resampler.SetOutputSpacing(grid.GetSpacing())
+        resampler.SetOutputOrigin(grid.GetOrigin())
+        resampler.SetOutputDirection(grid.GetDirection())
     else:
-        reference.SetSpacing(frame[0])
-        reference.SetOrigin(frame[1])
+        resampler.SetOutputSpacing(frame[0])
+        resampler.SetOutputOrigin(frame[1])
     out = np.empty((*out_shape, channels.shape[3]), dtype=np.float32)
     for c in range(channels.shape[3]):
         img = sitk.GetImageFromArray(np.ascontiguousarray(channels[..., c].T, dtype=np.float32))
         if frame is None:
             img = _world_frame(img, geometry)
-        res = sitk.Resample(img, reference, sitk.Transform(), interp, 0.0, sitk.sitkFloat32, True)
+        res = resampler.Execute(img)  # held: the array view does not keep the image alive
         out[..., c] = sitk.GetArrayViewFromImage(res).T
     return out
 
