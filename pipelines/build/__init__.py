@@ -128,7 +128,7 @@ class _Build:
             _build_key(phash, [keys[c.case_id] for c in cases]) == _current_key(current))
         client = self._client() if not unchanged else None
         try:
-            outcomes = self._process(todo, keys, digests, index, plan, phash, client)
+            outcomes = self._process(cases, todo, keys, digests, index, plan, phash, client)
             self._check_convention(outcomes)
             self._learn(outcomes, keys, digests, digest_index)
             for res in outcomes:  # recorded above: the client keeps only the per-case summary
@@ -217,30 +217,45 @@ class _Build:
         self._header_problems = [r["problem"] for r in results if r.get("problem")]
         return [r.get("spacing") for r in results]
 
-    def _process(self, todo, keys, digests, index, plan: Plan, phash: str, client) -> list[dict]:
-        """Process ``todo`` on the cluster.  A case the store holds whose files changed stamp
-        goes with its stored key and the digests still known, so its worker hashes only the
-        changed files and skips the case when the content is the same."""
-        from pipelines.build.tasks import process_case
+    def _process(self, cases, todo, keys, digests, index, plan: Plan, phash: str,
+                 client) -> list[dict]:
+        """Process ``todo`` on the cluster; one result per case of ``todo``, in its order.
+
+        A case the store holds whose files changed stamp goes with its stored key
+        and the digests still known, so its worker hashes only the changed files
+        and skips the case when the content is the same.  The new cases of a
+        store group that is new as a whole (every case of a first build) go as
+        one task, which also writes the group (:func:`~pipelines.build.tasks.process_cases`).
+        """
+        from pipelines.build.tasks import process_cases
 
         if not todo:
             return []
         plan_dict = plan.to_dict()
-        items = []
+        args = {}
         for c in todo:
             d, reuse = c.to_dict(), None
             if keys[c.case_id] is None and c.case_id in index:
                 reuse = {"key": index.key_of(c.case_id),
                          "digests": {f: digests[f] for f in incremental.case_files(d) if f in digests}}
-            items.append((d, plan_dict, str(self.staging), keys[c.case_id], phash, reuse))
+            args[c.case_id] = (d, plan_dict, str(self.staging), keys[c.case_id], phash, reuse)
+        units = _units(cases, args, index, plan.group_cases)
+        items = [([args[cid] for cid in unit], [_known(args[cid][0], digests) for cid in unit], whole)
+                 for unit, whole in units]
 
         def note(res: dict) -> None:
-            self.runlog.event("case", case_id=res.get("case_id"), ok=res.get("ok"))
+            for case in res.get("cases") or [res]:
+                self.runlog.event("case", case_id=case.get("case_id"), ok=case.get("ok"))
 
-        outcomes = map_tasks(process_case, items, client=client, retries=self.cfg.retries,
-                             progress=self.cfg.progress, on_result=note)
+        results = map_tasks(process_cases, items, client=client, retries=self.cfg.retries,
+                            progress=self.cfg.progress, on_result=note,
+                            cost=[float(len(u)) for u, _ in units], units=[len(u) for u, _ in units])
+        by_id = {}
+        for (unit, _), res in zip(units, results):
+            for cid, case in zip(unit, res.get("cases") or [dict(res)] * len(unit)):
+                by_id[cid] = case if "cases" in res else {**case, "case_id": cid}
         self.runlog.event("cases_done", seconds=round(time.perf_counter() - self.t0, 3))
-        return outcomes
+        return [by_id[c.case_id] for c in todo]
 
     def _check_convention(self, outcomes: list[dict]) -> None:
         """Refuse (ConfigError, exit 2, nothing published) when most new cases contradict the label map.
@@ -295,8 +310,9 @@ class _Build:
                 fp = src.get("fingerprint_json")
                 if fp is None and src.get("fingerprint") is not None:  # staged by an interrupted build
                     fp = json.dumps(src["fingerprint"], sort_keys=True)
-                entries.append({**base, "source": "staged", **{k: src[k] for k in _SUMMARY},
-                                "fingerprint_json": fp})
+                entries.append({**base, "source": "fragment" if src.get("fragment") else "staged",
+                                **{k: src[k] for k in _SUMMARY}, "fingerprint_json": fp,
+                                "fragment": src.get("fragment")})
             else:
                 entries.append({**base, "source": "store", **old.summary(cid)})
         return entries
@@ -378,6 +394,29 @@ class _Build:
         rest = json.dumps({"shift_reference": summarize(frames), "target_spacing": plan.target_spacing},
                           sort_keys=True)
         incremental.atomic_write_text(path, '{"cases": {' + ", ".join(texts) + "}, " + rest[1:] + "\n")
+
+
+def _units(cases: list[CaseSpec], todo: dict[str, Any], index: incremental.StoreIndex,
+           mean_cases: int) -> list[tuple[list[str], bool]]:
+    """Tasks of the processing step: ``(case ids, whole group)``, in store order.
+
+    Store groups (:func:`pipelines.build.store.group_members`, over every case)
+    whose cases are all new go whole; every other case to process goes alone.
+    """
+    from pipelines.build.store import group_members
+
+    units = []
+    for members in group_members([c.case_id for c in cases], mean_cases):
+        ids = [cases[i].case_id for i in members]
+        if all(cid in todo and cid not in index for cid in ids):
+            units.append((ids, True))
+        else:
+            units.extend(([cid], False) for cid in ids if cid in todo)
+    return units
+
+
+def _known(case: dict[str, Any], digests: dict[str, str]) -> dict[str, str]:
+    return {f: digests[f] for f in incremental.case_files(case) if f in digests}
 
 
 def _build_key(phash: str, keys: list[str]) -> str:

@@ -176,7 +176,8 @@ MAX_BATCH = 32
 def map_tasks(func: Callable[..., dict], items: list[tuple], *, client: Any | None,
               retries: int = 2, desc: str = "cases", progress: bool = True,
               on_result: Callable[[dict], None] | None = None, batch: int | None = None,
-              cost: list[float] | None = None, max_batch: int = MAX_BATCH) -> list[dict]:
+              cost: list[float] | None = None, max_batch: int = MAX_BATCH,
+              units: list[int] | None = None) -> list[dict]:
     """Run ``func(*item)`` for every item; results come back in input order.
 
     With ``client=None`` the items run serially in this process (debugging,
@@ -192,7 +193,8 @@ def map_tasks(func: Callable[..., dict], items: list[tuple], *, client: Any | No
     whose exception survives ``retries`` retries
     (``OSError``, transient) or any other exception is returned as
     ``{"ok": False, "exception": "..."}``, never raised, so one bad case
-    cannot take down the run.
+    cannot take down the run.  ``units`` (per item) is what the progress bar
+    counts when an item holds several cases.
 
     Items must be JSON-serialisable (NumPy scalars and arrays arrive as
     numbers and lists): each batch crosses to its worker as one JSON text,
@@ -210,11 +212,12 @@ def map_tasks(func: Callable[..., dict], items: list[tuple], *, client: Any | No
     from tqdm.auto import tqdm
 
     results: list[dict | None] = [None] * len(items)
-    bar = tqdm(total=len(items), desc=desc, unit="case", disable=not progress)
+    steps = units or [1] * len(items)
+    bar = tqdm(total=sum(steps), desc=desc, unit="case", disable=not progress)
     if client is None:
         for i, item in enumerate(items):
             results[i] = _call(func, item, retries)
-            _done(bar, on_result, results[i])
+            _done(bar, on_result, results[i], steps[i])
     else:
         from distributed import as_completed
 
@@ -236,7 +239,7 @@ def map_tasks(func: Callable[..., dict], items: list[tuple], *, client: Any | No
             fut.release()
             for k, res in enumerate(batch_results):
                 results[start + k] = res
-                _done(bar, on_result, res)
+                _done(bar, on_result, res, steps[start + k])
     bar.close()
     return [r if r is not None else {"ok": False, "exception": "no result"} for r in results]
 
@@ -312,8 +315,9 @@ def _call(func: Callable[..., dict], item: tuple, retries: int = 0) -> dict:
     return {"ok": False, "exception": "no attempt"}
 
 
-def _done(bar: Any, on_result: Callable[[dict], None] | None, res: dict | None) -> None:
-    bar.update(1)
+def _done(bar: Any, on_result: Callable[[dict], None] | None, res: dict | None,
+          step: int = 1) -> None:
+    bar.update(step)
     if on_result is not None and res is not None:
         on_result(res)
 

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,9 @@ import numpy as np
 import cmrprep
 
 log = logging.getLogger(__name__)
+
+#: Suffix of a group fragment's folder in the staging folder (``pipelines.build.store.write_fragment``).
+FRAGMENT_SUFFIX = ".group"
 
 STAGED_ARRAYS = ("images", "labels", "class_counts", "class_counts_raw", "slice_index",
                 "phase", "frame_local")
@@ -219,6 +223,8 @@ def remove_files(paths: list[str]) -> dict[str, Any]:
             os.unlink(path)
         except FileNotFoundError:
             pass
+        except IsADirectoryError:  # a group fragment
+            shutil.rmtree(path, ignore_errors=True)
     return {"ok": True, "removed": len(paths)}
 
 
@@ -342,11 +348,13 @@ def plan_work(cases: list, digests: dict[str, str], phash: str, index: StoreInde
 
     A case whose key is known (all its digests are) and equals the key the
     store holds for it is reused from the store; one staged by an earlier,
-    interrupted build under that key is taken from the staging folder.  Every
+    interrupted build under that key (a staged file or a group fragment) is
+    taken from the staging folder.  Every
     other case is processed (key ``None``: the worker hashes its files).
     """
     keys: dict[str, str | None] = {}
     staged: dict[str, dict[str, Any]] = {}
+    fragments: dict[str, dict[str, Any]] | None = None
     todo = []
     for case in cases:
         d = case.to_dict()
@@ -357,11 +365,41 @@ def plan_work(cases: list, digests: dict[str, str], phash: str, index: StoreInde
             if index.key_of(case.case_id) == key:
                 continue
             meta = read_staged_meta(staging, key)
+            if meta is None:
+                if fragments is None:
+                    fragments = read_fragments(staging)
+                meta = fragments.get(key)
             if meta is not None:
                 staged[case.case_id] = meta
                 continue
         todo.append(case)
     return todo, keys, staged
+
+
+def read_fragments(staging: Path) -> dict[str, dict[str, Any]]:
+    """Cases of the complete group fragments in ``staging``, by case key.
+
+    A fragment (:func:`pipelines.build.store.write_fragment`) is complete when
+    its ``summary.json`` exists and every shard file has the size recorded
+    there (a file cut short by a power loss is caught by one ``stat``: its
+    cases are then processed again); each case maps to its summary and
+    ``fragment`` (``{"key", "path", "sizes", "sep", "first"}``).
+    """
+    found: dict[str, dict[str, Any]] = {}
+    for summary in staging.glob(f"*{FRAGMENT_SUFFIX}/summary.json"):
+        try:
+            data = json.loads(summary.read_text())
+            root = summary.parent  # not the recorded path: OUT may have moved since
+            info = {"key": data["key"], "path": str(root), "sizes": data["sizes"], "sep": data["sep"]}
+            if any(size and os.stat(root / name).st_size != size
+                   for name, size in zip(data["files"], data["sizes"], strict=True)):
+                log.warning("staged group %s is damaged; its cases are processed again", root.name)
+                continue
+            for case in data["cases"]:
+                found[case["key"]] = {**case, "fragment": {**info, "first": case["first"]}}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # unreadable: its cases are processed again
+    return found
 
 
 def removed_cases(index: StoreIndex, present: set[str]) -> list[str]:
@@ -370,6 +408,9 @@ def removed_cases(index: StoreIndex, present: set[str]) -> list[str]:
 
 
 def remove_leftovers(staging: Path) -> None:
-    """Delete temporary files of a killed build."""
+    """Delete temporary files and incomplete group fragments of a killed build."""
     for leftover in staging.glob(".*.tmp"):
         leftover.unlink(missing_ok=True)
+    for fragment in staging.glob(f"*{FRAGMENT_SUFFIX}"):
+        if not (fragment / "summary.json").is_file():
+            shutil.rmtree(fragment, ignore_errors=True)

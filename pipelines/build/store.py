@@ -81,12 +81,8 @@ def create_store(path: str | Path, *, n_slices: int, slice_shape: tuple[int, int
     chunks of :func:`chunk_slices` slices.
     """
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
-    h, w = slice_shape
-    chunk, shard = chunk_slices(shard_slices), shard_slices
-    for name, dtype in (("images", image_dtype), ("labels", "uint8")):
-        root.create_array(name, shape=(n_slices, h, w), dtype=dtype, chunks=(chunk, h, w),
-                          shards=(shard, h, w), compressors=_compressor(), fill_value=0,
-                          dimension_names=("slice", "y", "x"), chunk_key_encoding=KEY_ENCODING)
+    create_image_arrays(root, n_slices=n_slices, slice_shape=slice_shape, image_dtype=image_dtype,
+                        shard_slices=shard_slices)
     one_d = max(n_slices, 1)
     root.create_array("weights", shape=(n_slices,), dtype="float64", chunks=(one_d,),
                       fill_value=0.0, dimension_names=("slice",), chunk_key_encoding=KEY_ENCODING)
@@ -98,6 +94,17 @@ def create_store(path: str | Path, *, n_slices: int, slice_shape: tuple[int, int
                       chunks=(one_d, num_classes), fill_value=0,
                       dimension_names=("slice", "class"), chunk_key_encoding=KEY_ENCODING)
     return root
+
+
+def create_image_arrays(root: zarr.Group, *, n_slices: int, slice_shape: tuple[int, int],
+                        image_dtype: str, shard_slices: int) -> None:
+    """The sharded ``images`` and ``labels`` arrays of a store (or of a group fragment)."""
+    h, w = slice_shape
+    chunk, shard = chunk_slices(shard_slices), shard_slices
+    for name, dtype in (("images", image_dtype), ("labels", "uint8")):
+        root.create_array(name, shape=(n_slices, h, w), dtype=dtype, chunks=(chunk, h, w),
+                          shards=(shard, h, w), compressors=_compressor(), fill_value=0,
+                          dimension_names=("slice", "y", "x"), chunk_key_encoding=KEY_ENCODING)
 
 
 def write_shards(store_path: str | Path, start: int, images: np.ndarray, labels: np.ndarray) -> None:
@@ -164,6 +171,27 @@ def group_layout(case_ids: Sequence[str], n_slices: Sequence[int], shard: int,
     >>> [(x["cases"], x["first_shard"], x["n_shards"]) for x in g]
     [([0], 0, 1), ([1], 1, 1), ([2], 2, 1)]
     """
+    out, first = [], 0
+    for members in group_members(case_ids, mean_cases):
+        total = int(sum(n_slices[i] for i in members))
+        n_shards = max(1, -(-total // shard))
+        out.append({"cases": members, "first_shard": first, "n_shards": n_shards,
+                    "first_slice": first * shard, "n_slices": total})
+        first += n_shards
+    return out
+
+
+def group_members(case_ids: Sequence[str], mean_cases: int = 8) -> list[list[int]]:
+    """Positions in ``case_ids`` (store order) of each group's cases (see :func:`group_layout`).
+
+    Membership depends on the ids alone, so the build knows the groups before
+    any case is processed.
+
+    Examples
+    --------
+    >>> group_members(["a", "b", "c"], mean_cases=1)
+    [[0], [1], [2]]
+    """
     groups: list[list[int]] = []
     current: list[int] = []
     for i, cid in enumerate(case_ids):
@@ -175,14 +203,7 @@ def group_layout(case_ids: Sequence[str], n_slices: Sequence[int], shard: int,
             current = []
     if current:
         groups.append(current)
-    out, first = [], 0
-    for members in groups:
-        total = int(sum(n_slices[i] for i in members))
-        n_shards = max(1, -(-total // shard))
-        out.append({"cases": members, "first_shard": first, "n_shards": n_shards,
-                    "first_slice": first * shard, "n_slices": total})
-        first += n_shards
-    return out
+    return groups
 
 
 def group_key(case_keys: Sequence[str], shard: int) -> str:
@@ -281,7 +302,8 @@ def write_version(path: Path, previous: Path | None, staging: Path, cases: list[
     Returns
     -------
     dict
-        ``groups``, ``groups_linked``, ``groups_written``.
+        ``groups``, ``groups_linked`` (from ``previous``), ``groups_written`` (here or,
+        as a fragment, by the case tasks).
 
     This process writes the small arrays and the attributes; the groups'
     shards and records are written (or hard-linked) by
@@ -321,9 +343,15 @@ def write_version(path: Path, previous: Path | None, staging: Path, cases: list[
                 "shard": shard, "first_slice": group["first_slice"], "n_total": n_total,
                 "reuse_first_shard": reuse[1] if reuse else None,
                 "reuse_sizes": reuse[5] if reuse and len(reuse) > 5 else None,
-                "sep": KEY_ENCODING["separator"], "reuse_sep": previous_sep,
+                "sep": KEY_ENCODING["separator"], "reuse_sep": previous_sep, "link_from": None,
                 "cases": [{k: m.get(k) for k in ("case_id", "key", "source", "n_slices", "hashes",
-                                                 "old_first_slice", "old_group")} for m in members]}
+                                                 "old_first_slice", "old_group", "fragment")}
+                          for m in members]}
+        fragment = _whole_fragment(members, gkey)
+        if reuse is None and fragment is not None:  # written by the case task: link it into place
+            reuse = fragment
+            task.update(reuse_first_shard=0, reuse_sizes=fragment["sizes"],
+                        reuse_sep=fragment["sep"], link_from=fragment["path"])
         items.append((str(path), str(previous) if previous else None, str(staging), task))
         cost.append(1.0 if reuse else 1.0 + group["n_slices"])
     results = run_tasks(group_task, items, cost)
@@ -346,26 +374,30 @@ def write_version(path: Path, previous: Path | None, staging: Path, cases: list[
                                   "groups": groups_meta, "warnings": warnings})
     root.update_attributes(_attributes(plan, stats, len(cases),
                                        int(table[:, 3].sum()), build_id))  # one write
-    linked = sum(1 for r in results if r.get("linked"))
+    # a group linked from a fragment was written by its case task: it counts as written
+    linked = sum(1 for it, r in zip(items, results) if r.get("linked") and not it[3]["link_from"])
     return {"groups": len(items), "groups_linked": linked, "groups_written": len(items) - linked}
 
 
 def write_group(version: Path, previous: Path | None, staging: Path,
                 group: dict[str, Any]) -> dict[str, Any]:
-    """Put one case group into a new version: hard-link it from ``previous`` or write it.
+    """Put one case group into a new version: hard-link it from ``previous`` or a fragment, or write it.
 
     A group whose key the previous version holds keeps its shard files and
-    records (hard links: no data is copied or rewritten).  Any other group is
-    assembled from its staged cases and the previous version's slices of its
-    reused cases, then written shard by shard.
+    records (hard links: no data is copied or rewritten); so does a group
+    written whole by its case task (``group["link_from"]``, a fragment, see
+    :func:`write_fragment`).  Any other group is assembled from its staged
+    cases, fragments and the previous version's slices of its reused cases,
+    then written shard by shard.
     """
-    if group["reuse_first_shard"] is not None and previous is not None:
+    source = Path(group["link_from"]) if group.get("link_from") else previous
+    if group["reuse_first_shard"] is not None and source is not None:
         try:
-            _link_group(version, previous, group)
+            _link_group(version, source, group)
             return {"ok": True, "linked": True, "key": group["key"], "sizes": group["reuse_sizes"]}
         except FileNotFoundError:  # damaged previous version: rebuild the group from sources
             _unlink_group(version, group)
-            log.warning("group %s: shard files missing from %s; rewriting it", group["key"], previous)
+            log.warning("group %s: shard files missing from %s; rewriting it", group["key"], source)
     _write_group(version, previous, staging, group)
     sizes = [f.stat().st_size if f.is_file() else 0
              for f in shard_files(version, group["first_shard"], group["n_shards"], group["sep"])]
@@ -445,13 +477,18 @@ def _write_group(version: Path, previous: Path | None, staging: Path, group: dic
     old = _OldVersion(previous) if previous is not None else None
     for case in group["cases"]:
         k = case["n_slices"]
-        if case["source"] == "staged":
+        if case["source"] == "fragment":  # processed in a group that the layout split up
+            frag = _Fragment(Path(case["fragment"]["path"]))
+            lo = case["fragment"]["first"]
+            images[pos:pos + k], labels[pos:pos + k] = frag.slices(lo, lo + k)
+            records.append(frag.record(case["fragment"]["key"], case["case_id"]))
+        elif case["source"] == "staged":
             arrays = incremental.read_staged_arrays(staging, case["key"], ("images", "labels"))
             meta = incremental.read_staged_meta(staging, case["key"])
             if meta is None:
                 raise FileNotFoundError(f"staged case {case['case_id']} ({case['key']}) vanished")
             images[pos:pos + k], labels[pos:pos + k] = arrays["images"], arrays["labels"]
-            records.append(_record(meta, case["hashes"]))
+            records.append(case_record(meta, case["hashes"]))
         else:
             lo = case["old_first_slice"]
             images[pos:pos + k], labels[pos:pos + k] = old.slices(lo, lo + k)
@@ -460,9 +497,108 @@ def _write_group(version: Path, previous: Path | None, staging: Path, group: dic
     end = min(group["first_slice"] + n, group["n_total"])  # the store's last shard may be partial
     k = end - group["first_slice"]
     write_shards(version, group["first_slice"], images[:k], labels[:k])
-    zarr.create_array(str(version / "records" / group["key"]), shape=(len(records),), dtype="int32",
+    _write_records(version, group["key"], records)
+
+
+def _write_records(root: Path, gkey: str, records: list[dict[str, Any]]) -> Path:
+    """``records/<group key>``: an empty array whose attributes hold the group's case records."""
+    path = root / "records" / gkey
+    zarr.create_array(str(path), shape=(len(records),), dtype="int32",
                       chunks=(max(len(records), 1),), fill_value=0, zarr_format=3,
                       chunk_key_encoding=KEY_ENCODING, attributes={"cases": records})
+    return path
+
+
+def write_fragment(staging: Path, plan: Plan, cases: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write one whole case group, as processed by one task, into ``staging/<group key>.group``.
+
+    A *fragment* holds the group's ``images`` and ``labels`` shards (full
+    shards, zero padding), exactly as a store version holds them from its
+    first shard, its ``records/<group key>``, and ``summary.json`` (written
+    last: a fragment without it is incomplete and removed by the next build).
+    Publishing hard-links the shard files into the new version when the
+    group's membership is unchanged (no case of it or near it quarantined);
+    otherwise the cases are read back from it.  A killed build's complete
+    fragments are taken by the next build like staged cases
+    (:func:`pipelines.build.incremental.read_fragments`).
+
+    Parameters
+    ----------
+    staging : Path
+        The build's staging folder.
+    plan : Plan
+        Uses ``shard_slices``, ``crop_shape``, ``store_dtype``.
+    cases : list of dict
+        Per case in store order: ``arrays`` (the staged arrays), ``record`` (its
+        store record, :func:`case_record`) and ``summary`` (what the client keeps).
+
+    Returns
+    -------
+    dict
+        ``{"key", "path", "sizes", "sep"}`` (``sizes`` of :func:`shard_files`, whose key
+        separator is ``sep``) and, per case, its ``first`` slice in the fragment.
+    """
+    import shutil
+
+    shard = plan.shard_slices
+    gkey = group_key([c["record"]["key"] for c in cases], shard)
+    path = staging / f"{gkey}{incremental.FRAGMENT_SUFFIX}"
+    shutil.rmtree(path, ignore_errors=True)  # an older attempt at the same group
+    total = sum(int(c["arrays"]["images"].shape[0]) for c in cases)
+    n_shards = max(1, -(-total // shard))
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    create_image_arrays(root, n_slices=n_shards * shard, slice_shape=tuple(plan.crop_shape),
+                        image_dtype=plan.store_dtype, shard_slices=shard)
+    h, w = plan.crop_shape
+    images = np.zeros((n_shards * shard, h, w), dtype=plan.store_dtype)
+    labels = np.zeros((n_shards * shard, h, w), dtype=np.uint8)
+    firsts, pos = [], 0
+    for c in cases:
+        k = int(c["arrays"]["images"].shape[0])
+        images[pos:pos + k], labels[pos:pos + k] = c["arrays"]["images"], c["arrays"]["labels"]
+        firsts.append(pos)
+        pos += k
+    write_shards(path, 0, images, labels)
+    fsync_path(_write_records(path, gkey, [c["record"] for c in cases]) / "zarr.json")
+    sep = root["images"].metadata.chunk_key_encoding.separator
+    files = shard_files(path, 0, n_shards, sep)
+    sizes = [f.stat().st_size if f.is_file() else 0 for f in files]
+    info = {"key": gkey, "path": str(path), "sizes": sizes, "sep": sep}
+    summary = {**info, "files": [f.relative_to(path).as_posix() for f in files],
+               "cases": [{**c["summary"], "first": first} for c, first in zip(cases, firsts)]}
+    incremental.atomic_write_text(path / "summary.json", json.dumps(summary, default=_listed))
+    return {**info, "first": firsts}
+
+
+def _listed(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def _whole_fragment(members: list[dict[str, Any]], gkey: str) -> dict[str, Any] | None:
+    """The fragment holding exactly this group (every member from it, same key), if any."""
+    frags = [m.get("fragment") for m in members]
+    if all(m.get("source") == "fragment" for m in members) and all(
+            f is not None and f["key"] == gkey for f in frags):
+        return frags[0]
+    return None
+
+
+class _Fragment:
+    """Slices and records of one group fragment (:func:`write_fragment`)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.images = zarr.open_array(str(path / "images"), mode="r")
+        self.labels = zarr.open_array(str(path / "labels"), mode="r")
+
+    def slices(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(self.images[lo:hi]), np.asarray(self.labels[lo:hi])
+
+    def record(self, gkey: str, case_id: str) -> dict[str, Any]:
+        attrs = json.loads((self.path / "records" / gkey / "zarr.json").read_text())["attributes"]
+        return next(r for r in attrs["cases"] if r["case_id"] == case_id)
 
 
 class _OldVersion:
@@ -501,7 +637,7 @@ class _OldVersion:
         return self._records[gkey][case_id]
 
 
-def _record(meta: dict[str, Any], hashes: dict[str, str]) -> dict[str, Any]:
+def case_record(meta: dict[str, Any], hashes: dict[str, str]) -> dict[str, Any]:
     """The store's record of one case (everything needed to put a prediction back)."""
     case = meta["case"]
     return {"case_id": meta["case_id"], "key": meta["key"], "layout": case["layout"],

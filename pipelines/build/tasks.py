@@ -135,9 +135,63 @@ def select_frames(case: CaseSpec, plan: Plan) -> list[FrameSpec]:
     return chosen or list(case.frames)
 
 
+def process_cases(members: list[list[Any]], hashes: list[dict[str, str]],
+                  fragment: bool) -> dict[str, Any]:
+    """Dask task: :func:`process_case` for each of ``members`` (its arguments); with
+    ``fragment``, the members being one whole store group, also write that group.
+
+    When every member is processed, the group's shards and records are written
+    from memory as a fragment (:func:`pipelines.build.store.write_fragment`)
+    instead of staging each case: the cases are not written twice, and the
+    store's slowest step runs while other cases are still being processed.
+    Publishing then hard-links the fragment into place.  If a member is
+    quarantined or unchanged, the others are staged one by one as usual.
+    ``hashes`` are the input digests the client knows for each member (the
+    store records them); those hashed here are added.
+
+    Returns
+    -------
+    dict
+        ``{"ok": True, "cases": [...]}``: one :func:`process_case` result per
+        member, each with ``fragment`` (``{"key", "path", "sizes", "sep", "first"}``)
+        when its group was written.
+    """
+    results = [process_case(*args, stage=not fragment) for args in members]
+    if fragment:
+        held = [r.pop("_staged", None) for r in results]
+        if all(h is not None for h in held):
+            _write_fragment(members, hashes, results, held)
+        else:
+            for args, h in zip(members, held):
+                if h is not None:
+                    incremental.write_staged(Path(args[2]), h[1]["key"], *h)
+    return {"ok": True, "cases": results}
+
+
+def _write_fragment(members, hashes, results, held) -> None:
+    from pipelines.build.store import case_record, write_fragment
+
+    plan = Plan.from_dict(members[0][1])
+    parts = []
+    for args, known, res, (arrays, meta) in zip(members, hashes, results, held):
+        digests = {**known, **{f: v[-1] for f, v in res.get("digests", {}).items()}}
+        files = incremental.case_files(args[0])
+        parts.append({"arrays": arrays,
+                      "record": case_record(meta, {f: digests[f] for f in files if f in digests}),
+                      "summary": {k: res[k] for k in ("case_id", "key", "fingerprint_json",
+                                                      "warnings", *_SUMMARY_FIELDS)}})
+    info = write_fragment(Path(members[0][2]), plan, parts)
+    for res, first in zip(results, info.pop("first")):
+        res["fragment"] = {**info, "first": first}
+
+
+#: What the client keeps of a case besides its id, key, fingerprint and warnings (:func:`case_summary`).
+_SUMMARY_FIELDS = ("n_slices", "n_frames", "class_counts_raw", "slices")
+
+
 def process_case(case_dict: dict[str, Any], plan_dict: dict[str, Any], staging: str,
                  key: str | None, plan_hash: str | None = None,
-                 reuse: dict[str, Any] | None = None) -> dict[str, Any]:
+                 reuse: dict[str, Any] | None = None, *, stage: bool = True) -> dict[str, Any]:
     """Preprocess every frame of one case and stage it for the store.
 
     ``key=None`` (a case whose files are new or changed) means: hash the case's
@@ -154,6 +208,8 @@ def process_case(case_dict: dict[str, Any], plan_dict: dict[str, Any], staging: 
         ``{file: [*stamp, digest]}`` of the files hashed here; ``summary``: see
         :func:`case_summary`), ``{"case_id", "ok": True, "key", "digests",
         "unchanged": True}`` or ``{"case_id", "ok": False, "problem": {...}}``.
+        With ``stage=False`` the case is not staged; its arrays and record stay
+        in this process, under ``_staged`` (for :func:`process_cases`).
     """
     _configure_process()
     case = CaseSpec.from_dict(case_dict)
@@ -166,7 +222,7 @@ def process_case(case_dict: dict[str, Any], plan_dict: dict[str, Any], staging: 
             if reuse and key == reuse.get("key"):
                 return {"case_id": case.case_id, "ok": True, "key": key, "digests": digests,
                         "unchanged": True}
-        return {**_process(case, plan, Path(staging), key), "digests": digests}
+        return {**_process(case, plan, Path(staging), key, stage), "digests": digests}
     except CaseError as exc:
         return {"case_id": case.case_id, "ok": False, "problem": exc.problem.to_dict()}
     except OSError:
@@ -195,7 +251,7 @@ def _hash_inputs(case_dict: dict[str, Any], case_id: str, plan_hash: str | None,
     return incremental.case_key(case_dict, digests, plan_hash), stamped
 
 
-def _process(case: CaseSpec, plan: Plan, staging: Path, key: str) -> dict[str, Any]:
+def _process(case: CaseSpec, plan: Plan, staging: Path, key: str, stage: bool = True) -> dict[str, Any]:
     if not case.has_labels:
         raise CaseError(Problem(case.case_id, None, "labels",
                                 "case has no label files; the build needs labels "
@@ -219,11 +275,15 @@ def _process(case: CaseSpec, plan: Plan, staging: Path, key: str) -> dict[str, A
     meta = {"case_id": case.case_id, "key": key, "case": case.to_dict(), "frames": records,
             "fingerprint": prints, "warnings": warnings,
             **{k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in summary.items()}}
-    incremental.write_staged(staging, key, merged, meta)
     # the fingerprint as JSON text: one string instead of ~70 small objects a case on the client
-    return {"case_id": case.case_id, "ok": True, "key": key,
-            "fingerprint_json": json.dumps(prints, sort_keys=True),
-            "warnings": warnings, "contacts": contacts, **summary}
+    result = {"case_id": case.case_id, "ok": True, "key": key,
+              "fingerprint_json": json.dumps(prints, sort_keys=True),
+              "warnings": warnings, "contacts": contacts, **summary}
+    if stage:
+        incremental.write_staged(staging, key, merged, meta)
+    else:
+        result["_staged"] = (merged, meta)
+    return result
 
 
 def _contacts(labels: np.ndarray, plan: Plan) -> list[list[int]] | None:

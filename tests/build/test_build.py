@@ -174,6 +174,15 @@ def test_bad_case_is_quarantined_and_others_survive(raw, tmp_path):
     assert cases == ["patient001", "patient003", "patient004", "patient005"]
     summary = (tmp_path / "out" / "report" / "summary.md").read_text()
     assert "patient002" in summary
+    # its group's other cases were staged one by one (no whole-group fragment) and stored as
+    # a build without the bad case (same plan: the bad case's header counted) stores them
+    shutil.rmtree(bad_raw / "patient002")
+    build(BuildConfig(bad_raw, tmp_path / "without", workers=0, progress=False, report=False,
+                      plan_file=tmp_path / "out" / "plan.json"))
+    a = zarr.open_group(str(tmp_path / "out" / "store.zarr"), mode="r")
+    b = zarr.open_group(str(tmp_path / "without" / "store.zarr"), mode="r")
+    for name in ("images", "labels", "weights", "case_index", "class_counts"):
+        np.testing.assert_array_equal(a[name][...], b[name][...], err_msg=name)
 
 
 def test_unreadable_input_while_hashing_quarantines_only_its_case(raw, tmp_path, monkeypatch):

@@ -274,12 +274,8 @@ def test_a_change_that_keeps_size_and_mtime_is_noticed(pool, tmp_path):
     assert "patient002" in res.processed or "patient002" in [q["case_id"] for q in res.quarantined]
 
 
-def test_a_torn_staged_case_is_processed_again(pool, tmp_path, monkeypatch):
-    """A staged case whose arrays were cut short (power loss after a kill) is redone, not read."""
-    from pipelines.build import incremental, store
-
-    raw = _raw(pool, tmp_path / "raw", [1, 2])
-    out = tmp_path / "out"
+def _killed_before_publishing(raw, out, monkeypatch):
+    from pipelines.build import store
 
     def crash(*args, **kwargs):
         raise RuntimeError("killed before publishing")
@@ -288,8 +284,52 @@ def test_a_torn_staged_case_is_processed_again(pool, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="killed"):
         build(BuildConfig(raw, out, workers=0, progress=False, report=False))
     monkeypatch.undo()
+
+
+def test_a_killed_build_leaves_its_groups_for_the_next(pool, reference, tmp_path, monkeypatch):
+    """A first build's case tasks write whole store groups (fragments); after a kill the next
+    run takes them instead of processing again, and the store is the same."""
+    out = tmp_path / "out"
+    _killed_before_publishing(reference["raw"], out, monkeypatch)
+    fragments = sorted((out / "staging").glob("*.group"))
+    assert fragments and not list((out / "staging").glob("*.npz"))
+    res = build(BuildConfig(reference["raw"], out, workers=0, progress=False))
+    assert res.published and res.processed == [] and not res.quarantined
+    _assert_same(_snapshot(out), reference["snap"])
+    assert not list((out / "staging").iterdir())  # published: staging emptied
+
+
+def test_a_torn_staged_group_is_processed_again(pool, tmp_path, monkeypatch):
+    """A staged group whose shard was cut short (power loss after a kill) is redone, not read."""
+    raw = _raw(pool, tmp_path / "raw", [1, 2])
+    out = tmp_path / "out"
+    _killed_before_publishing(raw, out, monkeypatch)
+    fragments = sorted((out / "staging").glob("*.group"))
+    assert fragments
+    shard = next(f for f in sorted((fragments[0] / "images").iterdir()) if f.name.startswith("c."))
+    shard.write_bytes(shard.read_bytes()[:100])
+    res = build(BuildConfig(raw, out, workers=0, progress=False, report=False))
+    assert res.published and not res.quarantined
+    assert res.processed == ["patient001", "patient002"]  # one group (ids hash into one) redone
+    fresh = tmp_path / "fresh"
+    build(BuildConfig(raw, fresh, workers=0, progress=False, report=False))
+    _assert_same(_snapshot(out), _snapshot(fresh))
+
+
+def test_a_torn_staged_case_is_processed_again(pool, tmp_path, monkeypatch):
+    """A staged case whose arrays were cut short (power loss after a kill) is redone, not read.
+
+    Cases are staged one by one when their store group also holds stored cases (a nightly run;
+    patient001-006 hash into one group)."""
+    from pipelines.build import incremental
+
+    raw = _raw(pool, tmp_path / "raw", [1])
+    out = tmp_path / "out"
+    build(BuildConfig(raw, out, workers=0, progress=False, report=False))
+    _raw(pool, raw, [2, 3])
+    _killed_before_publishing(raw, out, monkeypatch)
     staged = sorted((out / "staging").glob("*.npz"))
-    assert len(staged) == 2
+    assert len(staged) == 2 and not list((out / "staging").glob("*.group"))
     staged[0].write_bytes(staged[0].read_bytes()[:100])
     res = build(BuildConfig(raw, out, workers=0, progress=False, report=False))
     assert res.published and len(res.processed) == 1 and not res.quarantined

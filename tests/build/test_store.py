@@ -259,3 +259,54 @@ def test_an_all_background_label_shard_is_absent_and_still_reused(tmp_path):
     n1 = a["images"].shape[0]
     np.testing.assert_array_equal(b["labels"][:n1], a["labels"][...])
     np.testing.assert_array_equal(b["images"][:n1], a["images"][...])
+
+
+def _as_fragment_part(staging, entry):
+    """The :func:`~pipelines.build.store.write_fragment` input of a case staged by :func:`_staged_case`."""
+    from pipelines.build import incremental
+    from pipelines.build.store import case_record
+
+    arrays = incremental.read_staged_arrays(staging, entry["key"])
+    meta = incremental.read_staged_meta(staging, entry["key"])
+    return {"arrays": arrays, "record": case_record(meta, {}),
+            "summary": {k: entry[k] for k in ("case_id", "key", "n_slices", "n_frames",
+                                              "class_counts_raw", "slices", "warnings")}}
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_a_group_fragment_is_linked_or_read_back(tmp_path, merged):
+    """A group written whole by its case task (a fragment) is hard-linked into the version when
+    the layout has the same group; when the layout groups its cases otherwise (a quarantined
+    neighbour moved a boundary) they are read back from it.  Either way: the same version."""
+    from pipelines.build.store import dataset_statistics, write_fragment, write_version
+
+    plan = Plan(target_spacing=1.0, crop_shape=(16, 16), shard_slices=16, group_cases=1)
+    staging = tmp_path / "staging"
+    cases = [_staged_case(staging, "a", 20, 1), _staged_case(staging, "b", 12, 3)]
+
+    def serial(func, items, cost):
+        return [func(*it) for it in items]
+
+    stats = dataset_statistics(cases, plan)
+    ref = tmp_path / "ref.zarr"
+    write_version(ref, None, staging, cases, plan, stats, "k", serial)
+    parts = [[_as_fragment_part(staging, c)] for c in cases]  # one group per case, as the layout has
+    if merged:
+        parts = [parts[0] + parts[1]]  # one fragment holding both: no group of the layout
+    frags = [write_fragment(staging, plan, p) for p in parts]
+    for c in cases:
+        frag = next(f for f, p in zip(frags, parts) if any(q["record"]["case_id"] == c["case_id"] for q in p))
+        j = [q["record"]["case_id"] for q in parts[frags.index(frag)]].index(c["case_id"])
+        c.update(source="fragment", fragment={**{k: frag[k] for k in ("key", "path", "sizes", "sep")},
+                                              "first": frag["first"][j]})
+    for f in staging.glob("*.npz"):
+        f.unlink()  # only the fragments hold the cases now
+    new = tmp_path / "new.zarr"
+    counts = write_version(new, None, staging, cases, plan, stats, "k", serial)
+    assert counts["groups_written"] == 2 and counts["groups_linked"] == 0
+    linked, _ = _links(new)
+    assert (linked > 0) != merged  # linked from the fragments unless regrouped
+    a, b = zarr.open_group(str(ref), mode="r"), zarr.open_group(str(new), mode="r")
+    for name in ("images", "labels", "case_index", "weights"):
+        np.testing.assert_array_equal(a[name][...], b[name][...], err_msg=name)
+    assert read_records(ref) == read_records(new)
