@@ -4,11 +4,14 @@ A case's *key* hashes its description, its input file contents, the plan and
 the cmrprep version: an unchanged case is never preprocessed twice and any
 change is detected.  The published store version is the only copy of the
 prepared data; its ``case_table`` records each case's key (see
-:class:`StoreIndex`).  A case processed by this build is *staged* as
-one file, ``OUT/staging/<key>.npz`` (its arrays and its JSON record, renamed
-into place once complete) until the store version holding it is published;
-then the staging folder is emptied.  A killed build leaves its staged cases
-for the next run, which takes them instead of processing again.
+:class:`StoreIndex`).  A case processed by this build is *staged* until the
+store version holding it is published, then the staging folder is emptied:
+as one file, ``OUT/staging/<key>.npz`` (its arrays and its JSON record,
+renamed into place once complete), or, with the other cases of a store group
+that is new as a whole, as that group's shards, ``OUT/staging/<group key>.group/``
+(:func:`pipelines.build.store.write_fragment`, complete once its
+``summary.json`` exists).  A killed build leaves what it staged for the next
+run, which takes it instead of processing again.
 
 ``OUT/state/digests.json`` remembers each input file's digest by its stat
 stamp, so unchanged files are not re-read.
