@@ -44,15 +44,21 @@ def test_constant_image_gives_zeros_and_input_untouched():
 
 
 def test_mask_statistics_and_subsample_determinism():
+    from cmrprep.normalize import _subsample
+
     x = _image(2, shape=(128, 128, 8))
     mask = np.zeros(x.shape, bool)
     mask[20:40, 20:40] = True
     z = normalize_intensity(x, mask=mask)
     assert abs(float(z[mask].mean())) < 1e-3 and abs(float(z[mask].std()) - 1) < 1e-2
     a = normalize_intensity(x, max_samples=10_000)
-    b = normalize_intensity(x, max_samples=10_000)
+    b = normalize_intensity(np.asfortranarray(x), max_samples=10_000)  # nibabel's layout: same sample
+    np.testing.assert_array_equal(_subsample(x, 10_000), _subsample(np.asfortranarray(x), 10_000))
     np.testing.assert_array_equal(a, b)
-    np.testing.assert_allclose(a, normalize_intensity(x), atol=0.05)
+    # a 0.5 % tail from ~8k samples (a 32x32 grid of each slice) is ~40 values: its
+    # percentile is off by up to ~0.1 std; only the voxels clipped at it differ that much
+    full = normalize_intensity(x)
+    np.testing.assert_allclose(a, full, atol=0.15)
 
 
 def test_errors():
