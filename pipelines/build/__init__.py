@@ -244,8 +244,8 @@ class _Build:
                  for unit, whole in units]
 
         def note(res: dict) -> None:
-            for case in res.get("cases") or [res]:
-                self.runlog.event("case", case_id=case.get("case_id"), ok=case.get("ok"))
+            self.runlog.events("case", [{"case_id": case.get("case_id"), "ok": case.get("ok")}
+                                        for case in res.get("cases") or [res]])
 
         results = map_tasks(process_cases, items, client=client, retries=self.cfg.retries,
                             progress=self.cfg.progress, on_result=note,

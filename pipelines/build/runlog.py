@@ -23,11 +23,17 @@ class RunLog:
 
     def event(self, name: str, **fields: Any) -> None:
         """Write one event line and flush it to disk."""
-        rec = {"time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds"),
-               "pid": os.getpid(), "event": name, "cpu_s": round(time.process_time(), 3),
-               "peak_rss_mib": round(peak_rss_mib(), 1), **fields}
+        self.events(name, [fields])
+
+    def events(self, name: str, records: list[dict[str, Any]]) -> None:
+        """Write one line per record, all events ``name`` of one moment (one write, one sample
+        of the process's CPU and memory: per-case events cost the client 0.4 ms each otherwise)."""
+        head = {"time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds"),
+                "pid": os.getpid(), "event": name, "cpu_s": round(time.process_time(), 3),
+                "peak_rss_mib": round(peak_rss_mib(), 1)}
+        lines = "".join(json.dumps({**head, **fields}, default=str) + "\n" for fields in records)
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(rec, default=str) + "\n")
+            fh.write(lines)
 
 
 def peak_rss_mib() -> float:
