@@ -107,32 +107,43 @@ def create_image_arrays(root: zarr.Group, *, n_slices: int, slice_shape: tuple[i
                           dimension_names=("slice", "y", "x"), chunk_key_encoding=KEY_ENCODING)
 
 
-def write_shards(store_path: str | Path, start: int, images: np.ndarray, labels: np.ndarray) -> None:
-    """Write whole shards of a store: ``images``/``labels`` from slice ``start`` (a shard boundary).
+class ShardWriter:
+    """Writes whole shards of a store's ``images`` and ``labels`` (each array opened once).
 
-    The data covers one or more consecutive shards (the last one may end at the
-    array's end).  Each shard file is written by exactly one call, so calls for
-    different shards may run concurrently in different processes (concurrent
-    writes into the *same* shard corrupt it: zarr-python 3.x does not lock).
-
-    Each array is opened once with ``write_empty_chunks`` on: zarr then skips
-    its all-fill-value scan of every shard (a third of the encoding time; an
-    all-background label chunk costs a few bytes instead of none).  The runtime
-    option belongs to the opened array (``with_config``); setting it in
-    ``zarr.config`` after opening has no effect.
+    Each shard file is written by exactly one call, so writers of different
+    shards may run concurrently in different processes (concurrent writes into
+    the *same* shard corrupt it: zarr-python 3.x does not lock).  Arrays are
+    opened with ``write_empty_chunks`` on: zarr then skips its all-fill-value
+    scan of every shard (a third of the encoding time; an all-background label
+    chunk costs a few bytes instead of none).  The runtime option belongs to
+    the opened array (``with_config``); setting it in ``zarr.config`` after
+    opening has no effect.  Each written shard file is flushed (``fsync``).
     """
-    for name, data in (("images", images), ("labels", labels)):
-        arr = zarr.open_array(str(Path(store_path) / name), mode="r+").with_config(
-            {"write_empty_chunks": True})
-        shard = arr.shards[0]
-        if start % shard:
-            raise ValueError(f"start {start} is not a shard boundary (shards of {shard} slices)")
-        arr[start:start + len(data)] = data.astype(arr.dtype, copy=False)
-        sep = arr.metadata.chunk_key_encoding.separator
-        for k in range(start // shard, -(-(start + len(data)) // shard)):
-            shard_file = shard_path(Path(store_path), name, k, sep)
-            if shard_file.is_file():  # flushed here, in parallel; publishing then syncs clean files
-                fsync_path(shard_file)
+
+    def __init__(self, store_path: str | Path) -> None:
+        self.path = Path(store_path)
+        self.arrays = {name: zarr.open_array(str(self.path / name), mode="r+").with_config(
+            {"write_empty_chunks": True}) for name in ("images", "labels")}
+        self.shard = self.arrays["images"].shards[0]
+        self.sep = self.arrays["images"].metadata.chunk_key_encoding.separator
+
+    def write(self, start: int, images: np.ndarray, labels: np.ndarray) -> None:
+        """Write ``images``/``labels`` from slice ``start`` (a shard boundary) on: one or more
+        consecutive whole shards, the last one possibly ending at the array's end."""
+        if start % self.shard:
+            raise ValueError(f"start {start} is not a shard boundary (shards of {self.shard} slices)")
+        for name, data in (("images", images), ("labels", labels)):
+            arr = self.arrays[name]
+            arr[start:start + len(data)] = data.astype(arr.dtype, copy=False)
+            for k in range(start // self.shard, -(-(start + len(data)) // self.shard)):
+                shard_file = shard_path(self.path, name, k, self.sep)
+                if shard_file.is_file():  # flushed here, in parallel; publishing syncs clean files
+                    fsync_path(shard_file)
+
+
+def write_shards(store_path: str | Path, start: int, images: np.ndarray, labels: np.ndarray) -> None:
+    """Write whole shards of a store: ``images``/``labels`` from slice ``start`` (see :class:`ShardWriter`)."""
+    ShardWriter(store_path).write(start, images, labels)
 
 
 def _boundary(case_id: str, mean_cases: int) -> bool:
@@ -549,16 +560,10 @@ def write_fragment(staging: Path, plan: Plan, cases: list[dict[str, Any]]) -> di
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     create_image_arrays(root, n_slices=n_shards * shard, slice_shape=tuple(plan.crop_shape),
                         image_dtype=plan.store_dtype, shard_slices=shard)
-    h, w = plan.crop_shape
-    images = np.zeros((n_shards * shard, h, w), dtype=plan.store_dtype)
-    labels = np.zeros((n_shards * shard, h, w), dtype=np.uint8)
-    firsts, pos = [], 0
-    for c in cases:
-        k = int(c["arrays"]["images"].shape[0])
-        images[pos:pos + k], labels[pos:pos + k] = c["arrays"]["images"], c["arrays"]["labels"]
-        firsts.append(pos)
-        pos += k
-    write_shards(path, 0, images, labels)
+    firsts = np.cumsum([0] + [int(c["arrays"]["images"].shape[0]) for c in cases])
+    _write_fragment_shards(ShardWriter(path), cases, firsts, n_shards, tuple(plan.crop_shape),
+                           plan.store_dtype)
+    firsts = [int(f) for f in firsts[:-1]]
     fsync_path(_write_records(path, gkey, [c["record"] for c in cases]) / "zarr.json")
     sep = root["images"].metadata.chunk_key_encoding.separator
     files = shard_files(path, 0, n_shards, sep)
@@ -568,6 +573,25 @@ def write_fragment(staging: Path, plan: Plan, cases: list[dict[str, Any]]) -> di
                "cases": [{**c["summary"], "first": first} for c, first in zip(cases, firsts)]}
     incremental.atomic_write_text(path / "summary.json", json.dumps(summary, default=_listed))
     return {**info, "first": firsts}
+
+
+def _write_fragment_shards(writer: ShardWriter, cases: list[dict[str, Any]], firsts: np.ndarray,
+                           n_shards: int, shape: tuple[int, int], dtype: str) -> None:
+    """Shard by shard, through one shard-sized buffer: assembling the whole group first held a
+    second copy of it (a worker's peak memory grew by ~60 MiB for a 16-case group)."""
+    shard = writer.shard
+    images = np.empty((shard, *shape), dtype=dtype)
+    labels = np.empty((shard, *shape), dtype=np.uint8)
+    for j in range(n_shards):
+        lo, hi = j * shard, (j + 1) * shard
+        images[:] = 0
+        labels[:] = 0
+        for c, first, last in zip(cases, firsts[:-1], firsts[1:]):
+            a, b = max(lo, int(first)), min(hi, int(last))
+            if a < b:
+                images[a - lo:b - lo] = c["arrays"]["images"][a - first:b - first]
+                labels[a - lo:b - lo] = c["arrays"]["labels"][a - first:b - first]
+        writer.write(lo, images, labels)
 
 
 def _listed(value: Any) -> Any:
