@@ -239,7 +239,7 @@ class _Build:
                 reuse = {"key": index.key_of(c.case_id),
                          "digests": {f: digests[f] for f in incremental.case_files(d) if f in digests}}
             args[c.case_id] = (d, plan_dict, str(self.staging), keys[c.case_id], phash, reuse)
-        units = _units(cases, args, index, plan.group_cases)
+        units = _units(cases, args, plan.group_cases)
         items = [([args[cid] for cid in unit], [_known(args[cid][0], digests) for cid in unit], whole)
                  for unit, whole in units]
 
@@ -250,10 +250,14 @@ class _Build:
         results = map_tasks(process_cases, items, client=client, retries=self.cfg.retries,
                             progress=self.cfg.progress, on_result=note,
                             cost=[float(len(u)) for u, _ in units], units=[len(u) for u, _ in units])
-        by_id = {}
+        by_id, shared = {}, {}
         for (unit, _), res in zip(units, results):
             for cid, case in zip(unit, res.get("cases") or [dict(res)] * len(unit)):
                 by_id[cid] = case if "cases" in res else {**case, "case_id": cid}
+                frag = case.get("fragment")
+                if frag:  # one copy of a group's path and shard sizes for all its cases
+                    frag.update(shared.setdefault(frag["key"], {k: frag[k] for k in
+                                                                ("path", "sizes", "sep")}))
         self.runlog.event("cases_done", seconds=round(time.perf_counter() - self.t0, 3))
         return [by_id[c.case_id] for c in todo]
 
@@ -396,19 +400,21 @@ class _Build:
         incremental.atomic_write_text(path, '{"cases": {' + ", ".join(texts) + "}, " + rest[1:] + "\n")
 
 
-def _units(cases: list[CaseSpec], todo: dict[str, Any], index: incremental.StoreIndex,
-           mean_cases: int) -> list[tuple[list[str], bool]]:
+def _units(cases: list[CaseSpec], todo: dict[str, tuple], mean_cases: int
+           ) -> list[tuple[list[str], bool]]:
     """Tasks of the processing step: ``(case ids, whole group)``, in store order.
 
     Store groups (:func:`pipelines.build.store.group_members`, over every case)
-    whose cases are all new go whole; every other case to process goes alone.
+    whose cases are all to be processed go whole, unless one is a stored case
+    whose files were only touched (it may turn out unchanged: it carries a
+    ``reuse`` argument); every other case to process goes alone.
     """
     from pipelines.build.store import group_members
 
     units = []
     for members in group_members([c.case_id for c in cases], mean_cases):
         ids = [cases[i].case_id for i in members]
-        if all(cid in todo and cid not in index for cid in ids):
+        if all(cid in todo and todo[cid][5] is None for cid in ids):
             units.append((ids, True))
         else:
             units.extend(([cid], False) for cid in ids if cid in todo)
