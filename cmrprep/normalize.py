@@ -102,12 +102,15 @@ def _subsample(values: np.ndarray, max_samples: int) -> np.ndarray:
     if values.size <= max_samples:
         return values.ravel()
     if values.ndim >= 3:
-        rest = int(np.prod(values.shape[2:]))
+        h, w, rest = values.shape[0], values.shape[1], int(np.prod(values.shape[2:]))
+
+        def kept(s: int) -> int:
+            return rest * -(-h // s) * -(-w // s)
+
         s = 1
-        while rest * -(-values.shape[0] // s) * -(-values.shape[1] // s) > max_samples and \
-                s < max(values.shape[:2]):
+        while kept(s) > max_samples and s < max(h, w):
             s += 1
-        if rest * -(-values.shape[0] // s) * -(-values.shape[1] // s) <= max_samples:
+        if kept(s) <= max_samples:
             return values[::s, ::s].ravel(order="C")
     step = int(np.ceil(values.size / max_samples))
     if values.flags.c_contiguous:

@@ -38,6 +38,7 @@ from pipelines.build.cluster import dask_client, map_tasks
 from pipelines.build.config import BuildConfig, BuildResult
 from pipelines.build.planning import resolve_plan
 from pipelines.build.runlog import RunLog, peak_rss_mib
+from pipelines.build.tasks import SUMMARY_FIELDS
 
 __all__ = ["build", "BuildConfig", "BuildResult", "resolve_plan"]
 
@@ -236,11 +237,11 @@ class _Build:
         for c in todo:
             d, reuse = c.to_dict(), None
             if keys[c.case_id] is None and c.case_id in index:
-                reuse = {"key": index.key_of(c.case_id),
-                         "digests": {f: digests[f] for f in incremental.case_files(d) if f in digests}}
+                reuse = {"key": index.key_of(c.case_id), "digests": incremental.known_digests(d, digests)}
             args[c.case_id] = (d, plan_dict, str(self.staging), keys[c.case_id], phash, reuse)
         units = _units(cases, args, plan.group_cases)
-        items = [([args[cid] for cid in unit], [_known(args[cid][0], digests) for cid in unit], whole)
+        items = [([args[cid] for cid in unit],
+                  [incremental.known_digests(args[cid][0], digests) for cid in unit], whole)
                  for unit, whole in units]
 
         def note(res: dict) -> None:
@@ -251,9 +252,10 @@ class _Build:
                             progress=self.cfg.progress, on_result=note,
                             cost=[float(len(u)) for u, _ in units], units=[len(u) for u, _ in units])
         by_id, shared = {}, {}
-        for (unit, _), res in zip(units, results):
-            for cid, case in zip(unit, res.get("cases") or [dict(res)] * len(unit)):
-                by_id[cid] = case if "cases" in res else {**case, "case_id": cid}
+        for (unit, _), res in zip(units, results):  # a failed task: its error for each case
+            for cid, case in zip(unit, res["cases"] if "cases" in res else
+                                 [{**res, "case_id": cid} for cid in unit]):
+                by_id[cid] = case
                 frag = case.get("fragment")
                 if frag:  # one copy of a group's path and shard sizes for all its cases
                     frag.update(shared.setdefault(frag["key"], {k: frag[k] for k in
@@ -307,7 +309,7 @@ class _Build:
         entries = []
         for case in cases:
             cid = case.case_id
-            hashes = {f: digests[f] for f in incremental.case_files(case.to_dict()) if f in digests}
+            hashes = incremental.known_digests(case.to_dict(), digests)
             base = {"case_id": cid, "key": keys[cid], "hashes": hashes, "patient": case.patient_id}
             if cid in done or cid in staged:
                 src = done.get(cid) or staged[cid]
@@ -315,7 +317,7 @@ class _Build:
                 if fp is None and src.get("fingerprint") is not None:  # staged by an interrupted build
                     fp = json.dumps(src["fingerprint"], sort_keys=True)
                 entries.append({**base, "source": "fragment" if src.get("fragment") else "staged",
-                                **{k: src[k] for k in _SUMMARY}, "fingerprint_json": fp,
+                                **{k: src[k] for k in SUMMARY_FIELDS}, "fingerprint_json": fp,
                                 "fragment": src.get("fragment")})
             else:
                 entries.append({**base, "source": "store", **old.summary(cid)})
@@ -421,10 +423,6 @@ def _units(cases: list[CaseSpec], todo: dict[str, tuple], mean_cases: int
     return units
 
 
-def _known(case: dict[str, Any], digests: dict[str, str]) -> dict[str, str]:
-    return {f: digests[f] for f in incremental.case_files(case) if f in digests}
-
-
 def _build_key(phash: str, keys: list[str]) -> str:
     return incremental.plan_hash({"plan": phash, "keys": keys})
 
@@ -445,7 +443,6 @@ def _quarantine_records(outcomes: list[dict], todo: list[CaseSpec]) -> list[dict
 #: Staged files deleted by one cleanup task (:meth:`_Build._clear_staging`).
 _UNLINK_BATCH = 256
 
-_SUMMARY = ("n_slices", "n_frames", "class_counts_raw", "slices", "warnings")
 
 
 class _OldSlices:

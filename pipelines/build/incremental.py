@@ -144,6 +144,15 @@ def case_files(case: dict[str, Any]) -> list[str]:
     return sorted(files)
 
 
+def known_digests(case: dict[str, Any], digests: dict[str, str]) -> dict[str, str]:
+    """The digests in ``digests`` of a case's input files, in :func:`case_files` order.
+
+    >>> known_digests({"frames": [{"image": "/a.nii"}]}, {"/a.nii": "d1", "/b.nii": "d2"})
+    {'/a.nii': 'd1'}
+    """
+    return {f: digests[f] for f in case_files(case) if f in digests}
+
+
 def case_key(case: dict[str, Any], digests: dict[str, str], plan_hash: str) -> str:
     """Cache key of a case: its description, input contents, plan and code version."""
     payload = {k: v for k, v in case.items() if k != "metadata"}

@@ -486,10 +486,12 @@ def _write_group(version: Path, previous: Path | None, staging: Path, group: dic
     labels = np.zeros((n, h, w), dtype=np.uint8)
     records, pos = [], 0
     old = _OldVersion(previous) if previous is not None else None
+    fragments: dict[str, _Fragment] = {}
     for case in group["cases"]:
         k = case["n_slices"]
         if case["source"] == "fragment":  # processed in a group that the layout split up
-            frag = _Fragment(Path(case["fragment"]["path"]))
+            where = case["fragment"]["path"]
+            frag = fragments.get(where) or fragments.setdefault(where, _Fragment(Path(where)))
             lo = case["fragment"]["first"]
             images[pos:pos + k], labels[pos:pos + k] = frag.slices(lo, lo + k)
             records.append(frag.record(case["fragment"]["key"], case["case_id"]))
@@ -560,18 +562,19 @@ def write_fragment(staging: Path, plan: Plan, cases: list[dict[str, Any]]) -> di
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     create_image_arrays(root, n_slices=n_shards * shard, slice_shape=tuple(plan.crop_shape),
                         image_dtype=plan.store_dtype, shard_slices=shard)
-    firsts = np.cumsum([0] + [int(c["arrays"]["images"].shape[0]) for c in cases])
-    _write_fragment_shards(ShardWriter(path), cases, firsts, n_shards, tuple(plan.crop_shape),
+    bounds = np.cumsum([0] + [int(c["arrays"]["images"].shape[0]) for c in cases])
+    _write_fragment_shards(ShardWriter(path), cases, bounds, n_shards, tuple(plan.crop_shape),
                            plan.store_dtype)
-    firsts = [int(f) for f in firsts[:-1]]
+    firsts = [int(f) for f in bounds[:-1]]
     fsync_path(_write_records(path, gkey, [c["record"] for c in cases]) / "zarr.json")
     sep = root["images"].metadata.chunk_key_encoding.separator
     files = shard_files(path, 0, n_shards, sep)
     sizes = [f.stat().st_size if f.is_file() else 0 for f in files]
     info = {"key": gkey, "path": str(path), "sizes": sizes, "sep": sep}
     summary = {**info, "files": [f.relative_to(path).as_posix() for f in files],
-               "cases": [{**c["summary"], "first": first} for c, first in zip(cases, firsts)]}
-    incremental.atomic_write_text(path / "summary.json", json.dumps(summary, default=_listed))
+               "cases": [{**c["summary"], "slices": np.asarray(c["summary"]["slices"]).tolist(),
+                          "first": first} for c, first in zip(cases, firsts)]}
+    incremental.atomic_write_text(path / "summary.json", json.dumps(summary))
     return {**info, "first": firsts}
 
 
@@ -594,12 +597,6 @@ def _write_fragment_shards(writer: ShardWriter, cases: list[dict[str, Any]], fir
         writer.write(lo, images, labels)
 
 
-def _listed(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
-
-
 def _whole_fragment(members: list[dict[str, Any]], gkey: str) -> dict[str, Any] | None:
     """The fragment holding exactly this group (every member from it, same key), if any."""
     frags = [m.get("fragment") for m in members]
@@ -616,13 +613,16 @@ class _Fragment:
         self.path = path
         self.images = zarr.open_array(str(path / "images"), mode="r")
         self.labels = zarr.open_array(str(path / "labels"), mode="r")
+        self._records: dict[str, dict[str, Any]] | None = None
 
     def slices(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(self.images[lo:hi]), np.asarray(self.labels[lo:hi])
 
     def record(self, gkey: str, case_id: str) -> dict[str, Any]:
-        attrs = json.loads((self.path / "records" / gkey / "zarr.json").read_text())["attributes"]
-        return next(r for r in attrs["cases"] if r["case_id"] == case_id)
+        if self._records is None:  # read once per fragment
+            attrs = json.loads((self.path / "records" / gkey / "zarr.json").read_text())["attributes"]
+            self._records = {r["case_id"]: r for r in attrs["cases"]}
+        return self._records[case_id]
 
 
 class _OldVersion:

@@ -175,18 +175,18 @@ def _write_fragment(members, hashes, results, held) -> None:
     parts = []
     for args, known, res, (arrays, meta) in zip(members, hashes, results, held):
         digests = {**known, **{f: v[-1] for f, v in res.get("digests", {}).items()}}
-        files = incremental.case_files(args[0])
         parts.append({"arrays": arrays,
-                      "record": case_record(meta, {f: digests[f] for f in files if f in digests}),
+                      "record": case_record(meta, incremental.known_digests(args[0], digests)),
                       "summary": {k: res[k] for k in ("case_id", "key", "fingerprint_json",
-                                                      "warnings", *_SUMMARY_FIELDS)}})
+                                                      *SUMMARY_FIELDS)}})
     info = write_fragment(Path(members[0][2]), plan, parts)
     for res, first in zip(results, info.pop("first")):
         res["fragment"] = {**info, "first": first}
 
 
-#: What the client keeps of a case besides its id, key, fingerprint and warnings (:func:`case_summary`).
-_SUMMARY_FIELDS = ("n_slices", "n_frames", "class_counts_raw", "slices")
+#: What the client keeps of a case besides its id, key and fingerprint (:func:`case_summary`
+#: and the loading warnings).
+SUMMARY_FIELDS = ("n_slices", "n_frames", "class_counts_raw", "slices", "warnings")
 
 
 def process_case(case_dict: dict[str, Any], plan_dict: dict[str, Any], staging: str,
