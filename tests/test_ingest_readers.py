@@ -262,3 +262,23 @@ def test_scl_slope_overflow_names_the_scaling(tmp_path, write_nifti, tiny):
     path = write_nifti(tmp_path / "s.nii.gz", (tiny.image() * 100).astype(np.int16), slope=1e38, inter=0.0)
     with pytest.raises(CaseError, match=r"scaling: scaled intensities reach .* scl_slope=1e\+38, scl_inter=0"):
         read_volume(path, case_id="c")
+
+
+@pytest.mark.parametrize("dtype, slope, inter", [(np.int16, 0.5, 3.0), (np.uint16, 0.0027, 0.055),
+                                                 (np.int16, 1.0, 0.0), (np.uint8, 2.0, -7.0)])
+def test_float32_read_matches_nibabel_within_rounding(tmp_path, write_nifti, tiny, dtype, slope, inter):
+    """Scaled integer voxels read straight to float32 equal nibabel's float64 result to 1 ulp."""
+    data = (np.abs(tiny.image()) * 40).astype(dtype)
+    path = write_nifti(tmp_path / "f.nii.gz", data, slope=slope, inter=inter)
+    image, _ = read_volume(path, case_id="c", dtype=np.float32)
+    reference = nib.load(path).get_fdata()
+    assert image.dtype == np.float32 and image.shape == reference.shape
+    np.testing.assert_allclose(image, reference, rtol=2 ** -22, atol=abs(inter) * 2 ** -22)
+    if (slope, inter) == (1.0, 0.0):  # without dtype, unscaled integers keep their type (labels)
+        assert read_volume(path, case_id="c")[0].dtype == dtype
+
+
+def test_scl_slope_overflow_is_refused_on_the_float32_path_too(tmp_path, write_nifti, tiny):
+    path = write_nifti(tmp_path / "s.nii.gz", (tiny.image() * 100).astype(np.int16), slope=1e38, inter=0.0)
+    with pytest.raises(CaseError, match=r"scaling: scaled intensities reach .* scl_slope=1e\+38"):
+        read_volume(path, case_id="c", dtype=np.float32)

@@ -353,8 +353,33 @@ def _nifti_image(path: Path, header: Header):
     return klass.from_bytes(data)
 
 
-def _read_nifti(path: Path, case_id: str, frame: int | None,
-                header: Header | None = None) -> tuple[np.ndarray, Geometry]:
+def _scaled_float32(proxy) -> np.ndarray | None:
+    """Integer voxels times ``scl_slope`` plus ``scl_inter`` computed in float32, in two passes.
+
+    nibabel scales in float64 (the header's factors are Python floats), which
+    costs a float64 copy, its range check and a cast back to float32.  When the
+    stored type's whole range, scaled, fits float32 (checked on the dtype's
+    limits, not the data) the result cannot overflow and float32 is exact to
+    rounding.  ``None`` when that does not hold (floating-point storage, absurd
+    factors): the caller then takes nibabel's float64 path and its range check.
+    """
+    raw_dtype = np.dtype(proxy.dtype)
+    slope, inter = float(proxy.slope), float(proxy.inter)
+    if raw_dtype.kind not in "iu" or not (np.isfinite(slope) and np.isfinite(inter)):
+        return None
+    info = np.iinfo(raw_dtype)
+    reach = max(abs(info.min * slope + inter), abs(info.max * slope + inter))
+    if reach > float(np.finfo(np.float32).max):
+        return None
+    raw = np.asanyarray(proxy.get_unscaled())
+    out = np.multiply(raw, np.float32(slope), dtype=np.float32)  # cast and scale in one pass
+    if inter != 0.0:
+        out += np.float32(inter)
+    return out
+
+
+def _read_nifti(path: Path, case_id: str, frame: int | None, header: Header | None = None,
+                dtype: np.dtype | None = None) -> tuple[np.ndarray, Geometry]:
     if header is None or header.payload_bytes is None:
         header = _nifti_info(path, case_id)
     t = _check_frame(header.shape, frame, case_id, path)
@@ -363,7 +388,10 @@ def _read_nifti(path: Path, case_id: str, frame: int | None,
         proxy = image.dataobj
         extra = (0,) * (len(proxy.shape) - len(header.shape))  # trailing singleton axes
         index = (slice(None),) * 3 + ((t,) if t is not None else ()) + extra
-        data = np.asanyarray(proxy[index])
+        fast = None
+        if dtype == np.float32 and t is None and not extra:
+            fast = _scaled_float32(proxy)
+        data = np.asanyarray(proxy[index]) if fast is None else fast
     except PayloadTooLarge as exc:
         raise _fail(case_id, path, "payload",
                     f"{exc}: the header declares shape {header.shape} = {header.payload_bytes} bytes "
@@ -374,7 +402,7 @@ def _read_nifti(path: Path, case_id: str, frame: int | None,
                     f"cannot read the voxel data ({type(exc).__name__}: {exc}). "
                     "The file is truncated or corrupt: re-export or re-download it.") from exc
     _check_range(data, proxy, case_id, path)
-    return np.asarray(data), header.geometry
+    return np.asarray(data, dtype=dtype), header.geometry
 
 
 def _read_sitk(path: Path, case_id: str, frame: int | None) -> tuple[np.ndarray, Geometry]:
@@ -401,7 +429,8 @@ def _read_sitk(path: Path, case_id: str, frame: int | None) -> tuple[np.ndarray,
 
 
 def read_volume(path: str | Path, *, case_id: str, frame: int | None = None,
-                header: Header | None = None) -> tuple[np.ndarray, Geometry]:
+                header: Header | None = None, dtype: np.dtype | None = None
+                ) -> tuple[np.ndarray, Geometry]:
     """Read one 3D volume (or one frame of a 4D file) and its geometry.
 
     Parameters
@@ -416,6 +445,10 @@ def read_volume(path: str | Path, *, case_id: str, frame: int | None = None,
     header : Header, optional
         :func:`read_header` of this same file when the caller already has it
         (NIfTI: the header is then not parsed a second time).
+    dtype : numpy dtype, optional
+        Return the voxels as this type (images: ``np.float32``).  A scaled
+        integer NIfTI is then scaled in float32 directly when its stored type's
+        range cannot overflow float32, instead of through float64.
 
     Returns
     -------
@@ -436,15 +469,17 @@ def read_volume(path: str | Path, *, case_id: str, frame: int | None = None,
     p = Path(path)
     _check_exists(p, case_id)
     if p.name.lower().endswith(NIFTI_SUFFIXES):
-        return _read_nifti(p, case_id, frame, header)
+        return _read_nifti(p, case_id, frame, header, dtype)
     if _is_dicom(p):
         from pipelines.ingest.dicom import read_dicom
 
         header = _dicom_info(p, case_id)
         t = _check_frame(header.shape, frame, case_id, p)
-        return read_dicom(p, case_id=case_id, frame=t)
+        data, geom = read_dicom(p, case_id=case_id, frame=t)
+        return np.asarray(data, dtype=dtype), geom
     if p.name.lower().endswith(SITK_SUFFIXES):
-        return _read_sitk(p, case_id, frame)
+        data, geom = _read_sitk(p, case_id, frame)
+        return np.asarray(data, dtype=dtype), geom
     raise _fail(case_id, p, "readable",
                 f"unsupported file type {p.name!r}; use .nii/.nii.gz/.mha/.mhd/.nrrd, DICOM files or "
                 "a DICOM directory.")

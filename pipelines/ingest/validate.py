@@ -254,7 +254,8 @@ def _inspect(case: CaseSpec, fr: FrameSpec) -> tuple[LoadedFrame | None, list[Pr
     if mismatch:  # the headers already disagree: read neither file's data
         return None, mismatch
     try:
-        image, geom = read_volume(fr.image, case_id=cid, frame=fr.image_frame, header=image_header)
+        image, geom = read_volume(fr.image, case_id=cid, frame=fr.image_frame, header=image_header,
+                                  dtype=np.float32)
         problems += check_intensities(image, cid, fr.image)
     except CaseError as exc:
         problems.append(exc.problem)
