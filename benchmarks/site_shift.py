@@ -31,13 +31,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 
-def frame_scores(rows: list[dict]) -> list[float]:
-    """Mean foreground Dice per (case, frame) from ``evaluate``'s rows."""
-    by_frame: dict[tuple[str, str], list[float]] = {}
+def frame_scores(rows: list[dict]) -> dict[str, float]:
+    """Mean foreground Dice per frame (``"case_id/phase"``) from ``evaluate``'s rows."""
+    by_frame: dict[str, list[float]] = {}
     for r in rows:
         if not math.isnan(r["dice"]):
-            by_frame.setdefault((r["case_id"], r["phase"]), []).append(r["dice"])
-    return [sum(v) / len(v) for v in by_frame.values()]
+            by_frame.setdefault(f"{r['case_id']}/{r['phase']}", []).append(r["dice"])
+    return {k: sum(v) / len(v) for k, v in by_frame.items()}
 
 
 def score_site(run: Path, work: Path, site: str, cases: int, seed: int) -> dict:
@@ -54,8 +54,10 @@ def score_site(run: Path, work: Path, site: str, cases: int, seed: int) -> dict:
     res = predict(run, raw, pred, progress=False)
     seconds = time.perf_counter() - t0
     ev = evaluate(pred, raw, pred / "evaluation")
-    scores = frame_scores(ev["rows"])
+    by_frame = frame_scores(ev["rows"])
+    scores = list(by_frame.values())
     return {"site": site, "frames": len(scores), "mean": sum(scores) / len(scores), "worst": min(scores),
+            "by_frame": {k: round(v, 4) for k, v in sorted(by_frame.items(), key=lambda kv: kv[1])},
             "per_class": {k: round(v["dice"], 4) for k, v in ev["summary"].items()},
             "flagged_cases": sorted(res.flags), "shift": [w["message"] for w in res.shift],
             "predict_s": round(seconds, 1)}
