@@ -25,15 +25,7 @@ Intensity augmentation covers what changes between scanners and sites (issue
 * **tissue contrast** (:func:`class_contrast`): each foreground class's intensity
   scaled by its own random gain (0.6-1.4, edges smoothed), so blood and
   myocardium come closer or further apart as between sites and sequences --
-  the label only decides where, it is never changed.  When the slice holds
-  both, the myocardium's gain instead sets its mean to a random fraction
-  (``wall_to_pool``, 0.2-0.8) of the blood pool's: sites and sequences differ
-  most in that ratio (about 0.25-0.35 in bright-blood SSFP cine, 0.5-0.7 in
-  spoiled gradient echo or a noisy, coil-shaded acquisition), and independent
-  gains rarely reach its upper end.  ``contrast_classes`` names the (wall,
-  pool) labels: (2, 3), myocardium and LV, in the ACDC order; the trainer
-  looks them up by name in the store's classes and turns this off for a class
-  set without them;
+  the label only decides where, it is never changed;
 * a smooth multiplicative **bias field** (:func:`bias_field`: the exponential of
   a random cubic polynomial in x and y, up to ``bias_strength`` in log
   amplitude) and a **surface-coil fall-off** (:func:`coil_falloff`:
@@ -80,7 +72,7 @@ import numpy as np
 
 from cmrprep.plan import ConfigError
 
-__all__ = ["Augmenter", "AugmentConfig", "augment_config", "bias_field", "coil_falloff", "partial_volume", "class_contrast"]
+__all__ = ["Augmenter", "AugmentConfig", "bias_field", "coil_falloff", "partial_volume", "class_contrast"]
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +94,6 @@ class AugmentConfig:
     gamma: tuple[float, float] = (70.0, 150.0)
     p_gamma: float = 0.5
     class_gain: tuple[float, float] = (0.6, 1.4)
-    wall_to_pool: tuple[float, float] = (0.2, 0.8)  # myocardium mean / blood-pool mean
-    contrast_classes: tuple[int, int] | None = (2, 3)  # (wall, pool) labels; None: gains only
     p_class_contrast: float = 0.5
     bias_strength: float = 0.6
     p_bias: float = 0.5
@@ -163,60 +153,20 @@ def partial_volume(unit: np.ndarray, rng: np.random.Generator, weight: tuple[flo
 
 
 def class_contrast(unit: np.ndarray, label: np.ndarray, rng: np.random.Generator,
-                   gain: tuple[float, float], ratio: tuple[float, float] | None = None,
-                   classes: tuple[int, int] | None = None) -> np.ndarray:
+                   gain: tuple[float, float]) -> np.ndarray:
     """Scale each foreground class by its own gain drawn from ``gain`` (background 1), edges smoothed.
-
-    With ``ratio`` and ``classes = (wall, pool)``, when the slice holds both
-    classes the wall's gain makes its mean a fraction drawn from ``ratio`` of
-    the (scaled) pool's mean.
 
     >>> lab = np.zeros((16, 16), np.uint8); lab[4:12, 4:12] = 3
     >>> out = class_contrast(np.full((16, 16), 0.5, np.float32), lab, np.random.default_rng(0), (1.2, 1.2))
     >>> round(float(out[8, 8]), 3), round(float(out[0, 0]), 3)
     (0.6, 0.5)
-    >>> lab = np.zeros((40, 40), np.uint8); lab[22:34, 8:32] = 3; lab[4:16, 8:32] = 2
-    >>> img = np.where(lab == 3, 0.9, 0.2).astype(np.float32)
-    >>> out = class_contrast(img, lab, np.random.default_rng(0), (1.0, 1.0), (0.5, 0.5), (2, 3))
-    >>> round(float(out[10, 20] / out[28, 20]), 2)  # myocardium at half the blood pool
-    0.5
     """
     lab = np.asarray(label)
     n = int(lab.max()) + 1 if lab.size else 1
     gains = np.ones(n, np.float32)
     gains[1:] = rng.uniform(*gain, n - 1)
-    if ratio is not None and classes is not None:
-        wall, pool = classes
-        target = rng.uniform(*ratio)  # drawn whatever the slice holds: the stream stays aligned
-        if max(wall, pool) < n:
-            wall_mean = float(unit[lab == wall].mean()) if (lab == wall).any() else 0.0
-            pool_mean = float(unit[lab == pool].mean()) if (lab == pool).any() else 0.0
-            if wall_mean > 1e-3 and pool_mean > 1e-3:
-                gains[wall] = np.clip(target * pool_mean * gains[pool] / wall_mean, 0.25, 4.0)
     field = cv2.GaussianBlur(gains[lab], (0, 0), sigmaX=1.0)
     return (unit * field).astype(np.float32)
-
-
-_WALL_NAMES = ("myo", "myocardium", "lv_myo", "lv_myocardium")
-_POOL_NAMES = ("lv", "lv_blood", "lv_cavity", "lv_blood_pool", "left_ventricle")
-
-
-def augment_config(classes: list[str] | tuple[str, ...], **overrides) -> AugmentConfig:
-    """Defaults for a store with these class names: ``contrast_classes`` looked up by name.
-
-    >>> augment_config(["background", "RV", "MYO", "LV"]).contrast_classes
-    (2, 3)
-    >>> augment_config(["background", "scar"]).contrast_classes is None
-    True
-    """
-    names = [str(c).lower().replace(" ", "_") for c in classes]
-    wall = next((i for i, c in enumerate(names) if c in _WALL_NAMES), None)
-    pool = next((i for i, c in enumerate(names) if c in _POOL_NAMES), None)
-    pair = (wall, pool) if wall is not None and pool is not None else None
-    if pair is None:
-        log.info("classes %s name no myocardium and LV pool: tissue contrast uses random gains only",
-                 list(classes))
-    return AugmentConfig(**{"contrast_classes": pair, **overrides})
 
 
 def _site_transforms(cfg: AugmentConfig) -> list:
@@ -335,7 +285,7 @@ class Augmenter:
         rng = np.random.default_rng(np.random.SeedSequence([seed, 12]))
         draws = rng.random(4)
         if poor or draws[3] < cfg.p_class_contrast:
-            unit = class_contrast(unit, label, rng, cfg.class_gain, cfg.wall_to_pool, cfg.contrast_classes)
+            unit = class_contrast(unit, label, rng, cfg.class_gain)
         if draws[0] < cfg.p_bias:
             unit = unit * bias_field(unit.shape, rng, cfg.bias_strength)
         if poor or draws[1] < cfg.p_coil:

@@ -36,7 +36,7 @@ import numpy as np
 import keras
 
 from cmrprep.plan import ConfigError
-from model.augment import Augmenter, augment_config
+from model.augment import Augmenter
 from model.checks import CollapseGuard, check_wiring, output_is_softmax
 from model.data import ShardStore, SliceDataset, ValidationDataset, split_by_patient
 from model.reader import split_patients
@@ -362,8 +362,7 @@ def train(store_path: str | Path, run_dir: str | Path, *, epochs: int = 50,
     net, initial_epoch, best = _model_and_epoch(run_dir, resume, build,
                                                 loss_fn, _make_optimizer(optimizer, lr), user_net)
     train_ds = SliceDataset(store, train_idx, batch_size, seed=seed,
-                            augment=Augmenter(augment_config(store.classes)) if augment else None,
-                            use_sampling=use_sampling,
+                            augment=Augmenter() if augment else None, use_sampling=use_sampling,
                             steps_per_epoch=steps_per_epoch, pool_shards=pool_shards,
                             workers=workers)
     check_wiring(net, net.loss if resume else loss_fn, train_ds[0][1], store.check_attrs())
