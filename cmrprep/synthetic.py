@@ -315,12 +315,12 @@ def site_b(plan: _Plan, rng: np.random.Generator) -> tuple[_Plan, _Site]:
             float(rng.uniform(60.0, 100.0)))
     # The noise follows from the blood-myocardium contrast-to-noise ratio at the LV centre,
     # after the coil fall-off has dimmed the signal there (the noise is not dimmed): CNR 4-8,
-    # below every site-A case (8-30) but still a diagnostic cine; never less noise than site A.
+    # below every site-A case (8-30) but still a diagnostic cine.
     hu, hv = plan.heart.centre
     field = 2.0 / (1.0 + ((hu - coil[0]) ** 2 + (hv - coil[1]) ** 2) / coil[2] ** 2)
     noise = (values["lv_blood"] - values["myo"]) * field / float(rng.uniform(*SITE_B_CNR))
     new = replace(plan, shape=(*shape_ij, len(depth)), spacing=sp, depth=depth, heart=heart, body=body,
-                  heart_xy=xy, noise=float(max(noise, 1.2 * plan.noise)))
+                  heart_xy=xy, noise=float(noise))
     site = _Site(sub_depths=(-ss / 3.0, 0.0, ss / 3.0), blur_px=float(rng.uniform(0.5, 1.0)),
                  coil=coil, transpose=True)
     return new, site

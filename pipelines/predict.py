@@ -337,16 +337,28 @@ def _refine(net, image, geom, plan, seg: Segmentation, center, batch_size, postp
     only to within a few centimetres on data unlike the training data (measured on
     synthetic site-B cines: 10-40 mm); centring the final crop on the heart the
     network segmented puts it where training crops were (the ground-truth centre
-    with a small jitter).  The localisation flag still reports the localiser's own
-    error.  Returns ``(segmentation, centre)``.
+    with a small jitter).  A re-centred segmentation is kept only if it is at
+    least as heart-like (:func:`_heart_score`: classes present, then foreground
+    voxels): centring on a false positive elsewhere in the field of view can
+    push the heart out of the crop (measured on synthetic site B: an ED frame
+    whose crop moved 28 mm came back empty).  The localisation flag still
+    reports the localiser's own error.  Returns ``(segmentation, centre)``.
     """
     for _ in range(REFINE_STEPS):
         new = label_center(seg.label, geom)
         if new is None or (center is not None and np.linalg.norm(new - center) < REFINE_TOL_MM):
             break
-        center = new
-        seg = segment_frame(net, image, geom, plan, center, batch_size, postprocess)
+        again = segment_frame(net, image, geom, plan, new, batch_size, postprocess)
+        if _heart_score(again.crop, plan.num_classes) < _heart_score(seg.crop, plan.num_classes):
+            break  # centred on a false positive, the heart left the crop: keep the better one
+        seg, center = again, new
     return seg, center
+
+
+def _heart_score(crop: np.ndarray, num_classes: int) -> tuple[int, int]:
+    """``(foreground classes present, foreground voxels)`` of a crop prediction: more is more heart-like."""
+    counts = np.bincount(crop.ravel(), minlength=num_classes)[1:]
+    return int((counts > 0).sum()), int(counts.sum())
 
 
 def _is_4d(frame) -> bool:

@@ -189,3 +189,17 @@ def test_predict_names_the_dataset_shift_of_another_site(run_dir, tmp_path):
     assert not res.failed and len(res.written) == 2
     report = json.loads((tmp_path / "pred" / "predict_report.json").read_text())
     assert "shift_inplane_mm" in {w["code"] for w in report["shift"]}
+
+
+def test_refinement_keeps_the_more_heart_like_segmentation():
+    """#12: a re-centred crop that lost classes (the heart left it) never replaces a better one."""
+    from pipelines.predict import _heart_score
+
+    heart = np.zeros((2, 16, 16), np.uint8)
+    heart[0, 4:8, 4:8], heart[0, 5:7, 5:7], heart[1, 2:4, 10:14] = 2, 3, 1
+    blob = np.zeros_like(heart)
+    blob[:, :, :12] = 3  # more foreground voxels, one class only: a false positive
+    assert _heart_score(heart, 4) > _heart_score(blob, 4) > _heart_score(np.zeros_like(heart), 4)
+    bigger = heart.copy()
+    bigger[1, 12:15, 2:6] = 2
+    assert _heart_score(bigger, 4) > _heart_score(heart, 4)  # same classes: more voxels wins
