@@ -357,7 +357,9 @@ def _refine(net, image, geom, plan, seg: Segmentation, center, batch_size, postp
 
 def _heart_score(crop: np.ndarray, num_classes: int) -> tuple[int, int]:
     """``(foreground classes present, foreground voxels)`` of a crop prediction: more is more heart-like."""
-    counts = np.bincount(crop.ravel(), minlength=num_classes)[1:]
+    from cmrprep.stats import slice_class_counts
+
+    counts = slice_class_counts(crop, num_classes).sum(axis=0)[1:]
     return int((counts > 0).sum()), int(counts.sum())
 
 
