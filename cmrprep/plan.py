@@ -81,7 +81,9 @@ class Plan:
         at a shard boundary, so smaller shards waste less padding.
     group_cases : int
         Mean number of cases per store group (content-defined: a group ends
-        after a case whose id hashes to 0 modulo this number).  A changed case
+        after a case whose id hashes to 0 modulo this number, or, past 1.5x
+        this number, to an even value; see
+        :func:`pipelines.build.store.group_layout`).  A changed case
         rewrites only its group; smaller groups mean less rewriting per
         change and more padding slices.
     phases : tuple of str

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -68,11 +69,10 @@ def file_stamp(path: str | Path) -> list[int]:
     summed sizes plus the file count, the newest mtime and ctime, and the sum of
     the inodes.
     """
-    p = Path(path)
-    if not p.is_dir():
-        st = os.stat(p)
+    st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode):
         return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-    stats = [q.stat() for q in p.rglob("*") if q.is_file()]
+    stats = [q.stat() for q in Path(path).rglob("*") if q.is_file()]
     return [sum(st.st_size for st in stats) + len(stats),
             max((st.st_mtime_ns for st in stats), default=0),
             max((st.st_ctime_ns for st in stats), default=0), sum(st.st_ino for st in stats)]

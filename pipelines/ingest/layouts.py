@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 #: M&Ms labels (1 LV, 2 MYO, 3 RV) -> project (1 RV, 2 MYO, 3 LV).
 MNMS_LABEL_MAP = MNMS.values
 _ACDC_FRAME = re.compile(r"^(?P<case>.+)_frame(?P<n>\d+)(_gt)?$")
+_ACDC_FRAME_FILE = re.compile(fnmatch.translate("*_frame[0-9][0-9]*.nii*")).match
 #: What ``pipelines.predict`` writes into the root of its output folder.
 PREDICT_REPORT = "predict_report.json"
 #: Stem suffix of ``pipelines.predict``'s label files; such files are never images.
@@ -50,17 +51,16 @@ class Discovery:
     label_map: LabelMap = ACDC
 
 
-def rglob(root: Path, *patterns: str):
-    """``root.rglob(pattern)`` that also descends into symlinked folders (sorted, loop-safe);
-    with several patterns, the names matching any of them (one walk).
+def walk(root: str | Path):
+    """``(folder, file names, folder names)`` of every folder under ``root``, sorted, following
+    symlinked folders (loop-safe), skipping ``pipelines.predict`` output folders.
 
     Datasets are often assembled from symlinks (one folder per patient pointing
     into an archive); :meth:`pathlib.Path.rglob` skips symlinked directories
-    before Python 3.13, which would silently drop those cases.
+    before Python 3.13, which would silently drop those cases.  Names are plain
+    strings: at thousands of cases, a :class:`~pathlib.Path` per file costs more
+    than the walk itself.
     """
-    if not patterns:
-        return
-    match = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns)).match
     seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         try:
@@ -79,6 +79,18 @@ def rglob(root: Path, *patterns: str):
             continue
         seen.add(real)
         dirnames.sort()
+        filenames.sort()
+        yield dirpath, filenames, dirnames
+
+
+def rglob(root: Path, *patterns: str):
+    """``root.rglob(pattern)`` that also descends into symlinked folders (sorted, loop-safe);
+    with several patterns, the names matching any of them (one walk).  See :func:`walk`.
+    """
+    if not patterns:
+        return
+    match = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns)).match
+    for dirpath, filenames, dirnames in walk(root):
         folder = None
         for name in sorted(filenames + dirnames):
             if match(name):
@@ -122,10 +134,12 @@ def _is_dicom_path(path: Path) -> bool:
 
 
 # -- ACDC ---------------------------------------------------------------------
-def _parse_info(path: Path) -> dict:
-    meta: dict = {"source": str(path)}
+def _parse_info(path: str | Path) -> dict:
+    meta: dict = {"source": os.fspath(path)}
     # utf-8-sig: an Info.cfg saved by a Windows editor starts with a byte-order mark
-    for line in path.read_text(encoding="utf-8-sig", errors="replace").splitlines():
+    with open(path, encoding="utf-8-sig", errors="replace") as fh:
+        text = fh.read()
+    for line in text.splitlines():
         key, sep, value = line.partition(":")
         if not sep:
             continue
@@ -138,40 +152,62 @@ def _parse_info(path: Path) -> dict:
     return meta
 
 
-def _acdc_case(folder: Path) -> CaseSpec:
-    cid, info = folder.name, folder / "Info.cfg"
-    if not info.is_file():
-        raise CaseError(Problem(cid, str(info), "metadata",
-                                "Info.cfg is missing; add it with ED/ES (ACDC layout, detected from the "
-                                "*_frameNN names). Not ACDC? Pass --layout generic --image-glob '...' "
-                                "(and --label-pattern / --patient-pattern)."))
-    meta = _parse_info(info)
+def _pick_nifti(folder: str, names: frozenset[str], stem: str) -> str | None:
+    """``folder/stem.nii.gz`` or ``folder/stem.nii``, whichever the listing ``names`` holds."""
+    for suffix in NIFTI_SUFFIXES:
+        if stem + suffix in names:
+            return os.path.join(folder, stem + suffix)
+    return None
+
+
+def _acdc_case(item: tuple[str, frozenset[str]]) -> CaseSpec:
+    """One ACDC case from its folder and the folder's file names (from the walk: no ``stat``)."""
+    folder, names = item
+    cid, info = os.path.basename(folder), os.path.join(folder, "Info.cfg")
+    missing = Problem(cid, info, "metadata",
+                      "Info.cfg is missing; add it with ED/ES (ACDC layout, detected from the "
+                      "*_frameNN names). Not ACDC? Pass --layout generic --image-glob '...' "
+                      "(and --label-pattern / --patient-pattern).")
+    if "Info.cfg" not in names:
+        raise CaseError(missing)
+    try:
+        meta = _parse_info(info)
+    except FileNotFoundError:  # a dangling link
+        raise CaseError(missing) from None
+    except OSError as exc:
+        raise CaseError(Problem(cid, info, "metadata", f"Info.cfg cannot be read ({exc.strerror})"
+                                "; check its permissions.")) from None
     for key in ("ED", "ES"):
         if not isinstance(meta.get(key), int) or meta[key] < 1:
             found = "missing" if meta.get(key) is None else f"{meta[key]!r}"
-            raise CaseError(Problem(cid, str(info), "metadata",
+            raise CaseError(Problem(cid, info, "metadata",
                                     f"{key} is {found}; Info.cfg needs '{key}: <1-based frame>'."))
     phases = [("ED", meta["ED"])] + ([("ES", meta["ES"])] if meta["ES"] != meta["ED"] else [])
-    images = {ph: _find_nifti(folder, f"{cid}_frame{n:02d}") for ph, n in phases}
-    labels = {ph: _find_nifti(folder, f"{cid}_frame{n:02d}_gt") for ph, n in phases}
+    images = {ph: _pick_nifti(folder, names, f"{cid}_frame{n:02d}") for ph, n in phases}
+    labels = {ph: _pick_nifti(folder, names, f"{cid}_frame{n:02d}_gt") for ph, n in phases}
     for ph, n in phases:
         if images[ph] is None:
-            raise CaseError(Problem(cid, str(folder / f"{cid}_frame{n:02d}.nii.gz"), "missing_file",
+            raise CaseError(Problem(cid, os.path.join(folder, f"{cid}_frame{n:02d}.nii.gz"),
+                                    "missing_file",
                                     f"{ph} frame {n} (Info.cfg) has no image file; restore it."))
     if any(labels.values()) and not all(labels.values()):
         ph = next(p for p, lab in labels.items() if lab is None)
-        raise CaseError(Problem(cid, str(images[ph]), "missing_file",
+        raise CaseError(Problem(cid, images[ph], "missing_file",
                                 f"{ph} label *_gt file missing while the other phase has one; restore it."))
-    frames = tuple(FrameSpec(ph, str(images[ph]), str(labels[ph]) if labels[ph] else None)
-                   for ph, _ in phases)
-    cine = _find_nifti(folder, f"{cid}_4d")
-    return CaseSpec(cid, "acdc", frames, str(cine) if cine else None, None, meta)
+    frames = tuple(FrameSpec(ph, images[ph], labels[ph]) for ph, _ in phases)
+    return CaseSpec(cid, "acdc", frames, _pick_nifti(folder, names, f"{cid}_4d"), None, meta)
+
+
+def _is_acdc_name(name: str) -> bool:
+    """``Info.cfg`` or an ACDC frame volume (``*_frameNN[_gt].nii[.gz]``, not ``*_frameNN_pred``)."""
+    return name == "Info.cfg" or (_ACDC_FRAME_FILE(name) is not None
+                                  and _ACDC_FRAME.match(volume_stem(name)) is not None)
 
 
 def _discover_acdc(root: Path, **_) -> Discovery:
-    folders = {p.parent for p in rglob(root, "Info.cfg", "*_frame[0-9][0-9]*.nii*")
-               if p.name == "Info.cfg" or _ACDC_FRAME.match(volume_stem(p))}  # not *_frameNN_pred
-    return _collect("acdc", sorted(folders), _acdc_case)
+    folders = [(dirpath, frozenset(filenames)) for dirpath, filenames, _ in walk(root)
+               if any(_is_acdc_name(n) for n in filenames)]
+    return _collect("acdc", folders, _acdc_case, source=lambda item: item[0])
 
 
 # -- M&Ms ---------------------------------------------------------------------
@@ -395,7 +431,7 @@ def _confine(found: Discovery, root: Path) -> None:
     found.cases = kept
 
 
-def _collect(layout: str, items, make) -> Discovery:
+def _collect(layout: str, items, make, source=str) -> Discovery:
     """Build one CaseSpec per item; a CaseError becomes a Problem.
 
     A case id found in more than one place (``siteA/patient001`` and
@@ -411,7 +447,7 @@ def _collect(layout: str, items, make) -> Discovery:
             cid = case.case_id
         except CaseError as exc:
             case, cid = exc.problem, exc.problem.case_id
-        by_id.setdefault(cid, []).append((str(item), case))
+        by_id.setdefault(cid, []).append((source(item), case))
     for cid, copies in by_id.items():
         if len(copies) > 1:
             where = ", ".join(src for src, _ in copies)

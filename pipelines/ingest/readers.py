@@ -12,6 +12,7 @@ naming the case, the file and the underlying error.
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -60,9 +61,10 @@ def _fail(case_id: str, path: str | Path, check: str, message: str) -> CaseError
 
 def volume_stem(path: str | Path) -> str:
     """File name without a supported volume extension (``a.nii.gz`` -> ``a``)."""
-    name = Path(path).name
+    name = os.path.basename(os.fspath(path).rstrip(os.sep))  # "dir/" names "dir", as Path does
+    lower = name.lower()
     for suffix in NIFTI_SUFFIXES + SITK_SUFFIXES:
-        if name.lower().endswith(suffix):
+        if lower.endswith(suffix):
             return name[: -len(suffix)]
     return name
 
