@@ -117,10 +117,13 @@ def expected_class_share(slice_counts: np.ndarray, weights: np.ndarray) -> dict[
     expected_voxels = w @ table.astype(np.float64)
     total = float(expected_voxels.sum())
     present = table > 0
+    # a sum, not ``w @ vector``: OpenBLAS runs a dot product of more than 10,000 elements on
+    # its thread pool, whose threads then spin-wait ~0.13 s of CPU per call (measured)
+    foreground = float(w[present[:, 1:].any(axis=1)].sum())
     return {
         "voxel_share": [float(v / total) if total else 0.0 for v in expected_voxels],
         "slice_presence": [float(v) for v in w @ present.astype(np.float64)],
-        "foreground_slices": float(w @ present[:, 1:].any(axis=1).astype(np.float64)),
+        "foreground_slices": foreground,
     }
 
 
