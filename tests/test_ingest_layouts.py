@@ -43,6 +43,22 @@ def test_acdc_missing_ed_and_missing_frame_are_problems(acdc_root):
     assert "ED" in found.problems[0].message
 
 
+def test_acdc_dangling_info_and_frame_links_are_problems_not_crashes(acdc_root):
+    """Discovery works from the folder listing: a listed Info.cfg that is a dangling link, or a
+    frame file that is one, is that case's problem (named file), and the other cases go on."""
+    info = acdc_root / "patient002" / "Info.cfg"
+    info.unlink()
+    info.symlink_to(acdc_root / "nowhere.cfg")
+    frame = acdc_root / "patient003" / "patient003_frame01.nii.gz"
+    frame.unlink()
+    frame.symlink_to(acdc_root / "nowhere.nii.gz")
+    found = discover(acdc_root)
+    assert [c.case_id for c in found.cases] == ["patient001", "patient003"]
+    (problem,) = found.problems
+    assert problem.case_id == "patient002" and problem.check == "metadata"
+    assert problem.file == str(info) and "Info.cfg is missing" in problem.message
+
+
 def test_acdc_image_only(acdc_root):
     for gt in acdc_root.rglob("*_gt.nii.gz"):
         gt.unlink()
