@@ -171,9 +171,9 @@ def group_layout(case_ids: Sequence[str], n_slices: Sequence[int], shard: int,
     """Content-defined case groups and their shard positions.
 
     Groups end at content-defined boundaries (:func:`_boundary`), so inserting
-    or removing a case changes only the group it falls in (and, when the case
-    itself ends a group, the one after it); every group starts at a shard
-    boundary.
+    or removing a case changes only the groups from the one it falls in up to
+    the next case whose id hashes to 0 modulo ``mean_cases`` (usually one or
+    two groups); every group starts at a shard boundary.
 
     Parameters
     ----------
