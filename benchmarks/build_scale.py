@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     cases = sorted(pool.glob("patient*"))[:need]
     held = np.random.default_rng(a.seed).choice(len(cases), a.add * a.draws, replace=False).tolist()
     draws = [[cases[i] for i in held[d * a.add:(d + 1) * a.add]] for d in range(a.draws)]
-    base = [c for i, c in enumerate(cases) if i not in set(held)]
+    held_set = set(held)
+    base = [c for i, c in enumerate(cases) if i not in held_set]
     rows = {}
     for n in sizes:
         raw, out = work / f"raw{n}", work / f"out{n}"
