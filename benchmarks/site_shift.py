@@ -1,7 +1,7 @@
 """Does a model trained on one site hold up on the next?  Site-A training, site-A and site-B Dice.
 
     python benchmarks/site_shift.py [--train-cases 40] [--test-cases 10] [--minutes 20] [--workdir DIR]
-                                    [--run RUN_DIR] [--train-site B]
+                                    [--run RUN_DIR] [--train-site B] [--each-change]
 
 1. Synthesize ``--train-cases`` site-A patients (``pipelines.synthesize``), build the store.
 2. Train the default model for ``--minutes`` (``pipelines.train`` defaults, i.e. with the
@@ -18,6 +18,10 @@ targets (issue #12): site B mean >= 0.90 and no frame below 0.5, site A >= 0.95.
 
 ``--train-site B`` trains on site-B patients instead (same test sets): the in-domain ceiling of
 site B for the same training budget, which tells a shift apart from data that is simply harder.
+
+``--each-change`` also scores site B's changes one at a time (``synthesize --site B
+--site-changes C``, the same patients and draws as the site-B test set): which of them
+costs the model how much, and whether they compound.
 """
 
 from __future__ import annotations
@@ -43,15 +47,16 @@ def frame_scores(rows: list[dict]) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in by_frame.items()}
 
 
-def score_site(run: Path, work: Path, site: str, cases: int, seed: int) -> dict:
+def score_site(run: Path, work: Path, site: str, cases: int, seed: int, changes: str | None = None) -> dict:
     from pipelines.evaluate import evaluate
     from pipelines.predict import predict
     from pipelines.synthesize import synthesize
 
-    raw = work / f"test_{site}"
+    name = site if changes is None else f"B_{changes.replace(',', '+')}"
+    raw = work / f"test_{name}"
     if not raw.exists():
-        synthesize(raw, cases, seed, layout="acdc", with_4d=True, site=site)
-    pred = work / f"pred_{site}"
+        synthesize(raw, cases, seed, layout="acdc", with_4d=True, site=site, site_changes=changes)
+    pred = work / f"pred_{name}"
     shutil.rmtree(pred, ignore_errors=True)
     t0 = time.perf_counter()
     res = predict(run, raw, pred, progress=False)
@@ -59,7 +64,7 @@ def score_site(run: Path, work: Path, site: str, cases: int, seed: int) -> dict:
     ev = evaluate(pred, raw, pred / "evaluation")
     by_frame = frame_scores(ev["rows"])
     scores = list(by_frame.values())
-    return {"site": site, "frames": len(scores), "mean": sum(scores) / len(scores), "worst": min(scores),
+    return {"site": site if changes is None else f"B, only {changes}", "frames": len(scores), "mean": sum(scores) / len(scores), "worst": min(scores),
             "by_frame": {k: round(v, 4) for k, v in sorted(by_frame.items(), key=lambda kv: kv[1])},
             "per_class": {k: round(v["dice"], 4) for k, v in ev["summary"].items()},
             "flagged_cases": sorted(res.flags), "shift": [w["message"] for w in res.shift],
@@ -74,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default="/tmp/cmrprep-site-shift")
     p.add_argument("--run", help="score an existing run instead of training one")
+    p.add_argument("--each-change", action="store_true",
+                   help="also score each of site B's changes alone (same patients as site B)")
     p.add_argument("--train-site", choices=("A", "B"), default="A",
                    help="site of the training patients (B: site B's in-domain ceiling)")
     a = p.parse_args(argv)
@@ -99,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trained {result.epochs_completed} epochs in {time.perf_counter() - t0:.0f} s; "
               f"validation Dice {result.best_dice}")
     out = [score_site(run, work, site, a.test_cases, a.seed + 5000 + i) for i, site in enumerate("AB")]
+    if a.each_change:
+        from cmrprep.synthetic import SITE_B_CHANGES
+
+        out += [score_site(run, work, "B", a.test_cases, a.seed + 5001, c) for c in SITE_B_CHANGES]
     for r in out:
         print(f"site {r['site']}: {r['frames']} frames, mean foreground Dice {r['mean']:.3f}, worst frame "
               f"{r['worst']:.3f}; per class {r['per_class']}; flagged {len(r['flagged_cases'])} case(s); "

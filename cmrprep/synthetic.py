@@ -20,7 +20,9 @@ blood-myocardium contrast, more noise (a blood-myocardium contrast-to-noise rati
 of 4-8 at the heart, against 8-30 for site A), in-plane blur, a strong non-linear
 surface-coil fall-off, and images stored transposed (axes 0 and 1 swapped, the
 affine with them).  Its parameters come from their own seed stream, so site A
-cases are unchanged by its existence.
+cases are unchanged by its existence.  ``site_changes`` applies only some of
+these changes (:data:`SITE_B_CHANGES`), with the values they have in the full
+site B: which change costs a model how much, on the same patients.
 
 Examples
 --------
@@ -36,7 +38,7 @@ from __future__ import annotations
 import logging
 import string
 from dataclasses import dataclass, field, replace
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 from scipy.spatial.transform import Rotation
@@ -45,7 +47,7 @@ from cmrprep import _phantom as ph
 from cmrprep.geometry import Geometry
 
 __all__ = ["SyntheticCase", "generate_case", "generate_dataset", "contraction", "GROUPS",
-           "VENDORS", "SITES", "site_b"]
+           "VENDORS", "SITES", "SITE_B_CHANGES", "site_b"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,8 @@ _MAX_SLICES = 18
 SITES = ("A", "B")
 #: Site B's blood-myocardium contrast-to-noise ratio at the LV centre (see :func:`site_b`).
 SITE_B_CNR = (4.0, 8.0)
+#: What site B changes (:func:`site_b`); ``generate_case(site_changes=...)`` applies a subset.
+SITE_B_CHANGES = ("resolution", "thickness", "contrast", "blur", "coil", "transposed")
 
 
 @dataclass(frozen=True)
@@ -294,8 +298,42 @@ def _draw_plan(rng: np.random.Generator, group: str) -> _Plan:
                  bias=rng.normal(0.0, 0.2, 6), noise=float(rng.uniform(1 / 40, 1 / 12)))
 
 
-def site_b(plan: _Plan, rng: np.random.Generator) -> tuple[_Plan, _Site]:
-    """Another scanner's acquisition of the same anatomy (see the module docstring)."""
+def site_b(plan: _Plan, rng: np.random.Generator,
+           changes: Iterable[str] = SITE_B_CHANGES) -> tuple[_Plan, _Site]:
+    """Another scanner's acquisition of the same anatomy (see the module docstring).
+
+    ``changes`` picks which of :data:`SITE_B_CHANGES` are applied; every parameter is
+    drawn whatever the choice, so a change applied alone has the value it has in the
+    full site B (which change costs a model how much, on the same patients).
+    """
+    unknown = set(changes) - set(SITE_B_CHANGES)
+    if unknown:
+        raise ValueError(f"unknown site-B change(s) {sorted(unknown)}; choose from {SITE_B_CHANGES}")
+    new, site = _site_b_all(plan, rng)
+    return _select(plan, new, site, frozenset(changes))
+
+
+def _select(plan: _Plan, new: _Plan, site: _Site, changes: frozenset[str]) -> tuple[_Plan, _Site]:
+    """``plan`` with only ``changes`` taken from the full site-B ``(new, site)``."""
+    out, acq = plan, _Site()
+    if "resolution" in changes:
+        out = replace(out, shape=(*new.shape[:2], out.shape[2]), spacing=new.spacing, heart_xy=new.heart_xy)
+    if "thickness" in changes:
+        out = replace(out, shape=(*out.shape[:2], new.shape[2]), depth=new.depth)
+        acq = replace(acq, sub_depths=site.sub_depths)
+    if "contrast" in changes:
+        out = replace(out, heart=new.heart, body=new.body, noise=new.noise)
+    if "blur" in changes:
+        acq = replace(acq, blur_px=site.blur_px)
+    if "coil" in changes:
+        acq = replace(acq, coil=site.coil)
+    if "transposed" in changes:
+        acq = replace(acq, transpose=True)
+    return out, acq
+
+
+def _site_b_all(plan: _Plan, rng: np.random.Generator) -> tuple[_Plan, _Site]:
+    """Every site-B change drawn and applied."""
     sp = float(rng.uniform(2.0, 2.6))
     ni, nj, _ = plan.shape
     shape_ij = (max(48, int(round(ni * plan.spacing / sp))), max(48, int(round(nj * plan.spacing / sp))))
@@ -390,7 +428,8 @@ def _draw_storage(rng: np.random.Generator) -> tuple[float, str, float, float]:
 
 # ----------------------------------------------------------------- public API
 def generate_case(seed: int, index: int, *, n_frames: int | None = None,
-                  full_cine: bool = False, through_es: bool = False, site: str = "A") -> SyntheticCase:
+                  full_cine: bool = False, through_es: bool = False, site: str = "A",
+                  site_changes: Iterable[str] = SITE_B_CHANGES) -> SyntheticCase:
     """Render synthetic case ``index`` of the dataset drawn from ``seed``.
 
     Parameters
@@ -405,6 +444,8 @@ def generate_case(seed: int, index: int, *, n_frames: int | None = None,
         Render frames ``0 .. max(ed, es)`` (a shortened 4D for M&Ms-style files).
     site : {"A", "B"}
         ``"B"``: the same anatomy acquired as another site would (:func:`site_b`).
+    site_changes : iterable of str
+        With ``site="B"``, which of :data:`SITE_B_CHANGES` to apply (default: all).
 
     Returns
     -------
@@ -427,7 +468,7 @@ def generate_case(seed: int, index: int, *, n_frames: int | None = None,
     acquisition = _Site()
     if site == "B":  # its own stream: site A's draws are untouched
         plan, acquisition = site_b(plan, np.random.default_rng(
-            np.random.SeedSequence(seed, spawn_key=(index, 2))))
+            np.random.SeedSequence(seed, spawn_key=(index, 2))), site_changes)
     affine = _draw_affine(rng, plan.spacing, float(abs(plan.depth[1] - plan.depth[0])), plan.shape)
     if rng.random() < 0.5:  # apex-first stacks: reverse the slice order
         plan = replace(plan, depth=plan.depth[::-1].copy())

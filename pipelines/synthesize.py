@@ -4,7 +4,8 @@ Usage::
 
     python -m pipelines.synthesize OUT --cases N --seed S
                                    [--layout acdc|mnms|nnunet|generic|dicom]
-                                   [--label-values 0,1,2,3] [--site A|B] [--with-4d] [--overwrite]
+                                   [--label-values 0,1,2,3] [--site A|B] [--site-changes LIST]
+                                   [--with-4d] [--overwrite]
 
 Layouts follow the real datasets:
 
@@ -26,7 +27,10 @@ Layouts follow the real datasets:
 ``--site B`` renders the same kind of anatomy as another scanner/site acquires it
 (coarser and thicker, noisier, blurred, weaker blood-myocardium contrast, a strong
 surface-coil fall-off, stored transposed; :func:`cmrprep.synthetic.site_b`), to
-measure how a model trained on site A holds up.
+measure how a model trained on site A holds up.  ``--site-changes coil,contrast``
+applies only those of site B's changes (``resolution``, ``thickness``, ``contrast``,
+``blur``, ``coil``, ``transposed``; default all), with the values they have in the full
+site B: which change costs a model how much, on the same patients.
 
 ``--label-values`` sets the file value of each class (background, RV, MYO, LV), e.g.
 ``0,85,170,255`` or M&Ms' ``0,3,2,1``; the default is the layout's own convention.
@@ -53,7 +57,7 @@ from tqdm import tqdm
 
 from cmrprep import __version__
 from cmrprep.plan import ConfigError
-from cmrprep.synthetic import SyntheticCase, generate_case
+from cmrprep.synthetic import SITE_B_CHANGES, SyntheticCase, generate_case
 from pipelines.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, help_formatter, plain_text
 
 __all__ = ["synthesize", "main", "LAYOUTS", "write_nifti"]
@@ -200,11 +204,13 @@ def _unique_code(code: str, used: set[str], index: int) -> str:
 
 def synthesize(out: str | Path, cases: int, seed: int, layout: str = "acdc",
                with_4d: bool = False, overwrite: bool = False,
-               label_values: str | None = None, site: str = "A") -> list[str]:
+               label_values: str | None = None, site: str = "A",
+               site_changes: str | None = None) -> list[str]:
     """Generate ``cases`` synthetic cases from ``seed`` and write them under ``out``.
 
     ``label_values`` (``"0,85,170,255"``) sets the file value of background, RV,
-    MYO and LV; ``site="B"`` another site's acquisition (see the module docstring).
+    MYO and LV; ``site="B"`` another site's acquisition (see the module docstring),
+    ``site_changes`` (``"coil,contrast"``) only some of its changes.
 
     Returns
     -------
@@ -221,6 +227,7 @@ def synthesize(out: str | Path, cases: int, seed: int, layout: str = "acdc",
     values = _label_values(label_values, layout)
     if site not in ("A", "B"):
         raise ConfigError(f"--site must be A or B, got {site!r}")
+    changes = _site_changes(site_changes, site)
     if out.is_dir() and any(out.iterdir()):
         log.info("overwriting %s", out)
         shutil.rmtree(out)
@@ -231,7 +238,7 @@ def synthesize(out: str | Path, cases: int, seed: int, layout: str = "acdc",
     for i in tqdm(range(int(cases)), desc=f"synthesize {layout}", unit="case",
                   disable=None):
         case = generate_case(seed, i, full_cine=with_4d and layout not in ("nnunet", "generic"),
-                             through_es=layout == "mnms", site=site)
+                             through_es=layout == "mnms", site=site, site_changes=changes)
         if layout == "acdc":
             _write_acdc(out, case, with_4d)
             ids.append(case.case_id)
@@ -250,8 +257,27 @@ def synthesize(out: str | Path, cases: int, seed: int, layout: str = "acdc",
     _write_index(out, layout, rows, n_train)
     _write_marker(out, dict(cases=int(cases), seed=int(seed), layout=layout,
                             with_4d=bool(with_4d), label_values=[int(v) for v in values], site=site,
+                            site_changes=list(changes) if site == "B" else None,
                             case_ids=ids))
     return ids
+
+
+def _site_changes(text: str | None, site: str) -> tuple[str, ...]:
+    """``"coil,contrast"`` -> ``("coil", "contrast")``; all of site B's changes when ``None``.
+
+    >>> _site_changes("coil, contrast", "B")
+    ('coil', 'contrast')
+    """
+    if text is None:
+        return SITE_B_CHANGES
+    if site != "B":
+        raise ConfigError("--site-changes applies to --site B only")
+    changes = tuple(c.strip() for c in text.split(",") if c.strip())
+    unknown = [c for c in changes if c not in SITE_B_CHANGES]
+    if unknown:
+        raise ConfigError(f"--site-changes: unknown change(s) {', '.join(unknown)}; "
+                          f"choose from {', '.join(SITE_B_CHANGES)}")
+    return changes
 
 
 def _write_index(out: Path, layout: str, rows: list[dict], n_train: int) -> None:
@@ -283,6 +309,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--with-4d", action="store_true", help="render and write the full cine")
     p.add_argument("--site", choices=("A", "B"), default="A",
                    help="B: another scanner/site's acquisition of the anatomy (domain shift)")
+    p.add_argument("--site-changes", metavar="LIST",
+                   help="with --site B, only these of its changes, comma-separated: "
+                        f"{','.join(SITE_B_CHANGES)} (default all)")
     p.add_argument("--label-values", help="file value of background, RV, MYO, LV, e.g. '0,85,170,255' "
                                           "(default: the layout's convention)")
     p.add_argument("--overwrite", action="store_true",
@@ -303,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ids = synthesize(args.out, args.cases, args.seed, layout=args.layout,
                          with_4d=args.with_4d, overwrite=args.overwrite, label_values=args.label_values,
-                         site=args.site)
+                         site=args.site, site_changes=args.site_changes)
     except ConfigError as exc:
         log.error("%s", exc)
         return EXIT_CONFIG

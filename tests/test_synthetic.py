@@ -289,3 +289,38 @@ def test_site_b_is_noisier_but_still_a_diagnostic_cine(seed):
     # medians and counts: a corner that is not air (a coil-bright or quantised one) skews one estimate
     assert 3.0 < float(np.median(b)) < 9.0 and sum(2.0 < v < 13.0 for v in b) >= 6
     assert float(np.median(a)) > 1.5 * float(np.median(b))
+
+
+def test_site_b_changes_apply_one_at_a_time():
+    """#12: each of site B's changes alone, with its full-site-B value; none of them is site A."""
+    from cmrprep.synthetic import SITE_B_CHANGES, generate_case
+
+    a, b = generate_case(9, 1), generate_case(9, 1, site="B")
+    np.testing.assert_array_equal(generate_case(9, 1, site="B", site_changes=SITE_B_CHANGES).cine, b.cine)
+    np.testing.assert_array_equal(generate_case(9, 1, site="B", site_changes=()).cine, a.cine)
+    res = generate_case(9, 1, site="B", site_changes=["resolution"])
+    assert res.geometry.spacing[0] == pytest.approx(b.geometry.spacing[0])
+    assert res.cine.shape[2] == a.cine.shape[2] and res.cine.shape[:2] != a.cine.shape[:2]
+    thick = generate_case(9, 1, site="B", site_changes=["thickness"])
+    assert thick.cine.shape[2] == b.cine.shape[2] != a.cine.shape[2]
+    assert thick.geometry.spacing[0] == pytest.approx(a.geometry.spacing[0])
+    flip = generate_case(9, 1, site="B", site_changes=["transposed"])
+    np.testing.assert_array_equal(flip.cine, np.swapaxes(a.cine, 0, 1))
+    for change in ("contrast", "blur", "coil"):  # same grid as site A, other intensities
+        c = generate_case(9, 1, site="B", site_changes=[change])
+        assert c.cine.shape == a.cine.shape and np.array_equal(c.affine, a.affine)
+        assert not np.array_equal(c.cine, a.cine), change
+        for t in a.labels:
+            np.testing.assert_array_equal(c.labels[t], a.labels[t])
+    with pytest.raises(ValueError, match="unknown site-B change"):
+        generate_case(9, 1, site="B", site_changes=["gradient"])
+
+
+def test_cli_site_changes(tmp_path):
+    """--site-changes: recorded in synthesize.json; only with --site B; unknown names are rc 2."""
+    out = tmp_path / "coil"
+    assert main([str(out), "--cases", "1", "--site", "B", "--site-changes", "coil,blur"]) == 0
+    assert json.loads((out / "synthesize.json").read_text())["site_changes"] == ["coil", "blur"]
+    assert main([str(tmp_path / "x"), "--cases", "1", "--site-changes", "coil"]) == 2
+    assert main([str(tmp_path / "y"), "--cases", "1", "--site", "B", "--site-changes", "gradient"]) == 2
+    assert not (tmp_path / "y").exists() or not any((tmp_path / "y").iterdir())
