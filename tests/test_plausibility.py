@@ -51,6 +51,9 @@ def test_implausible_volumes_and_ef(case):
     flags, _ = case_flags({"ED": tiny, "ES": es}, {"ED": sp, "ES": sp}, CLASSES)
     msgs = " ".join(f["message"] for f in flags)
     assert "implausible_volume" in _codes(flags) and "LV end-diastolic volume" in msgs
+    # the EF of a vanished ED cavity is a huge negative number: the volumes behind it are named
+    ef = next(f["message"] for f in flags if "LV ejection fraction" in f["message"])
+    assert "(EDV " in ef and " ml, ESV " in ef, ef
     same = {"ED": ed, "ES": ed}  # no contraction: EF 0 %
     flags, values = case_flags(same, {"ED": sp, "ES": sp}, CLASSES)
     assert values["lv_ef_pct"] == 0.0 and "LV ejection fraction 0 %" in " ".join(f["message"] for f in flags)
