@@ -306,6 +306,7 @@ def site_b(plan: _Plan, rng: np.random.Generator,
     drawn whatever the choice, so a change applied alone has the value it has in the
     full site B (which change costs a model how much, on the same patients).
     """
+    changes = (changes,) if isinstance(changes, str) else tuple(changes)  # "coil" is one change
     unknown = set(changes) - set(SITE_B_CHANGES)
     if unknown:
         raise ValueError(f"unknown site-B change(s) {sorted(unknown)}; choose from {SITE_B_CHANGES}")

@@ -304,7 +304,7 @@ def test_site_b_changes_apply_one_at_a_time():
     thick = generate_case(9, 1, site="B", site_changes=["thickness"])
     assert thick.cine.shape[2] == b.cine.shape[2] != a.cine.shape[2]
     assert thick.geometry.spacing[0] == pytest.approx(a.geometry.spacing[0])
-    flip = generate_case(9, 1, site="B", site_changes=["transposed"])
+    flip = generate_case(9, 1, site="B", site_changes="transposed")  # one name is one change
     np.testing.assert_array_equal(flip.cine, np.swapaxes(a.cine, 0, 1))
     for change in ("contrast", "blur", "coil"):  # same grid as site A, other intensities
         c = generate_case(9, 1, site="B", site_changes=[change])
