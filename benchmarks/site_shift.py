@@ -64,7 +64,8 @@ def score_site(run: Path, work: Path, site: str, cases: int, seed: int, changes:
     ev = evaluate(pred, raw, pred / "evaluation")
     by_frame = frame_scores(ev["rows"])
     scores = list(by_frame.values())
-    return {"site": site if changes is None else f"B, only {changes}", "frames": len(scores), "mean": sum(scores) / len(scores), "worst": min(scores),
+    label = site if changes is None else f"B, only {changes}"
+    return {"site": label, "frames": len(scores), "mean": sum(scores) / len(scores), "worst": min(scores),
             "by_frame": {k: round(v, 4) for k, v in sorted(by_frame.items(), key=lambda kv: kv[1])},
             "per_class": {k: round(v["dice"], 4) for k, v in ev["summary"].items()},
             "flagged_cases": sorted(res.flags), "shift": [w["message"] for w in res.shift],

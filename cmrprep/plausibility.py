@@ -136,8 +136,8 @@ def case_flags(labels: dict[str, np.ndarray], spacing: dict[str, Sequence[float]
             unit = key.rsplit("_", 1)[1].replace("pct", "%")
             why = ""
             if key.endswith("_ef_pct"):  # an EF of -30000 % means little without the volumes behind it
-                s = key.split("_")[0]
-                why = f" (EDV {values[f'{s}_edv_ml']:.1f} ml, ESV {values[f'{s}_esv_ml']:.1f} ml)"
+                side = key.split("_")[0]
+                why = f" (EDV {values[f'{side}_edv_ml']:.1f} ml, ESV {values[f'{side}_esv_ml']:.1f} ml)"
             out.append(_flag("implausible_volume", ed if "ef" not in key else f"{ed}/{es}",
                              f"{names[key]} {v:.0f} {unit}{why} outside the plausible {lo:.0f}-{hi:.0f} {unit}"))
     return out, values
