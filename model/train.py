@@ -36,7 +36,7 @@ import numpy as np
 import keras
 
 from cmrprep.plan import ConfigError
-from model.augment import Augmenter
+from model.augment import AugmentConfig, Augmenter
 from model.checks import CollapseGuard, check_wiring, output_is_softmax
 from model.data import ShardStore, SliceDataset, ValidationDataset, split_by_patient
 from model.reader import split_patients
@@ -276,11 +276,17 @@ def _finish(run_dir: Path, net: keras.Model, callbacks: list, start: float,
     return result
 
 
+def _augmenter(augment: bool | AugmentConfig) -> Augmenter | None:
+    if isinstance(augment, AugmentConfig):
+        return Augmenter(augment)
+    return Augmenter() if augment else None
+
+
 def train(store_path: str | Path, run_dir: str | Path, *, epochs: int = 50,
           max_minutes: float | None = None, batch_size: int = 16, loss: str = "dice_ce",
           lr: float = 1e-3, seed: int = 0, val_fraction: float = 0.2,
           steps_per_epoch: int | None = None, filters: Sequence[int] = (16, 32, 64, 128, 256),
-          batch_norm: bool = True, augment: bool = True, optimizer: str = "adam",
+          batch_norm: bool = True, augment: bool | AugmentConfig = True, optimizer: str = "adam",
           resume: bool = False, collapse_patience: int = 5, collapse_min_dice: float = 0.02,
           use_sampling: bool = True,
           class_weights: Any = "store", output: str = "logits", from_logits: bool | None = None,
@@ -307,8 +313,12 @@ def train(store_path: str | Path, run_dir: str | Path, *, epochs: int = 50,
         Share of patients held out (split by patient, never by slice or frame).
     filters, batch_norm, output
         U-Net options (:func:`model.unet.build_unet`).
-    augment, use_sampling : bool
-        Augmentation; weighted slice sampling (else uniform shuffling).
+    augment : bool or AugmentConfig
+        Augmentation: ``True`` for the defaults (:mod:`model.augment`), an
+        :class:`~model.augment.AugmentConfig` for others (recorded in
+        ``train_config.json``), ``False`` for none.
+    use_sampling : bool
+        Weighted slice sampling (else uniform shuffling).
     optimizer : {"adam", "sgd", "rmsprop"}
         SGD is plain (momentum 0), as in the seed-style setup.
     resume : bool
@@ -342,6 +352,8 @@ def train(store_path: str | Path, run_dir: str | Path, *, epochs: int = 50,
     """
     start = time.monotonic()
     config = {k: v for k, v in locals().items() if k != "start"}
+    if isinstance(augment, AugmentConfig):
+        config["augment"] = asdict(augment)
     if model is not None and not isinstance(model, (str, Path)):  # JSON: describe, don't embed
         config["model"] = f"keras.Model {getattr(model, 'name', type(model).__name__)!r} (user-built)"
     elif model is not None:
@@ -362,7 +374,7 @@ def train(store_path: str | Path, run_dir: str | Path, *, epochs: int = 50,
     net, initial_epoch, best = _model_and_epoch(run_dir, resume, build,
                                                 loss_fn, _make_optimizer(optimizer, lr), user_net)
     train_ds = SliceDataset(store, train_idx, batch_size, seed=seed,
-                            augment=Augmenter() if augment else None, use_sampling=use_sampling,
+                            augment=_augmenter(augment), use_sampling=use_sampling,
                             steps_per_epoch=steps_per_epoch, pool_shards=pool_shards,
                             workers=workers)
     check_wiring(net, net.loss if resume else loss_fn, train_ds[0][1], store.check_attrs())

@@ -4,7 +4,7 @@ Usage::
 
     python -m pipelines.train SHARDS RUN_DIR [--epochs N] [--max-minutes M]
         [--batch-size B] [--loss dice_ce|ce|dice] [--lr LR] [--seed S]
-        [--steps-per-epoch K] [--resume] [--no-augment]
+        [--steps-per-epoch K] [--resume] [--no-augment] [--flatten-contrast P]
 
 ``SHARDS`` is the build output folder holding ``store.zarr`` (or the store
 itself).  Exit codes: 0 success, 2 configuration or mis-wiring error (also
@@ -50,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="validation foreground Dice below this counts as collapsed")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.keras")
     p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--flatten-contrast", type=float, default=0.0, metavar="P",
+                   help="share (0-1) of poor-acquisition samples whose blood-myocardium contrast is "
+                        "flattened: for a target site with weak contrast; costs in-domain accuracy "
+                        "at a short budget (default 0; see model.augment)")
     p.add_argument("--workers", type=int, default=1, help="loader threads")
     p.add_argument("--memory-budget-gib", type=float, default=2.0,
                    help="hold the store in memory when images + labels fit in this many GiB, "
@@ -62,6 +66,17 @@ def _parser() -> argparse.ArgumentParser:
                         "with cmrprep's loss, class weights and optimizer)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
+
+
+def _augment(args: argparse.Namespace):
+    """``--no-augment`` / ``--flatten-contrast`` as ``train``'s ``augment``."""
+    if args.no_augment:
+        return False
+    if args.flatten_contrast:
+        from model.augment import AugmentConfig
+
+        return AugmentConfig(p_flatten=args.flatten_contrast)
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -82,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.shards, args.run_dir, epochs=args.epochs, max_minutes=args.max_minutes,
             batch_size=args.batch_size, loss=args.loss, lr=args.lr, seed=args.seed,
             val_fraction=args.val_fraction, steps_per_epoch=args.steps_per_epoch,
-            filters=tuple(args.filters), batch_norm=args.batch_norm, augment=not args.no_augment,
+            filters=tuple(args.filters), batch_norm=args.batch_norm, augment=_augment(args),
             optimizer=args.optimizer, resume=args.resume, collapse_patience=args.collapse_patience,
             collapse_min_dice=args.collapse_min_dice,
             use_sampling=not args.no_sampling, output=args.output,

@@ -88,6 +88,22 @@ def test_bias_field_and_coil_are_smooth_and_bounded():
 def test_bad_config():
     with pytest.raises(ConfigError, match="restore"):
         Augmenter(AugmentConfig(restore="minmax"))
+    with pytest.raises(ConfigError, match="p_flatten"):
+        Augmenter(AugmentConfig(p_flatten=1.5))
+
+
+def test_flattened_contrast_is_off_by_default_and_only_in_poor_acquisitions(case):
+    """#12: ``p_flatten`` changes poor acquisitions only; off, they are as before; labels untouched."""
+    images, labels = case
+    k = int(np.argmax([(lab > 0).sum() for lab in labels]))
+    assert AugmentConfig().p_flatten == 0.0
+    poor = {**ONLY, "p_poor_acquisition": 1.0}
+    off, lab_off = Augmenter(AugmentConfig(**poor))(images[k], labels[k], 7)
+    on, lab_on = Augmenter(AugmentConfig(**poor, p_flatten=1.0))(images[k], labels[k], 7)
+    assert np.abs(on - off).mean() > 1e-3
+    np.testing.assert_array_equal(lab_on, lab_off)
+    good = Augmenter(AugmentConfig(**ONLY, p_flatten=1.0))(images[k], labels[k], 7)[0]
+    np.testing.assert_array_equal(good, Augmenter(AugmentConfig(**ONLY))(images[k], labels[k], 7)[0])
 
 
 def test_threads_and_copies_reproduce(case):
@@ -116,3 +132,30 @@ def test_poor_acquisition_combines_its_degradations(case):
     assert rough > 0.05  # noise and blur change the slice everywhere, not only its intensity scale
     share = np.mean([_draw_poor(s, 0.25) for s in range(4000)])
     assert 0.22 < share < 0.28
+
+
+def test_flatten_contrast_shrinks_class_differences_label_safe():
+    """#12: a weaker sequence's blood and myocardium: the class means move together, by the drawn share."""
+    from model.augment import flatten_contrast
+
+    lab = np.zeros((48, 48), np.uint8)
+    lab[8:20, 8:40], lab[20:30, 8:40], lab[30:42, 8:40] = 1, 2, 3
+    img = np.choose(lab, [0.1, 0.8, 0.3, 0.9]).astype(np.float32)
+    inner = np.zeros_like(lab, bool)  # away from the smoothed class edges
+    inner[10:18, 10:38] = inner[22:28, 10:38] = inner[32:40, 10:38] = True
+
+    def gaps(x):
+        m = [x[inner & (lab == c)].mean() for c in (1, 2, 3)]
+        return np.abs(np.subtract.outer(m, m))
+
+    before = gaps(img)
+    for seed in range(6):
+        out = flatten_contrast(img, lab, np.random.default_rng(seed), (0.15, 0.6))
+        np.testing.assert_array_equal(out, flatten_contrast(img, lab, np.random.default_rng(seed), (0.15, 0.6)))
+        ratio = gaps(out)[before > 0] / before[before > 0]
+        assert np.all(ratio > 0.14) and np.all(ratio < 0.61)  # every difference kept by the same share
+        assert np.ptp(ratio) < 0.02
+        assert np.isfinite(out).all() and out.dtype == np.float32
+        assert np.allclose(out[:4], img[:4])  # background far from the heart is untouched
+    one_class = np.where(lab == 3, 3, 0).astype(np.uint8)
+    np.testing.assert_array_equal(flatten_contrast(img, one_class, np.random.default_rng(0), (0.2, 0.2)), img)

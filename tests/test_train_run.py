@@ -73,6 +73,12 @@ def test_cli_exit_codes(shards, tmp_path):
     assert (tmp_path / "r3" / "diagnosis.txt").exists()
     assert main([str(shards), str(tmp_path / "r4"), "--epochs", "1", "--steps-per-epoch", "1",
                  "--filters", "8", "16", "--no-augment"]) == 0
+    assert main([str(shards), str(tmp_path / "r5"), "--epochs", "1", "--steps-per-epoch", "1",
+                 "--filters", "8", "16", "--flatten-contrast", "1.5"]) == 2
+    assert main([str(shards), str(tmp_path / "r6"), "--epochs", "1", "--steps-per-epoch", "1",
+                 "--filters", "8", "16", "--flatten-contrast", "1"]) == 0
+    config = json.loads((tmp_path / "r6" / "train_config.json").read_text())
+    assert config["augment"]["p_flatten"] == 1.0 and config["augment"]["flatten"] == [0.15, 0.6]
 
 
 def test_model_trained_from_a_streamed_store_learns_every_class(tmp_path):
