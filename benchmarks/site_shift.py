@@ -2,6 +2,7 @@
 
     python benchmarks/site_shift.py [--train-cases 40] [--test-cases 10] [--minutes 20] [--workdir DIR]
                                     [--run RUN_DIR] [--train-site B] [--each-change]
+                                    [--flatten-contrast P]
 
 1. Synthesize ``--train-cases`` site-A patients (``pipelines.synthesize``), build the store.
 2. Train the default model for ``--minutes`` (``pipelines.train`` defaults, i.e. with the
@@ -18,6 +19,9 @@ targets (issue #12): site B mean >= 0.90 and no frame below 0.5, site A >= 0.95.
 
 ``--train-site B`` trains on site-B patients instead (same test sets): the in-domain ceiling of
 site B for the same training budget, which tells a shift apart from data that is simply harder.
+
+``--flatten-contrast P`` trains with flattened tissue contrast in that share of the poor
+acquisitions (``pipelines.train --flatten-contrast``; off by default).
 
 ``--each-change`` also scores site B's changes one at a time (``synthesize --site B
 --site-changes C``, the same patients and draws as the site-B test set): which of them
@@ -84,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also score each of site B's changes alone (same patients as site B)")
     p.add_argument("--train-site", choices=("A", "B"), default="A",
                    help="site of the training patients (B: site B's in-domain ceiling)")
+    p.add_argument("--flatten-contrast", type=float, default=0.0, metavar="P",
+                   help="train with this share of poor acquisitions flattened (train --flatten-contrast)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from pipelines.backend import use_cli_default_backend
@@ -103,7 +109,13 @@ def main(argv: list[str] | None = None) -> int:
         build(BuildConfig(raw, work / "shards", workers=2, progress=False))
         shutil.rmtree(run, ignore_errors=True)
         t0 = time.perf_counter()
-        result = train(work / "shards", run, epochs=1000, max_minutes=a.minutes, seed=a.seed, verbose=0)
+        augment = True
+        if a.flatten_contrast:
+            from model.augment import AugmentConfig
+
+            augment = AugmentConfig(p_flatten=a.flatten_contrast)
+        result = train(work / "shards", run, epochs=1000, max_minutes=a.minutes, seed=a.seed, verbose=0,
+                       augment=augment)
         print(f"trained {result.epochs_completed} epochs in {time.perf_counter() - t0:.0f} s; "
               f"validation Dice {result.best_dice}")
     out = [score_site(run, work, site, a.test_cases, a.seed + 5000 + i) for i, site in enumerate("AB")]

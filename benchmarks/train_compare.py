@@ -29,7 +29,7 @@ SETUPS = {
     "seed": dict(build={"crop_mm_px": 256, "foreground_share": 0.0},
                  train={"use_sampling": False, "class_weights": None, "loss": "ce",
                         "output": "softmax", "from_logits": False, "optimizer": "sgd",
-                        "lr": 1e-4, "augment": False, "batch_norm": False,
+                        "lr": 1e-4, "lr_schedule": "constant", "augment": False, "batch_norm": False,
                         "collapse_patience": 10_000}),
 }
 

@@ -13,10 +13,11 @@ A run directory receives::
     diagnosis.txt       only when the collapse guard stopped the run
 
 Defaults follow the fixes for "predicts only background": linear logits +
-``from_logits=True``, Dice + CE, Adam 1e-3, slices drawn by the store's
-sampling weights, per-class validation Dice (not pixel accuracy).  The
-seed-style setup of the benchmark is ``use_sampling=False, loss="ce",
-class_weights=None, output="softmax", optimizer="sgd", lr=1e-4``.
+``from_logits=True``, Dice + CE, Adam 1e-3 decayed polynomially over the budget
+(:class:`PolyDecay`), slices drawn by the store's sampling weights, per-class
+validation Dice (not pixel accuracy).  The seed-style setup of the benchmark is
+``use_sampling=False, loss="ce", class_weights=None, output="softmax",
+optimizer="sgd", lr=1e-4, lr_schedule="constant"``.
 """
 
 from __future__ import annotations
@@ -86,6 +87,46 @@ class TimeLimit(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class PolyDecay(keras.callbacks.Callback):
+    """Polynomial learning-rate decay ``lr * (1 - progress) ** power`` over the training budget.
+
+    ``progress`` is the larger of the share of ``epochs`` done and the share of the
+    time budget used (``start`` to ``deadline``, ``time.monotonic()`` seconds), so a
+    run bounded by ``max_minutes`` anneals toward its deadline (nnU-Net's "poly"
+    schedule, there over a fixed number of epochs).  The rate is set before every
+    batch; it never drops below ``lr * floor``.
+
+    Examples
+    --------
+    >>> PolyDecay(1e-3, epochs=10, steps=100).rate(epoch=5, batch=0, now=0.0)
+    0.000535...
+    """
+
+    def __init__(self, lr: float, *, epochs: int, steps: int, start: float | None = None,
+                 deadline: float | None = None, power: float = 0.9, floor: float = 0.01) -> None:
+        super().__init__()
+        self.lr, self.epochs, self.steps = float(lr), max(int(epochs), 1), max(int(steps), 1)
+        self.start, self.deadline, self.power, self.floor = start, deadline, power, floor
+        self._epoch = 0
+
+    def rate(self, epoch: int, batch: int, now: float) -> float:
+        """Learning rate at ``batch`` of ``epoch`` (0-based) at time ``now``."""
+        progress = (epoch + batch / self.steps) / self.epochs
+        if self.deadline is not None and self.start is not None and self.deadline > self.start:
+            progress = max(progress, (now - self.start) / (self.deadline - self.start))
+        return self.lr * max((1.0 - min(progress, 1.0)) ** self.power, self.floor)
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch = epoch
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        self.model.optimizer.learning_rate = self.rate(self._epoch, batch, time.monotonic())
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        log.debug("epoch %d: learning rate %.3g", epoch + 1,
+                  float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
+
+
 class _EpochSync(keras.callbacks.Callback):
     """Tell the training dataset which epoch is running (deterministic, resumable batches)."""
 
@@ -145,6 +186,10 @@ def plot_curves(run_dir: str | Path) -> Path | None:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+#: Learning-rate schedules of :func:`train`.
+LR_SCHEDULES = ("poly", "constant")
 
 
 def _make_optimizer(name: str, lr: float) -> keras.optimizers.Optimizer:
@@ -238,7 +283,7 @@ def _model_and_epoch(run_dir: Path, resume: bool, build: dict, loss, optimizer,
 
 def _callbacks(run_dir: Path, train_ds: SliceDataset, val_ds: ValidationDataset, from_logits: bool,
                deadline: float | None, best: float | None, resume: bool, patience: int,
-               min_dice: float) -> list:
+               min_dice: float, schedule: PolyDecay | None = None) -> list:
     guard = CollapseGuard(patience=patience, min_dice=min_dice, run_dir=run_dir,
                           fg_pixel_share=train_ds.foreground_pixel_share(),
                           classes=train_ds.store.classes)
@@ -248,7 +293,8 @@ def _callbacks(run_dir: Path, train_ds: SliceDataset, val_ds: ValidationDataset,
     classes = train_ds.store.classes
     return [_EpochSync(train_ds), TimeLimit(deadline), ValidationDice(val_ds, from_logits, classes=classes),
             checkpoint, _SaveLast(run_dir / "last.keras"),
-            keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resume), guard]
+            keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resume), guard,
+            *([schedule] if schedule is not None else [])]
 
 
 def _finish(run_dir: Path, net: keras.Model, callbacks: list, start: float,
@@ -284,7 +330,7 @@ def _augmenter(augment: bool | AugmentConfig) -> Augmenter | None:
 
 def train(store_path: str | Path, run_dir: str | Path, *, epochs: int = 50,
           max_minutes: float | None = None, batch_size: int = 16, loss: str = "dice_ce",
-          lr: float = 1e-3, seed: int = 0, val_fraction: float = 0.2,
+          lr: float = 1e-3, lr_schedule: str = "poly", seed: int = 0, val_fraction: float = 0.2,
           steps_per_epoch: int | None = None, filters: Sequence[int] = (16, 32, 64, 128, 256),
           batch_norm: bool = True, augment: bool | AugmentConfig = True, optimizer: str = "adam",
           resume: bool = False, collapse_patience: int = 5, collapse_min_dice: float = 0.02,
@@ -307,6 +353,10 @@ def train(store_path: str | Path, run_dir: str | Path, *, epochs: int = 50,
     max_minutes : float, optional
         Wall-clock budget; stops at a batch boundary (``stopped_reason``
         ``"max_minutes"``), keeping the best checkpoint.
+    lr_schedule : {"poly", "constant"}
+        ``"poly"`` (default): ``lr`` decays as ``(1 - progress) ** 0.9`` toward the end of
+        the budget, ``epochs`` or ``max_minutes`` whichever comes first
+        (:class:`PolyDecay`); ``"constant"``: ``lr`` throughout.
     loss : {"dice_ce", "ce", "dice"}
         See :func:`model.losses.make_loss`.
     val_fraction : float
@@ -351,6 +401,8 @@ def train(store_path: str | Path, run_dir: str | Path, *, epochs: int = 50,
     TrainResult
     """
     start = time.monotonic()
+    if lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"unknown lr_schedule {lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
     config = {k: v for k, v in locals().items() if k != "start"}
     if isinstance(augment, AugmentConfig):
         config["augment"] = asdict(augment)
@@ -382,8 +434,10 @@ def train(store_path: str | Path, run_dir: str | Path, *, epochs: int = 50,
     val_ds = ValidationDataset(store, val_idx, batch_size)
     _write_metadata(run_dir, {**config, "store_path": str(store.path)}, store, train_idx, val_idx)
     deadline = start + 60.0 * max_minutes if max_minutes is not None else None
+    schedule = (PolyDecay(lr, epochs=epochs, steps=len(train_ds), start=start, deadline=deadline)
+                if lr_schedule == "poly" else None)
     callbacks = _callbacks(run_dir, train_ds, val_ds, from_logits, deadline, best, resume,
-                           collapse_patience, collapse_min_dice)
+                           collapse_patience, collapse_min_dice, schedule)
     if initial_epoch < epochs:
         net.fit(train_ds, epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks,
                 verbose=verbose if verbose is not None else (1 if sys.stdout.isatty() else 2))

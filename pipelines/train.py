@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=True,
                    help="batch normalization after each convolution (default on)")
     p.add_argument("--optimizer", choices=("adam", "sgd", "rmsprop"), default="adam")
+    p.add_argument("--lr-schedule", choices=("poly", "constant"), default="poly",
+                   help="poly (default): the learning rate decays as (1 - progress)^0.9 toward the "
+                        "end of --epochs or --max-minutes, whichever comes first; constant: --lr throughout")
     p.add_argument("--output", choices=("logits", "softmax"), default="logits")
     p.add_argument("--no-sampling", action="store_true", help="uniform shuffling, ignore weights")
     p.add_argument("--no-class-weights", action="store_true", help="unweighted cross-entropy")
@@ -95,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = train(
             args.shards, args.run_dir, epochs=args.epochs, max_minutes=args.max_minutes,
-            batch_size=args.batch_size, loss=args.loss, lr=args.lr, seed=args.seed,
+            batch_size=args.batch_size, loss=args.loss, lr=args.lr, lr_schedule=args.lr_schedule,
+            seed=args.seed,
             val_fraction=args.val_fraction, steps_per_epoch=args.steps_per_epoch,
             filters=tuple(args.filters), batch_norm=args.batch_norm, augment=_augment(args),
             optimizer=args.optimizer, resume=args.resume, collapse_patience=args.collapse_patience,

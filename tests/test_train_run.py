@@ -84,7 +84,8 @@ def test_cli_exit_codes(shards, tmp_path):
 def test_model_trained_from_a_streamed_store_learns_every_class(tmp_path):
     shards = tmp_path / "shards"
     write_store(shards, n_patients=8, shard_slices=16)
-    result = train(shards, tmp_path / "run", epochs=8, steps_per_epoch=10, lr=3e-3,
+    # a constant rate: 80 steps are far from converged, where a decay only slows learning
+    result = train(shards, tmp_path / "run", epochs=8, steps_per_epoch=10, lr=3e-3, lr_schedule="constant",
                    memory_budget=0, pool_shards=2, **TINY)
     config = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert config["memory_budget"] == 0
@@ -136,3 +137,28 @@ def test_train_accepts_a_users_model_object_and_file(shards, tmp_path):
     with pytest.raises(Exception, match="input shape"):
         train(shards, tmp_path / "run3", epochs=1, steps_per_epoch=1, model=wrong, verbose=0)
     assert train_main([str(shards), str(tmp_path / "run4"), "--model", str(tmp_path / "nope.keras")]) == 2
+
+
+def test_poly_decay_follows_epochs_or_the_clock_whichever_is_further():
+    """The default schedule anneals toward the end of the budget, epochs or minutes."""
+    from model.train import PolyDecay
+
+    by_epochs = PolyDecay(1e-3, epochs=10, steps=4)
+    assert by_epochs.rate(0, 0, now=0.0) == pytest.approx(1e-3)
+    rates = [by_epochs.rate(e, b, now=0.0) for e in range(10) for b in range(4)]
+    assert all(a > b for a, b in zip(rates, rates[1:]))  # strictly decreasing
+    assert by_epochs.rate(10, 0, now=0.0) == pytest.approx(1e-5)  # the floor, never 0
+    timed = PolyDecay(1e-3, epochs=1000, steps=4, start=100.0, deadline=200.0)
+    assert timed.rate(1, 0, now=150.0) == pytest.approx(1e-3 * 0.5 ** 0.9)
+    assert timed.rate(1, 0, now=250.0) == pytest.approx(1e-5)
+
+
+def test_training_runs_with_the_schedule_off_and_rejects_an_unknown_one(shards, tmp_path):
+    from cmrprep.plan import ConfigError
+
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        train(shards, tmp_path / "bad", epochs=1, lr_schedule="cosine", **TINY)
+    assert main([str(shards), str(tmp_path / "run"), "--epochs", "1", "--steps-per-epoch", "1",
+                 "--filters", "8", "16", "--lr-schedule", "constant"]) == 0
+    config = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert config["lr_schedule"] == "constant"
