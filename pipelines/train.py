@@ -3,7 +3,7 @@
 Usage::
 
     python -m pipelines.train SHARDS RUN_DIR [--epochs N] [--max-minutes M]
-        [--batch-size B] [--loss dice_ce|ce|dice] [--lr LR] [--seed S]
+        [--batch-size B] [--loss dice_ce|ce|dice] [--lr LR] [--lr-schedule poly|constant] [--seed S]
         [--steps-per-epoch K] [--resume] [--no-augment] [--flatten-contrast P]
 
 ``SHARDS`` is the build output folder holding ``store.zarr`` (or the store
