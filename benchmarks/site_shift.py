@@ -2,7 +2,7 @@
 
     python benchmarks/site_shift.py [--train-cases 40] [--test-cases 10] [--minutes 20] [--workdir DIR]
                                     [--run RUN_DIR] [--train-site B] [--each-change]
-                                    [--flatten-contrast P]
+                                    [--flatten-contrast P] [--lr-schedule poly|constant]
 
 1. Synthesize ``--train-cases`` site-A patients (``pipelines.synthesize``), build the store.
 2. Train the default model for ``--minutes`` (``pipelines.train`` defaults, i.e. with the
@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="site of the training patients (B: site B's in-domain ceiling)")
     p.add_argument("--flatten-contrast", type=float, default=0.0, metavar="P",
                    help="train with this share of poor acquisitions flattened (train --flatten-contrast)")
+    p.add_argument("--lr-schedule", choices=("poly", "constant"), default="poly",
+                   help="the trainer's learning-rate schedule (default poly, as pipelines.train)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from pipelines.backend import use_cli_default_backend
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
             augment = AugmentConfig(p_flatten=a.flatten_contrast)
         result = train(work / "shards", run, epochs=1000, max_minutes=a.minutes, seed=a.seed, verbose=0,
-                       augment=augment)
+                       augment=augment, lr_schedule=a.lr_schedule)
         print(f"trained {result.epochs_completed} epochs in {time.perf_counter() - t0:.0f} s; "
               f"validation Dice {result.best_dice}")
     out = [score_site(run, work, site, a.test_cases, a.seed + 5000 + i) for i, site in enumerate("AB")]
