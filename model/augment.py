@@ -168,6 +168,12 @@ def partial_volume(unit: np.ndarray, rng: np.random.Generator, weight: tuple[flo
     return ((1 - a) * unit + a * other).astype(np.float32)
 
 
+def _scale_classes(unit: np.ndarray, label: np.ndarray, gains: np.ndarray) -> np.ndarray:
+    """``unit`` times each pixel's class gain, the gain map smoothed (sigma 1 px) across class edges."""
+    field = cv2.GaussianBlur(gains[label], (0, 0), sigmaX=1.0)
+    return (unit * field).astype(np.float32)
+
+
 def class_contrast(unit: np.ndarray, label: np.ndarray, rng: np.random.Generator,
                    gain: tuple[float, float]) -> np.ndarray:
     """Scale each foreground class by its own gain drawn from ``gain`` (background 1), edges smoothed.
@@ -181,8 +187,7 @@ def class_contrast(unit: np.ndarray, label: np.ndarray, rng: np.random.Generator
     n = int(lab.max()) + 1 if lab.size else 1
     gains = np.ones(n, np.float32)
     gains[1:] = rng.uniform(*gain, n - 1)
-    field = cv2.GaussianBlur(gains[lab], (0, 0), sigmaX=1.0)
-    return (unit * field).astype(np.float32)
+    return _scale_classes(unit, lab, gains)
 
 
 def flatten_contrast(unit: np.ndarray, label: np.ndarray, rng: np.random.Generator,
@@ -192,7 +197,7 @@ def flatten_contrast(unit: np.ndarray, label: np.ndarray, rng: np.random.Generat
     The reference is one of the foreground classes present (at least 2 are needed,
     otherwise the slice is returned unchanged); each other class is scaled by the
     gain that moves its mean to ``ref + f * (mean - ref)`` with ``f`` drawn from
-    ``keep``, edges smoothed as in :func:`class_contrast`.  The label is never changed.
+    ``keep``, edges smoothed (:func:`_scale_classes`, as in :func:`class_contrast`).  The label is never changed.
 
     >>> lab = np.zeros((16, 16), np.uint8); lab[2:8, 2:14] = 2; lab[8:14, 2:14] = 3
     >>> img = np.where(lab == 3, 0.9, np.where(lab == 2, 0.3, 0.1)).astype(np.float32)
@@ -213,8 +218,7 @@ def flatten_contrast(unit: np.ndarray, label: np.ndarray, rng: np.random.Generat
     gains = np.ones(n, np.float32)
     for c in present:
         gains[c] = (ref + f * (means[c] - ref)) / means[c]
-    field = cv2.GaussianBlur(gains[lab], (0, 0), sigmaX=1.0)
-    return (unit * field).astype(np.float32)
+    return _scale_classes(unit, lab, gains)
 
 
 def _site_transforms(cfg: AugmentConfig) -> list:
