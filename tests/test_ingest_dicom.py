@@ -194,3 +194,30 @@ def test_dicom_and_the_nifti_it_was_written_from_are_the_same_image(tmp_path, ca
     b = nib.as_closest_canonical(nib.Nifti1Image(np.asarray(b_data), np.asarray(b_geom.affine)))
     np.testing.assert_array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj))
     np.testing.assert_allclose(a.affine, b.affine, atol=1e-3)
+
+
+def test_discovery_cache_reads_an_unchanged_dicom_series_once(tmp_path, monkeypatch):
+    """With the build's read cache, a second discovery opens no DICOM file (headers, probes);
+    a new label beside the series is a change: that case is read again."""
+    from pipelines.ingest import layouts
+    from pipelines.ingest.readcache import ReadCache
+
+    raw = tmp_path / "raw"
+    for n in range(2):
+        folder = _with_labels(tmp_path / f"tmp{n}", generate_case(42, n + 1), "per_slice", "4d")
+        shutil.move(str(folder), str(raw / f"subject{n + 1}"))
+    first = ReadCache()
+    plain = discover(raw, read_cache=first)
+    headers, probes = [], []
+    real_header, real_probe = layouts.read_header, layouts._probe_dicom_sources
+    monkeypatch.setattr(layouts, "read_header", lambda p, **k: headers.append(str(p)) or real_header(p, **k))
+    monkeypatch.setattr(layouts, "_probe_dicom_sources", lambda r: probes.append(r) or real_probe(r))
+    cache = ReadCache.from_json(first.to_json())
+    again = discover(raw, read_cache=cache)
+    assert headers == [] and probes == [] and cache.misses == 0
+    assert [c.to_dict() for c in again.cases] == [c.to_dict() for c in plain.cases]
+    label = raw / "subject2" / "cine_gt.nii.gz"
+    shutil.copy(label, raw / "subject2" / "extra_gt.nii.gz")  # a second label: a changed case
+    cache = ReadCache.from_json(cache.to_json())
+    discover(raw, read_cache=cache)
+    assert headers and all("subject2" in Path(p).parts for p in headers)

@@ -241,3 +241,62 @@ def test_inputs_outside_the_root_are_refused_but_symlinked_folders_stay(acdc_roo
     _confine(found, acdc_root)
     assert [c.case_id for c in found.cases] == ["patient001"]
     assert [p.check for p in found.problems] == ["outside_input"]
+
+
+def _count_calls(monkeypatch, module, name: str) -> list:
+    calls = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    return calls
+
+
+def test_read_cache_reads_unchanged_info_cfg_once_and_a_rewritten_one_again(acdc_root, monkeypatch):
+    """The build's discovery cache: Info.cfg is parsed while its stat stamp is new, not after."""
+    import os
+
+    from pipelines.ingest import layouts
+    from pipelines.ingest.readcache import ReadCache
+
+    parsed = _count_calls(monkeypatch, layouts, "_parse_info")
+    first = ReadCache()
+    plain = discover(acdc_root, read_cache=first)
+    assert len(parsed) == 3 and first.misses == 3 and first.changed
+    cache = ReadCache.from_json(first.to_json())
+    again = discover(acdc_root, read_cache=cache)
+    assert len(parsed) == 3 and cache.hits == 3 and not cache.changed
+    assert [c.to_dict() for c in again.cases] == [c.to_dict() for c in plain.cases]
+    info = acdc_root / "patient002" / "Info.cfg"
+    st = info.stat()
+    info.write_text(info.read_text().replace("NOR", "DCM"))  # same size
+    os.utime(info, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    cache = ReadCache.from_json(cache.to_json())
+    changed = discover(acdc_root, read_cache=cache)
+    assert [os.path.basename(os.path.dirname(p)) for p in parsed[3:]] == ["patient002"]
+    assert changed.cases[1].metadata["Group"] == "DCM" and changed.cases[0].metadata["Group"] == "NOR"
+
+
+def test_read_cache_text_that_is_damaged_or_of_another_format_is_ignored(acdc_root):
+    from pipelines.ingest.readcache import ReadCache
+
+    for text in ("{not json", json.dumps({"format": 0, "entries": {}}), None, "[]"):
+        cache = ReadCache.from_json(text)
+        found = discover(acdc_root, read_cache=cache)
+        assert len(found.cases) == 3 and cache.misses == 3 and cache.hits == 0
+
+
+def test_read_cache_keeps_the_mnms_csv_and_forgets_dropped_entries(mnms_root, monkeypatch):
+    from pipelines.ingest import layouts
+    from pipelines.ingest.readcache import ReadCache
+
+    first = ReadCache()
+    discover(mnms_root, read_cache=first)
+    rows = _count_calls(monkeypatch, layouts, "_read_mnms_csv")
+    headers = _count_calls(monkeypatch, layouts, "_csv_header")
+    cache = ReadCache.from_json(first.to_json())
+    found = discover(mnms_root, read_cache=cache)
+    assert rows == [] and headers == [] and len(found.cases) == 2
+    assert found.cases[0].frames[1].image_frame == 3
+    (mnms_root.parent / "info.csv").rename(mnms_root.parent / "other.csv")
+    cache = ReadCache.from_json(cache.to_json())
+    discover(mnms_root, read_cache=cache)
+    assert cache.changed and "info.csv" not in cache.to_json()  # entries of vanished files drop out

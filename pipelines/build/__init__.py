@@ -84,7 +84,7 @@ class _Build:
 
         cfg, result, out = self.cfg, self.result, self.out
         self.runlog.event("start", raw=str(self.raw), dry_run=cfg.dry_run)
-        disc = cfg.discovery.discover(self.raw)
+        disc = self._discover()
         self.label_map = disc.label_map
         result.quarantined.extend(p.to_dict() for p in disc.problems)
         for folder in (self.staging, self.state):
@@ -174,6 +174,28 @@ class _Build:
                                      "client_peak_rss_mib")},
                           quarantined=[q["case_id"] for q in result.quarantined])
         return result
+
+    def _discover(self):
+        """Find the cases; metadata files unchanged since the last build are not read again.
+
+        ``OUT/state/discovery.json`` keeps what discovery read (``Info.cfg``, the
+        M&Ms CSV, ``dataset.json``, DICOM headers) by the files' stat stamps
+        (:class:`~pipelines.ingest.readcache.ReadCache`): with the digest index,
+        an unchanged re-run opens no input file.
+        """
+        from pipelines.ingest.readcache import ReadCache
+
+        path = self.state / "discovery.json"
+        try:
+            cache = ReadCache.from_json(path.read_text())
+        except OSError:
+            cache = ReadCache()
+        disc = self.cfg.discovery.discover(self.raw, read_cache=cache)
+        if cache.changed:
+            self.state.mkdir(parents=True, exist_ok=True)
+            incremental.atomic_write_text(path, cache.to_json())
+        log.debug("discovery: %d metadata reads reused, %d read", cache.hits, cache.misses)
+        return disc
 
     def _verify(self, index: incremental.StoreIndex) -> set[str]:
         """Find damaged data in the published version; its cases are processed again.

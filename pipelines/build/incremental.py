@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import shutil
-import stat
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 
 import cmrprep
+from pipelines.ingest.readcache import file_stamp  # noqa: F401 - the stamp of the digest index
 
 log = logging.getLogger(__name__)
 
@@ -58,24 +58,6 @@ def file_digest(path: str | Path, *, chunk: int = 1 << 22) -> str:
             while block := fh.read(chunk):
                 h.update(block)
     return h.hexdigest()[:32]
-
-
-def file_stamp(path: str | Path) -> list[int]:
-    """``[size, mtime_ns, ctime_ns, inode]`` of a file, as git's index stamps files.
-
-    The ctime and inode catch what size and mtime miss: a rewrite that keeps
-    both (``touch -r``, a restore that sets mtimes) changes the ctime, a file
-    replaced by another one changes the inode.  For a directory (a DICOM series):
-    summed sizes plus the file count, the newest mtime and ctime, and the sum of
-    the inodes.
-    """
-    st = os.stat(path)
-    if not stat.S_ISDIR(st.st_mode):
-        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-    stats = [q.stat() for q in Path(path).rglob("*") if q.is_file()]
-    return [sum(st.st_size for st in stats) + len(stats),
-            max((st.st_mtime_ns for st in stats), default=0),
-            max((st.st_ctime_ns for st in stats), default=0), sum(st.st_ino for st in stats)]
 
 
 class DigestIndex:

@@ -24,6 +24,7 @@ from cmrprep.plan import ConfigError
 from pipelines.ingest.nnunet import discover_nnunet
 from pipelines.ingest.options import LAYOUTS, DiscoveryOptions
 from pipelines.ingest.patients import NNUNET_PATIENT, group_patients
+from pipelines.ingest.readcache import ReadCache
 from pipelines.ingest.readers import NIFTI_SUFFIXES, is_volume_path, read_header, volume_stem
 
 __all__ = ["LAYOUTS", "MNMS_LABEL_MAP", "Discovery", "discover", "detect_layout"]
@@ -107,8 +108,9 @@ def _find_nifti(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def detect_layout(root: Path, image_glob: str | None = None) -> str:
-    """Guess the layout of ``root`` from file names (see module docstring)."""
+def detect_layout(root: Path, image_glob: str | None = None, cache: ReadCache | None = None) -> str:
+    """Guess the layout of ``root`` from file names (see module docstring; DICOM files are
+    recognised by their content, probed through ``cache`` when given)."""
     if root.is_file():
         return "dicom" if _is_dicom_path(root) else "images"
     if (root / "dataset.json").is_file() and any((root / d).is_dir() for d in ("imagesTr", "imagesTs")):
@@ -116,7 +118,7 @@ def detect_layout(root: Path, image_glob: str | None = None) -> str:
     if image_glob is not None:
         return "generic"
     images = (p for p in rglob(root, "*.nii*") if not volume_stem(p).endswith("_gt"))
-    if next(images, None) is None and _dicom_sources(root):  # DICOM, NIfTI labels at most
+    if next(images, None) is None and _dicom_sources(root, cache):  # DICOM, NIfTI labels at most
         return "dicom"
     if next(rglob(root, "Info.cfg"), None) or next(rglob(root, "*_frame[0-9][0-9]*.nii*"), None):
         return "acdc"
@@ -160,8 +162,9 @@ def _pick_nifti(folder: str, names: frozenset[str], stem: str) -> str | None:
     return None
 
 
-def _acdc_case(item: tuple[str, frozenset[str]]) -> CaseSpec:
-    """One ACDC case from its folder and the folder's file names (from the walk: no ``stat``)."""
+def _acdc_case(item: tuple[str, frozenset[str]], cache: ReadCache | None = None) -> CaseSpec:
+    """One ACDC case from its folder and the folder's file names (from the walk: no ``stat``;
+    with ``cache``, one ``stat`` of ``Info.cfg`` and no read while it is unchanged)."""
     folder, names = item
     cid, info = os.path.basename(folder), os.path.join(folder, "Info.cfg")
     missing = Problem(cid, info, "metadata",
@@ -171,7 +174,7 @@ def _acdc_case(item: tuple[str, frozenset[str]]) -> CaseSpec:
     if "Info.cfg" not in names:
         raise CaseError(missing)
     try:
-        meta = _parse_info(info)
+        meta = cache.read(info, "acdc_info", _parse_info) if cache is not None else _parse_info(info)
     except FileNotFoundError:  # a dangling link
         raise CaseError(missing) from None
     except OSError as exc:
@@ -204,18 +207,22 @@ def _is_acdc_name(name: str) -> bool:
                                   and _ACDC_FRAME.match(volume_stem(name)) is not None)
 
 
-def _discover_acdc(root: Path, **_) -> Discovery:
+def _discover_acdc(root: Path, cache: ReadCache | None = None, **_) -> Discovery:
     folders = [(dirpath, frozenset(filenames)) for dirpath, filenames, _ in walk(root)
                if any(_is_acdc_name(n) for n in filenames)]
-    return _collect("acdc", folders, _acdc_case, source=lambda item: item[0])
+    return _collect("acdc", folders, lambda item: _acdc_case(item, cache), source=lambda item: item[0])
 
 
 # -- M&Ms ---------------------------------------------------------------------
-def _find_mnms_csv(root: Path) -> Path:
+def _csv_header(path: str) -> list[str]:
+    with open(path, newline="", errors="replace") as fh:
+        return next(csv.reader(fh), [])
+
+
+def _find_mnms_csv(root: Path, cache: ReadCache | None = None) -> Path:
     for folder in (root, root.parent):
         for path in sorted(folder.glob("*.csv")):
-            with open(path, newline="", errors="replace") as fh:
-                header = next(csv.reader(fh), [])
+            header = cache.read(path, "csv_header", _csv_header) if cache is not None else _csv_header(path)
             if {"External code", "ED", "ES"} <= {h.strip() for h in header}:
                 return path
     raise ConfigError(f"no M&Ms CSV with columns 'External code', 'ED', 'ES' in {root} or its "
@@ -248,11 +255,12 @@ def _mnms_case(sa: Path, rows: dict[str, dict], csv_path: Path) -> CaseSpec:
     return CaseSpec(cid, "mnms", frames, str(sa), MNMS_LABEL_MAP, meta)
 
 
-def _discover_mnms(root: Path, mnms_csv=None, **_) -> Discovery:
-    csv_path = Path(mnms_csv) if mnms_csv else _find_mnms_csv(root)
+def _discover_mnms(root: Path, mnms_csv=None, cache: ReadCache | None = None, **_) -> Discovery:
+    csv_path = Path(mnms_csv) if mnms_csv else _find_mnms_csv(root, cache)
     if not csv_path.is_file():
         raise ConfigError(f"M&Ms CSV {csv_path} does not exist; fix mnms_csv.")
-    rows = _read_mnms_csv(csv_path)
+    rows = (cache.read(csv_path, "mnms_csv", _read_mnms_csv) if cache is not None
+            else _read_mnms_csv(csv_path))
     files = sorted(p for p in rglob(root, "*_sa.nii*") if volume_stem(p).endswith("_sa"))
     return _collect("mnms", files, lambda p: _mnms_case(p, rows, csv_path))
 
@@ -307,13 +315,23 @@ def _discover_files(root: Path, layout: str, image_glob=None, label_suffix="_gt"
 _DICOM_FRAME_LABEL = re.compile(r"_frame(\d+)$")
 
 
-def _dicom_sources(root: Path) -> list[Path]:
+def _dicom_sources(root: Path, cache: ReadCache | None = None) -> list[Path]:
     """Case sources under ``root``: ``root`` itself when it holds DICOM files directly
-    (unless each is a whole multi-frame cine), else each child folder or file with DICOM in it."""
-    from pipelines.ingest.dicom import is_dicom_file, is_dicom_source
+    (unless each is a whole multi-frame cine), else each child folder or file with DICOM in it.
 
+    The probes read files (preambles, headers); with ``cache`` they are not repeated
+    while nothing under ``root`` changed."""
     if root.is_file():
         return [root]
+    if cache is not None:
+        return [Path(p) for p in cache.read(root, "dicom_sources",
+                                            lambda p: [str(q) for q in _probe_dicom_sources(Path(p))])]
+    return _probe_dicom_sources(root)
+
+
+def _probe_dicom_sources(root: Path) -> list[Path]:
+    from pipelines.ingest.dicom import is_dicom_file, is_dicom_source
+
     direct = [f for f in sorted(root.iterdir()) if is_dicom_file(f)]
     if direct and not all(_is_multiframe(f) for f in direct):
         return [root]
@@ -393,8 +411,22 @@ def _dicom_case(source: Path, label_suffix: str) -> CaseSpec:
                     metadata={"_metadata_files": files} if files else {})
 
 
-def _discover_dicom(root: Path, label_suffix="_gt", **_) -> Discovery:
-    found = _collect("dicom", _dicom_sources(root), lambda src: _dicom_case(src, label_suffix))
+def _cached_dicom_case(source: Path, label_suffix: str, cache: ReadCache | None) -> CaseSpec:
+    """:func:`_dicom_case`, from ``cache`` while the series (and the labels beside a file) are unchanged."""
+    if cache is None:
+        return _dicom_case(source, label_suffix)
+    depends = []
+    if not source.is_dir():  # a folder's stamp covers the labels in it; a file's labels lie beside it
+        stem = source.name[:-4] if source.name.lower().endswith(".dcm") else source.name
+        depends = [source.parent / f"{stem}{label_suffix or '_gt'}{e}" for e in NIFTI_SUFFIXES]
+    d = cache.read(source, f"dicom_case{label_suffix}",
+                   lambda p: _dicom_case(Path(p), label_suffix).to_dict(), depends=depends)
+    return CaseSpec.from_dict(d)
+
+
+def _discover_dicom(root: Path, label_suffix="_gt", cache: ReadCache | None = None, **_) -> Discovery:
+    found = _collect("dicom", _dicom_sources(root, cache),
+                     lambda src: _cached_dicom_case(src, label_suffix, cache))
     if found.cases and not any(c.has_labels for c in found.cases):
         log.info("DICOM input without NIfTI labels: image-only cases (for predict)")
     return found
@@ -469,7 +501,7 @@ def _collect(layout: str, items, make, source=str) -> Discovery:
 def discover(root: str | Path, layout: str | None = None, *, image_glob: str | None = None,
              label_suffix: str = "_gt", label_pattern: str | None = None,
              mnms_csv: str | Path | None = None, label_map: str | LabelMap | None = None,
-             patient_pattern: str | None = None) -> Discovery:
+             patient_pattern: str | None = None, read_cache: ReadCache | None = None) -> Discovery:
     """Find every case under ``root``.
 
     Parameters
@@ -480,6 +512,11 @@ def discover(root: str | Path, layout: str | None = None, *, image_glob: str | N
         See :class:`pipelines.ingest.options.DiscoveryOptions`.  The label map
         defaults to the layout's convention (ACDC identity, M&Ms, nnU-Net's
         ``dataset.json``); a given one applies to every layout.
+    read_cache : ReadCache, optional
+        Results of earlier reads of the metadata files (``Info.cfg``, the M&Ms
+        CSV, ``dataset.json``, DICOM headers), reused while a file keeps its
+        stat stamp (:mod:`pipelines.ingest.readcache`); the build passes its
+        own so an unchanged re-run reads no input file.  ``None``: read them.
 
     Returns
     -------
@@ -504,16 +541,16 @@ def discover(root: str | Path, layout: str | None = None, *, image_glob: str | N
     if not root.exists():
         raise ConfigError(f"input {root} does not exist; check the path.")
     auto = layout is None
-    layout = layout or detect_layout(root, image_glob)
+    layout = layout or detect_layout(root, image_glob, read_cache)
     user_map = opts.parsed_label_map()
     kw = dict(image_glob=image_glob, label_suffix=label_suffix, label_pattern=label_pattern,
-              mnms_csv=mnms_csv, auto=auto)
+              mnms_csv=mnms_csv, auto=auto, cache=read_cache)
     if layout == "acdc":
-        found = _discover_acdc(root)
+        found = _discover_acdc(root, cache=read_cache)
     elif layout == "mnms":
         found = _discover_mnms(root, **kw)
     elif layout == "nnunet":
-        cases, problems, lm = discover_nnunet(root, user_map)
+        cases, problems, lm = discover_nnunet(root, user_map, read_cache)
         found = Discovery("nnunet", cases, problems, lm)
     elif layout == "dicom":
         found = _discover_dicom(root, **kw)

@@ -15,6 +15,7 @@ from pathlib import Path
 from cmrprep.cases import CaseSpec, FrameSpec, Problem
 from cmrprep.labels import LABEL_SYNONYMS, LabelMap, LabelMapError
 from cmrprep.plan import ConfigError
+from pipelines.ingest.readcache import ReadCache
 
 __all__ = ["LABEL_SYNONYMS", "label_map_from_names", "discover_nnunet"]
 
@@ -39,10 +40,11 @@ def label_map_from_names(labels: dict) -> LabelMap:
         raise ConfigError(f"dataset.json labels {dict(labels)}: {exc}") from None
 
 
-def _load_dataset_json(root: Path) -> dict:
+def _load_dataset_json(root: Path, cache: ReadCache | None = None) -> dict:
     path = root / "dataset.json"
     try:
-        meta = json.loads(path.read_text())
+        meta = (cache.read(path, "nnunet_dataset", lambda p: json.loads(Path(p).read_text()))
+                if cache is not None else json.loads(path.read_text()))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read {path} ({exc}); fix the JSON.") from exc
     if not isinstance(meta.get("labels"), dict):
@@ -92,18 +94,20 @@ def _cases_in(folder: Path, labels_dir: Path | None, ending: str, label_map) -> 
     return cases, problems
 
 
-def discover_nnunet(root: Path, label_map: LabelMap | None = None,
+def discover_nnunet(root: Path, label_map: LabelMap | None = None, read_cache: ReadCache | None = None,
                     ) -> tuple[list[CaseSpec], list[Problem], LabelMap]:
     """Cases of an nnU-Net raw dataset (``imagesTr`` with labels, ``imagesTs`` image-only).
 
-    ``label_map`` (a user's ``--label-map``) overrides ``dataset.json``'s labels.
+    ``label_map`` (a user's ``--label-map``) overrides ``dataset.json``'s labels;
+    ``read_cache`` (:class:`~pipelines.ingest.readcache.ReadCache`) keeps ``dataset.json``'s
+    content while the file is unchanged.
 
     Raises
     ------
     ConfigError
         Unreadable ``dataset.json`` or unmappable label names.
     """
-    meta = _load_dataset_json(root)
+    meta = _load_dataset_json(root, read_cache)
     label_map = label_map or label_map_from_names(meta["labels"])
     ending = _file_ending(meta.get("file_ending", ".nii.gz"), root)
     cases, problems = [], []

@@ -105,11 +105,11 @@ class DiscoveryOptions:
                               r"the patient id, e.g. '^(.+)_frame(\d+)$'")
         return pattern
 
-    def discover(self, root: str | Path):
-        """:func:`pipelines.ingest.discover` with these options."""
+    def discover(self, root: str | Path, read_cache=None):
+        """:func:`pipelines.ingest.discover` with these options (and ``read_cache``, see there)."""
         from pipelines.ingest.layouts import discover
 
-        return discover(root, **self.to_kwargs())
+        return discover(root, **self.to_kwargs(), read_cache=read_cache)
 
     def to_kwargs(self) -> dict[str, Any]:
         """The options as keyword arguments of :func:`~pipelines.ingest.discover`."""

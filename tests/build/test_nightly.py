@@ -105,6 +105,49 @@ def test_unchanged_rerun_reads_no_input_and_a_touched_file_is_checked_again(refe
     assert [Path(p).name for p in hashed] == ["patient003_frame01.nii.gz"] and opened == []
 
 
+_OPENED: list[str] | None = None
+
+
+def _audit(event: str, args: tuple) -> None:
+    if event == "open" and _OPENED is not None and isinstance(args[0], (str, bytes, os.PathLike)):
+        _OPENED.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_audit)  # every Python-level open() in this process (audit hooks stay installed)
+
+
+def test_unchanged_rerun_opens_no_file_under_raw_and_an_edited_info_cfg_is_read(reference, tmp_path):
+    """Nothing under RAW is opened by a no-op re-run: not an image, not an ``Info.cfg``
+    (discovery's read cache, ``OUT/state/discovery.json``); an edited ``Info.cfg`` is read
+    again, and nothing else is."""
+    global _OPENED
+    out = tmp_path / "out"
+    shutil.copytree(reference["out"], out, symlinks=True)
+    raw = str(reference["raw"])
+    build(BuildConfig(reference["raw"], out, workers=0, progress=False))  # stamps as RAW is now
+    assert (out / "state" / "discovery.json").is_file()
+    _OPENED = []
+    try:
+        res = build(BuildConfig(reference["raw"], out, workers=0, progress=False))
+        noop, _OPENED = [p for p in _OPENED if p.startswith(raw)], []
+        assert res.processed == [] and noop == []
+        info = reference["raw"] / "patient002" / "Info.cfg"
+        text, st = info.read_text(), info.stat()
+        info.write_text(text + "Note: rescanned\n")
+        try:
+            _OPENED = []
+            res = build(BuildConfig(reference["raw"], out, workers=0, progress=False))
+            edited = sorted({p for p in _OPENED if p.startswith(raw)})
+        finally:
+            info.write_text(text)
+            os.utime(info, ns=(st.st_atime_ns, st.st_mtime_ns))
+    finally:
+        _OPENED = None
+    # read again, and only it; the case stands (its key holds its frames and file digests,
+    # not the free-text metadata)
+    assert edited == [str(info)] and res.processed == []
+
+
 def test_a_moved_raw_folder_reads_each_input_once(reference, tmp_path, monkeypatch):
     """RAW under another path: keys hold paths, so every case is processed again, and each
     file is hashed once, by the task that reads it (the client used to hash the whole dataset
