@@ -191,7 +191,7 @@ class _Build:
         except OSError:
             cache = ReadCache()
         disc = self.cfg.discovery.discover(self.raw, read_cache=cache)
-        if cache.changed:
+        if cache.changed and not self.cfg.dry_run:
             self.state.mkdir(parents=True, exist_ok=True)
             incremental.atomic_write_text(path, cache.to_json())
         log.debug("discovery: %d metadata reads reused, %d read", cache.hits, cache.misses)
