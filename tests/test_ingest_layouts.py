@@ -43,17 +43,24 @@ def test_acdc_missing_ed_and_missing_frame_are_problems(acdc_root):
     assert "ED" in found.problems[0].message
 
 
-def test_acdc_dangling_info_and_frame_links_are_problems_not_crashes(acdc_root):
+@pytest.mark.parametrize("cached", [False, True])
+def test_acdc_dangling_info_and_frame_links_are_problems_not_crashes(acdc_root, cached):
     """Discovery works from the folder listing: a listed Info.cfg that is a dangling link, or a
-    frame file that is one, is that case's problem (named file), and the other cases go on."""
+    frame file that is one, is that case's problem (named file), and the other cases go on;
+    the same through the build's read cache, which then holds only the readable cases."""
+    from pipelines.ingest.readcache import ReadCache
+
+    cache = ReadCache() if cached else None
     info = acdc_root / "patient002" / "Info.cfg"
     info.unlink()
     info.symlink_to(acdc_root / "nowhere.cfg")
     frame = acdc_root / "patient003" / "patient003_frame01.nii.gz"
     frame.unlink()
     frame.symlink_to(acdc_root / "nowhere.nii.gz")
-    found = discover(acdc_root)
+    found = discover(acdc_root, read_cache=cache)
     assert [c.case_id for c in found.cases] == ["patient001", "patient003"]
+    if cached:
+        assert cache.misses == 2 and "patient002" not in cache.to_json()
     (problem,) = found.problems
     assert problem.case_id == "patient002" and problem.check == "metadata"
     assert problem.file == str(info) and "Info.cfg is missing" in problem.message

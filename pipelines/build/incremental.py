@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 import cmrprep
-from pipelines.ingest.readcache import file_stamp  # noqa: F401 - the stamp of the digest index
+from pipelines.ingest.readcache import file_stamp
 
 log = logging.getLogger(__name__)
 

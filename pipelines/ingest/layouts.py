@@ -350,13 +350,22 @@ def _is_multiframe(path: Path) -> bool:
         return False
 
 
+def _dicom_stem(source: Path) -> str:
+    """Case id of a DICOM source: the folder's name, or the file's without ``.dcm``."""
+    return source.name[:-4] if source.name.lower().endswith(".dcm") else source.name
+
+
+def _labels_beside_file(source: Path, label_suffix: str) -> list[Path]:
+    """Where the NIfTI labels of a DICOM *file* source would lie: ``<stem><suffix>.nii[.gz]`` beside it."""
+    return [source.parent / f"{_dicom_stem(source)}{label_suffix or '_gt'}{e}" for e in NIFTI_SUFFIXES]
+
+
 def _dicom_labels(source: Path, label_suffix: str) -> list[Path]:
     """NIfTI label files beside a DICOM source: ``*<suffix>.nii[.gz]`` in its folder
     (for a file source, ``<file stem><suffix>.nii[.gz]`` next to it)."""
     suffix = label_suffix or "_gt"
     if source.is_file():
-        stem = source.name[:-4] if source.name.lower().endswith(".dcm") else source.name
-        return [p for p in (source.parent / f"{stem}{suffix}{e}" for e in NIFTI_SUFFIXES) if p.is_file()]
+        return [p for p in _labels_beside_file(source, suffix) if p.is_file()]
     return sorted(p for p in source.iterdir() if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES)
                   and volume_stem(p).endswith(suffix))
 
@@ -372,7 +381,7 @@ def _dicom_case(source: Path, label_suffix: str) -> CaseSpec:
 
     from pipelines.ingest.dicom import dicom_files
 
-    cid = source.name[:-4] if source.name.lower().endswith(".dcm") else source.name
+    cid = _dicom_stem(source)
     shape = read_header(source, case_id=cid).shape
     n_t = shape[3] if len(shape) == 4 else 1
     labelled: dict[int, tuple[str, int | None]] = {}
@@ -415,10 +424,8 @@ def _cached_dicom_case(source: Path, label_suffix: str, cache: ReadCache | None)
     """:func:`_dicom_case`, from ``cache`` while the series (and the labels beside a file) are unchanged."""
     if cache is None:
         return _dicom_case(source, label_suffix)
-    depends = []
-    if not source.is_dir():  # a folder's stamp covers the labels in it; a file's labels lie beside it
-        stem = source.name[:-4] if source.name.lower().endswith(".dcm") else source.name
-        depends = [source.parent / f"{stem}{label_suffix or '_gt'}{e}" for e in NIFTI_SUFFIXES]
+    # a folder's stamp covers the labels in it; a file's labels lie beside it
+    depends = [] if source.is_dir() else _labels_beside_file(source, label_suffix)
     d = cache.read(source, f"dicom_case{label_suffix}",
                    lambda p: _dicom_case(Path(p), label_suffix).to_dict(), depends=depends)
     return CaseSpec.from_dict(d)
