@@ -456,6 +456,12 @@ def _quarantine_records(outcomes: list[dict], todo: list[CaseSpec]) -> list[dict
             continue
         if "problem" in res:
             recs.append(res["problem"])
+        elif str(res.get("exception", "")).startswith("KilledWorker"):
+            recs.append(Problem(case.case_id, case.frames[0].image, "processing",
+                                "the worker process preparing this case died each time it was "
+                                "tried (a crash in native code, or more memory than the worker's "
+                                "limit); the other cases are built. Check the case's files, or "
+                                "raise --memory-limit").to_dict())
         else:
             recs.append(Problem(case.case_id, case.frames[0].image, "processing",
                                 f"task failed after retries: {res.get('exception')}").to_dict())

@@ -324,3 +324,19 @@ def test_cases_named_like_the_build_bookkeeping_are_kept(raw, tmp_path):
     assert _case_ids(out) == ["digests", "patient004", "patient005", "staging", "state"]
     again = build(BuildConfig(named, out, workers=0, progress=False, report=False))
     assert again.processed == [] and sorted(again.reused) == _case_ids(out)
+
+
+def test_a_case_that_killed_its_worker_is_quarantined_with_the_likely_causes():
+    from cmrprep.cases import CaseSpec, FrameSpec
+    from pipelines.build import _quarantine_records
+
+    cases = [CaseSpec(f"p{i}", "acdc", (FrameSpec("ED", f"/raw/p{i}.nii.gz"),)) for i in range(3)]
+    outcomes = [{"ok": True}, {"ok": False, "exception": "KilledWorker: Attempted to run task "
+                               "'_run_batch-1' on 1 different workers"},
+                {"ok": False, "exception": "ValueError: odd"}]
+    recs = _quarantine_records(outcomes, cases)
+    assert [(r["case_id"], r["file"]) for r in recs] == [("p1", "/raw/p1.nii.gz"),
+                                                         ("p2", "/raw/p2.nii.gz")]
+    assert "worker process preparing this case died" in recs[0]["message"]
+    assert "--memory-limit" in recs[0]["message"]
+    assert recs[1]["message"] == "task failed after retries: ValueError: odd"

@@ -48,3 +48,32 @@ def test_local_cluster_map_equals_serial():
     assert out == map_tasks(_task, [(i,) for i in range(5)], client=None, progress=False)
     assert nested == [{"ok": True, "case": c, "plan": p} for c, p in items]  # JSON round trip
     assert left == 0
+
+
+def _kill_worker_on_2(x: int) -> dict:
+    """Item 2 kills the worker process running it (as a segfault or the nanny's memory limit would)."""
+    import os
+    import signal
+
+    from distributed import get_worker
+
+    get_worker()  # never in the test process: raises ValueError outside a worker
+    if x == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"ok": True, "x": x}
+
+
+@pytest.mark.timeout(180)
+def test_an_item_that_kills_its_worker_fails_alone_not_its_batch(caplog):
+    import dask
+
+    from pipelines.build.cluster import dask_client
+
+    # one worker death makes a task fail (default 3 retries: the same outcome, 4x the restarts)
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), dask_client(2) as client:
+        out = map_tasks(_kill_worker_on_2, [(i,) for i in range(6)], client=client, retries=0,
+                        progress=False, batch=3)
+    assert [r["ok"] for r in out] == [True, True, False, True, True, True]
+    assert [r.get("x") for r in out] == [0, 1, None, 3, 4, 5]
+    assert out[2]["exception"].startswith("KilledWorker")
+    assert "lost its worker" in caplog.text
