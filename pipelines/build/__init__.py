@@ -273,8 +273,18 @@ class _Build:
         results = map_tasks(process_cases, items, client=client, retries=self.cfg.retries,
                             progress=self.cfg.progress, on_result=note,
                             cost=[float(len(u)) for u, _ in units], units=[len(u) for u, _ in units])
+        done = [(unit, res) for (unit, _), res in zip(units, results)]
+        lost = [unit for unit, res in done if "cases" not in res and len(unit) > 1]
+        if lost:  # one case killed the worker: find it, and build the others of its group
+            log.warning("%d tasks of several cases lost their worker; preparing their %d cases one "
+                        "by one", len(lost), sum(map(len, lost)))
+            singles = [[cid] for unit in lost for cid in unit]
+            again = map_tasks(process_cases, [([args[cid]], [incremental.known_digests(
+                args[cid][0], digests)], False) for [cid] in singles], client=client,
+                retries=self.cfg.retries, progress=False, on_result=note)
+            done = [(u, r) for u, r in done if "cases" in r or len(u) == 1] + list(zip(singles, again))
         by_id, shared = {}, {}
-        for (unit, _), res in zip(units, results):  # a failed task: its error for each case
+        for unit, res in done:  # a failed task: its error for each case
             for cid, case in zip(unit, res["cases"] if "cases" in res else
                                  [{**res, "case_id": cid} for cid in unit]):
                 by_id[cid] = case

@@ -194,12 +194,13 @@ def map_tasks(func: Callable[..., dict], items: list[tuple], *, client: Any | No
     (``OSError``, transient) or any other exception is returned as
     ``{"ok": False, "exception": "..."}``, never raised, so one bad case
     cannot take down the run.  An item that kills its worker process (a
-    crash in native code, the nanny's memory limit) fails alone: a batch
-    whose worker was lost is run again one item per task, and the item that
-    kills its worker each time Dask retries it (``distributed.scheduler.allowed-failures``)
-    comes back as ``{"ok": False, "exception": "KilledWorker: ..."}``.  This is why
-    the local cluster's workers are processes, even for a nightly run of a
-    few cases where threads would start 1.6 s sooner.  ``units`` (per item) is what the progress bar
+    crash in native code, the nanny's memory limit) fails alone: the items
+    of every task whose worker was lost run again one at a time, each alone on
+    the cluster, after the others; the one that kills its worker each time
+    Dask retries it (``distributed.scheduler.allowed-failures``) comes back as
+    ``{"ok": False, "exception": "KilledWorker: ..."}``.  This is why the local
+    cluster's workers are processes, even for a nightly run of a
+few cases where threads would start 1.6 s sooner.  ``units`` (per item) is what the progress bar
     counts when an item holds several cases.
 
     Items must be JSON-serialisable (NumPy scalars and arrays arrive as
@@ -230,34 +231,41 @@ def map_tasks(func: Callable[..., dict], items: list[tuple], *, client: Any | No
         workers = _n_workers(client)
         spans = plan_batches(cost if cost is not None else [1.0] * len(items), workers, batch,
                              max_batch)
-        def submit(start: int, stop: int) -> Any:
-            fut = client.submit(_run_batch, func, json.dumps(items[start:stop], default=_plain),
-                                retries, pure=False)
-            index[fut.key] = (start, stop)
-            return fut
 
-        index: dict[str, tuple[int, int]] = {}
-        pending = as_completed([submit(a, b) for a, b in spans])  # holds each future until yielded
+        def submit(start: int, stop: int) -> Any:
+            return client.submit(_run_batch, func, json.dumps(items[start:stop], default=_plain),
+                                 retries, pure=False)
+
+        futures = [submit(a, b) for a, b in spans]
+        index = {f.key: span for f, span in zip(futures, spans)}
+        pending = as_completed(futures)
+        del futures  # as_completed holds each future until it yields it
+        lost: list[int] = []
         for fut in pending:
             start, stop = index.pop(fut.key)
             try:
                 batch_results = fut.result()
             except Exception as exc:  # noqa: BLE001 - the worker was lost (items never raise)
-                batch_results = None
-                lost = f"{type(exc).__name__}: {exc}"
-            fut.release()
-            if batch_results is None and stop - start > 1:
-                log.warning("a %s task of %d items lost its worker (%s); running them one by one "
-                            "so only the item that kills a worker fails", desc, stop - start,
-                            lost.splitlines()[0][:200])
-                for i in range(start, stop):
-                    pending.add(submit(i, i + 1))
+                lost.extend(range(start, stop))
+                reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
                 continue
-            if batch_results is None:
-                batch_results = [{"ok": False, "exception": lost}]
+            finally:
+                fut.release()
             for k, res in enumerate(batch_results):
                 results[start + k] = res
                 _done(bar, on_result, res, steps[start + k])
+        if lost:
+            log.warning("%s: tasks of %d items lost their worker (%s); running those items again "
+                        "one at a time, so that only an item that kills its worker fails",
+                        desc, len(lost), reason)
+        for i in lost:  # alone on the cluster: no other task shares the fate of its worker
+            fut = submit(i, i + 1)
+            try:
+                results[i] = fut.result()[0]
+            except Exception as exc:  # noqa: BLE001 - this item kills its worker
+                results[i] = {"ok": False, "exception": f"{type(exc).__name__}: {exc}"}
+            fut.release()
+            _done(bar, on_result, results[i], steps[i])
     bar.close()
     return [r if r is not None else {"ok": False, "exception": "no result"} for r in results]
 

@@ -340,3 +340,44 @@ def test_a_case_that_killed_its_worker_is_quarantined_with_the_likely_causes():
     assert "worker process preparing this case died" in recs[0]["message"]
     assert "--memory-limit" in recs[0]["message"]
     assert recs[1]["message"] == "task failed after retries: ValueError: odd"
+
+
+def _enlarge(frame: Path, voxels: float) -> None:
+    """Pad a frame (image or label) in-plane with zeros to about ``voxels`` voxels: same anatomy."""
+    import nibabel as nib
+
+    img = nib.load(frame)
+    factor = np.sqrt(voxels / np.prod(img.shape))
+    data = np.asanyarray(img.dataobj)
+    pad = [(0, int(n * (factor - 1))) for n in data.shape[:2]] + [(0, 0)] * (data.ndim - 2)
+    nib.save(nib.Nifti1Image(np.pad(data, pad), img.affine, img.header), frame)
+
+
+@pytest.mark.timeout(300)
+def test_a_case_that_kills_its_worker_is_quarantined_and_its_group_is_built(raw, tmp_path):
+    """A case over the worker's memory limit (the nanny kills the worker, as a native crash would)
+    fails alone: the cases processed in the same task are built exactly as without it."""
+    import dask
+    import distributed  # noqa: F401 - its config defaults, which dask.config.set restores
+
+    big, good = tmp_path / "raw", tmp_path / "good"
+    shutil.copytree(raw, big)
+    shutil.copytree(raw, good)
+    victim = sorted(p.name for p in big.iterdir() if p.is_dir())[1]
+    shutil.rmtree(good / victim)
+    for frame in sorted((big / victim).glob("*_frame*.nii.gz"))[:2]:  # the first frame and its labels
+        _enlarge(frame, 2e8)  # 0.8 GB as float32: far above the 600 MiB limit
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):  # one death fails a task
+        res = build(BuildConfig(big, tmp_path / "out", workers=2, memory_limit="600MiB",
+                                progress=False))
+    assert [q["case_id"] for q in res.quarantined] == [victim]
+    assert "worker process preparing this case died" in res.quarantined[0]["message"]
+    assert res.exit_code == 3 and res.n_cases == 4
+    ref = build(BuildConfig(good, tmp_path / "ref", workers=0, progress=False,  # the same plan
+                            plan_file=tmp_path / "out" / "plan.json"))
+    assert ref.exit_code == 0
+    got, want = _store(tmp_path / "out"), _store(tmp_path / "ref")
+    for name in ARRAYS:  # the attributes differ in paths (build_key): the data must not
+        np.testing.assert_array_equal(got[name][...], want[name][...], err_msg=name)
+    assert [r["case_id"] for r in read_records(tmp_path / "out" / "store.zarr")[0]] == \
+        [r["case_id"] for r in read_records(tmp_path / "ref" / "store.zarr")[0]]
