@@ -266,9 +266,9 @@ class _Build:
                   [incremental.known_digests(args[cid][0], digests) for cid in unit], whole)
                  for unit, whole in units]
 
-        def note(res: dict) -> None:
+        def note(res: dict) -> None:  # a failed task's cases are logged once their fate is known
             self.runlog.events("case", [{"case_id": case.get("case_id"), "ok": case.get("ok")}
-                                        for case in res.get("cases") or [res]])
+                                        for case in res.get("cases", [])])
 
         results = map_tasks(process_cases, items, client=client, retries=self.cfg.retries,
                             progress=self.cfg.progress, on_result=note,
@@ -283,6 +283,10 @@ class _Build:
                 args[cid][0], digests)], False) for [cid] in singles], client=client,
                 retries=self.cfg.retries, progress=False, on_result=note)
             done = [(u, r) for u, r in done if "cases" in r or len(u) == 1] + list(zip(singles, again))
+        failed = [{"case_id": cid, "ok": False} for unit, res in done if "cases" not in res
+                  for cid in unit]
+        if failed:
+            self.runlog.events("case", failed)
         by_id, shared = {}, {}
         for unit, res in done:  # a failed task: its error for each case
             for cid, case in zip(unit, res["cases"] if "cases" in res else

@@ -373,6 +373,10 @@ def test_a_case_that_kills_its_worker_is_quarantined_and_its_group_is_built(raw,
     assert [q["case_id"] for q in res.quarantined] == [victim]
     assert "worker process preparing this case died" in res.quarantined[0]["message"]
     assert res.exit_code == 3 and res.n_cases == 4
+    logged = [json.loads(line) for line in (tmp_path / "out" / "logs" / "build.jsonl").open()]
+    cases = [(e["case_id"], e["ok"]) for e in logged if e["event"] == "case"]
+    want = [(c.name, True) for c in good.iterdir() if c.is_dir()] + [(victim, False)]
+    assert sorted(cases) == sorted(want)  # one event per case, with its final outcome
     ref = build(BuildConfig(good, tmp_path / "ref", workers=0, progress=False,  # the same plan
                             plan_file=tmp_path / "out" / "plan.json"))
     assert ref.exit_code == 0
