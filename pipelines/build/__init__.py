@@ -262,26 +262,29 @@ class _Build:
                 reuse = {"key": index.key_of(c.case_id), "digests": incremental.known_digests(d, digests)}
             args[c.case_id] = (d, plan_dict, str(self.staging), keys[c.case_id], phash, reuse)
         units = _units(cases, args, plan.group_cases)
-        items = [([args[cid] for cid in unit],
-                  [incremental.known_digests(args[cid][0], digests) for cid in unit], whole)
-                 for unit, whole in units]
+
+        def item(unit: list[str], whole: bool) -> tuple:
+            return ([args[cid] for cid in unit],
+                    [incremental.known_digests(args[cid][0], digests) for cid in unit], whole)
 
         def note(res: dict) -> None:  # a failed task's cases are logged once their fate is known
             self.runlog.events("case", [{"case_id": case.get("case_id"), "ok": case.get("ok")}
                                         for case in res.get("cases", [])])
 
-        results = map_tasks(process_cases, items, client=client, retries=self.cfg.retries,
-                            progress=self.cfg.progress, on_result=note,
-                            cost=[float(len(u)) for u, _ in units], units=[len(u) for u, _ in units])
+        results = map_tasks(process_cases, [item(unit, whole) for unit, whole in units],
+                            client=client, retries=self.cfg.retries, progress=self.cfg.progress,
+                            on_result=note, cost=[float(len(u)) for u, _ in units],
+                            units=[len(u) for u, _ in units])
         done = [(unit, res) for (unit, _), res in zip(units, results)]
-        lost = [unit for unit, res in done if "cases" not in res and len(unit) > 1]
-        if lost:  # one case killed the worker: find it, and build the others of its group
-            log.warning("%d tasks of several cases lost their worker; preparing their %d cases one "
-                        "by one", len(lost), sum(map(len, lost)))
-            singles = [[cid] for unit in lost for cid in unit]
-            again = map_tasks(process_cases, [([args[cid]], [incremental.known_digests(
-                args[cid][0], digests)], False) for [cid] in singles], client=client,
-                retries=self.cfg.retries, progress=False, on_result=note)
+        # A task of several cases that failed as a whole (its worker died: one case crashed it or
+        # outgrew the memory limit) runs again one case per task, so only the culprit fails.
+        whole_failures = [unit for unit, res in done if "cases" not in res and len(unit) > 1]
+        if whole_failures:
+            log.warning("%d tasks of several cases failed as a whole; preparing their %d cases one "
+                        "by one", len(whole_failures), sum(map(len, whole_failures)))
+            singles = [[cid] for unit in whole_failures for cid in unit]
+            again = map_tasks(process_cases, [item(one, False) for one in singles], client=client,
+                              retries=self.cfg.retries, progress=False, on_result=note)
             done = [(u, r) for u, r in done if "cases" in r or len(u) == 1] + list(zip(singles, again))
         failed = [{"case_id": cid, "ok": False} for unit, res in done if "cases" not in res
                   for cid in unit]
