@@ -199,9 +199,9 @@ def map_tasks(func: Callable[..., dict], items: list[tuple], *, client: Any | No
     the cluster, after the others; the one that kills its worker each time
     Dask retries it (``distributed.scheduler.allowed-failures``) comes back as
     ``{"ok": False, "exception": "KilledWorker: ..."}``.  This is why the local
-    cluster's workers are processes, even for a nightly run of a
-few cases where threads would start 1.6 s sooner.  ``units`` (per item) is what the progress bar
-    counts when an item holds several cases.
+    cluster's workers are processes, even for a nightly run of a few cases
+    where threads would start 1.6 s sooner.  ``units`` (per item) is what the
+    progress bar counts when an item holds several cases.
 
     Items must be JSON-serialisable (NumPy scalars and arrays arrive as
     numbers and lists): each batch crosses to its worker as one JSON text,
