@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="site of the training patients (B: site B's in-domain ceiling)")
     p.add_argument("--flatten-contrast", type=float, default=0.0, metavar="P",
                    help="train with this share of poor acquisitions flattened (train --flatten-contrast)")
+    p.add_argument("--lr", type=float, default=None, help="the trainer's initial learning rate (default: its own)")
+    p.add_argument("--norm", choices=("instance", "batch", "none"), default="instance",
+                   help="the U-Net's normalisation after each convolution (default instance, as the trainer)")
     p.add_argument("--lr-schedule", choices=("poly", "constant"), default="poly",
                    help="the trainer's learning-rate schedule (default poly, as pipelines.train)")
     a = p.parse_args(argv)
@@ -117,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
 
             augment = AugmentConfig(p_flatten=a.flatten_contrast)
         result = train(work / "shards", run, epochs=1000, max_minutes=a.minutes, seed=a.seed, verbose=0,
-                       augment=augment, lr_schedule=a.lr_schedule)
+                       augment=augment, lr=a.lr,
+                       lr_schedule=a.lr_schedule, norm=a.norm)
         print(f"trained {result.epochs_completed} epochs in {time.perf_counter() - t0:.0f} s; "
               f"validation Dice {result.best_dice}")
     out = [score_site(run, work, site, a.test_cases, a.seed + 5000 + i) for i, site in enumerate("AB")]

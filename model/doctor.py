@@ -220,8 +220,12 @@ def check_class_balance(classes: np.ndarray, num_classes: int) -> tuple[list[Fin
     return out, stats
 
 
-def check_optimizer(optimizer: Any, batch_norm: bool) -> list[Finding]:
-    """Plain or low-rate SGD on a segmentation network."""
+#: Layers after which small SGD steps still train (batch, instance / group, layer normalisation).
+_NORM_LAYERS = ("BatchNormalization", "GroupNormalization", "LayerNormalization")
+
+
+def check_optimizer(optimizer: Any, normalised: bool) -> list[Finding]:
+    """Plain or low-rate SGD on a segmentation network (``normalised``: it has batch or instance norm)."""
     if optimizer is None:
         return []
     name = type(optimizer).__name__.lower()
@@ -233,9 +237,9 @@ def check_optimizer(optimizer: Any, batch_norm: bool) -> list[Finding]:
         momentum = float(getattr(optimizer, "momentum", 0.0) or 0.0)
         return [Finding("slow_optimizer", "warning",
                         f"SGD at learning rate {lr:g} (momentum {momentum:g})"
-                        f"{'' if batch_norm else ' on a network without batch normalisation'}: steps this "
+                        f"{'' if normalised else ' on a network without batch normalisation'}: steps this "
                         "small rarely leave the background-only prior within a practical budget.",
-                        "use Adam at 1e-3 (cmrprep's default: python -m pipelines.train --optimizer adam "
+                        "use Adam at 1e-3 (cmrprep's default for a network of your own: python -m pipelines.train --optimizer adam "
                         "--lr 1e-3), or SGD with lr >= 1e-2 and batch normalisation.")]
     return []
 
@@ -304,8 +308,9 @@ def diagnose(net: Any, x: np.ndarray, y: np.ndarray, loss: Any = None, optimizer
         balance, numbers = check_class_balance(np.asarray(classes), num_classes)
         findings += balance
         stats.update(numbers)
-    batch_norm = any("BatchNormalization" in type(layer).__name__ for layer in net.layers)
-    findings += check_optimizer(optimizer, batch_norm) + check_inputs(x)
+    normalised = any(type(layer).__name__ in _NORM_LAYERS and layer.name != "input_norm"
+                     for layer in net.layers)  # cmrprep's parameter-free input z-score does not count
+    findings += check_optimizer(optimizer, normalised) + check_inputs(x)
     if probe_steps > 0 and loss is not None and not any(f.severity == "error" for f in findings):
         probe, numbers = probe_fit(net, x, y, probe_steps, stats.get("prior_entropy", math.log(num_classes)),
                                    num_classes)

@@ -1,8 +1,13 @@
 """End-to-end demo on embedded synthetic data: ``python -m pipelines.demo [OUT]``.
 
 Generates a synthetic ACDC-layout dataset, builds the sharded store with the
-QC report, trains the default U-Net for a few minutes, segments held-out
-raw images and evaluates them in their original geometry.  Everything lands
+QC report, trains the U-Net for a few minutes, segments held-out
+raw images and evaluates them in their original geometry.  So short a
+training uses batch normalization (:data:`DEMO_NORM`): it learns faster in its
+first few hundred steps than the trainer's default, instance normalization,
+which holds up better on another scanner's images once trained for longer
+(validation Dice after 4 minutes on 2 cores, Dec 7: 0.74 with batch normalization at
+1e-3, 0.63 with instance normalization at its default 3e-3).  Everything lands
 in ``OUT`` (default ``demo_out/``); the command is safe to re-run (the build is
 incremental and the training run directory is replaced).
 """
@@ -18,6 +23,9 @@ from pathlib import Path
 from pipelines.exitcodes import help_formatter, plain_text
 
 log = logging.getLogger("pipelines.demo")
+
+#: The demo's normalization (see the module docstring); ``python -m pipelines.train`` uses instance.
+DEMO_NORM = "batch"
 
 
 def run_demo(out: str | Path = "demo_out", *, cases: int = 24, test_cases: int = 4, seed: int = 0,
@@ -50,7 +58,7 @@ def _train_predict_evaluate(out: Path, shards: Path, test_raw: Path, seed: int,
     run = out / "runs" / "demo"
     if run.exists():
         shutil.rmtree(run)
-    result = train(shards, run, epochs=200, max_minutes=minutes, seed=seed)
+    result = train(shards, run, epochs=200, max_minutes=minutes, seed=seed, norm=DEMO_NORM)
     slow = _few_steps(run, result, minutes)
     try:
         from pipelines.evaluate import evaluate
@@ -62,7 +70,7 @@ def _train_predict_evaluate(out: Path, shards: Path, test_raw: Path, seed: int,
     summary = evaluate(pred, test_raw, out / "eval_test")["summary"]
     mean = summary.get("mean_foreground", {}).get("dice", float("nan"))
     log.info("held-out mean foreground Dice %.3f after %.0f minutes of training (%s); the default "
-             "reaches ~0.97 in 20 minutes on 2 cores: python -m pipelines.train %s RUN --max-minutes 20",
+             "reaches ~0.95 in 20 minutes on 2 cores: python -m pipelines.train %s RUN --max-minutes 20",
              mean, minutes, out / "eval_test" / "summary.md", shards)
     if slow:
         log.warning("%s; the Dice above is that of an under-trained model, not of cmrprep's default", slow)

@@ -34,13 +34,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--loss", choices=("dice_ce", "ce", "dice"), default="dice_ce")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None,
+                   help="initial learning rate (default 3e-3 with --norm instance, 1e-3 otherwise)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps-per-epoch", type=int, default=None)
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of cases held out")
     p.add_argument("--filters", type=int, nargs="+", default=[16, 32, 64, 128, 256])
-    p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=True,
-                   help="batch normalization after each convolution (default on)")
+    p.add_argument("--norm", choices=("instance", "batch", "none"), default="instance",
+                   help="normalisation after each convolution: instance (default; each slice's own "
+                        "statistics, as nnU-Net: holds up better on another scanner), batch, or none")
+    p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="the older switch: --batch-norm is --norm batch, --no-batch-norm --norm none")
     p.add_argument("--optimizer", choices=("adam", "sgd", "rmsprop"), default="adam")
     p.add_argument("--lr-schedule", choices=("poly", "constant"), default="poly",
                    help="poly (default): the learning rate decays as (1 - progress)^0.9 toward the "
@@ -101,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size, loss=args.loss, lr=args.lr, lr_schedule=args.lr_schedule,
             seed=args.seed,
             val_fraction=args.val_fraction, steps_per_epoch=args.steps_per_epoch,
-            filters=tuple(args.filters), batch_norm=args.batch_norm, augment=_augment(args),
+            filters=tuple(args.filters), batch_norm=args.batch_norm, norm=args.norm,
+            augment=_augment(args),
             optimizer=args.optimizer, resume=args.resume, collapse_patience=args.collapse_patience,
             collapse_min_dice=args.collapse_min_dice,
             use_sampling=not args.no_sampling, output=args.output,

@@ -45,6 +45,42 @@ def test_unet_input_norm_makes_the_output_independent_of_the_slice_scale(tmp_pat
                            np.asarray(plain.predict(x, verbose=0)), atol=1e-3)
 
 
+def _norm_layers(net) -> set[str]:
+    return {type(layer).__name__ for layer in net.layers if layer.name != "input_norm"
+            and "Normalization" in type(layer).__name__}
+
+
+def test_unet_norm_choices_build_their_layers():
+    assert _norm_layers(build_unet((32, 32, 1), filters=(8, 16, 32))) == {"GroupNormalization"}  # default
+    assert _norm_layers(build_unet((32, 32, 1), filters=(8, 16, 32), norm="batch")) == {"BatchNormalization"}
+    assert _norm_layers(build_unet((32, 32, 1), filters=(8, 16, 32), batch_norm=True)) == {"BatchNormalization"}
+    assert _norm_layers(build_unet((32, 32, 1), filters=(8, 16, 32), norm="none")) == set()
+    assert _norm_layers(build_unet((32, 32, 1), filters=(8, 16, 32), batch_norm=False)) == set()
+    # the convolutions carry a bias only where no normalisation follows them
+    assert build_unet((32, 32, 1), filters=(8, 16), norm="none").get_layer("enc0_conv1").use_bias
+    assert not build_unet((32, 32, 1), filters=(8, 16), norm="instance").get_layer("enc0_conv1").use_bias
+
+
+def test_instance_norm_answers_each_slice_alone_and_as_in_training(tmp_path):
+    """#12: a slice's answer depends on nothing but the slice: not on the batch, not on the mode."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(4, 32, 32, 1)).astype(np.float32)
+    x[2:] = 5.0 * x[2:] + 3.0  # two slices from "another site"
+    net = build_unet((32, 32, 1), filters=(8, 16, 32), norm="instance")
+    alone = np.concatenate([np.asarray(net.predict(x[i:i + 1], verbose=0)) for i in range(4)])
+    np.testing.assert_allclose(np.asarray(net.predict(x, verbose=0)), alone, atol=1e-4)
+    trained_mode = keras.ops.convert_to_numpy(net(x, training=True))
+    np.testing.assert_allclose(trained_mode, alone, atol=1e-4)
+    path = tmp_path / "in.keras"
+    net.save(path)
+    np.testing.assert_allclose(np.asarray(keras.saving.load_model(path).predict(x, verbose=0)), alone,
+                               atol=1e-4)
+    # batch normalisation does not have that property: training mode uses the batch's statistics
+    bn = build_unet((32, 32, 1), filters=(8, 16, 32), norm="batch")
+    assert not np.allclose(keras.ops.convert_to_numpy(bn(x, training=True)),
+                           np.asarray(bn.predict(x, verbose=0)), atol=1e-3)
+
+
 def test_unet_softmax_output_sums_to_one():
     net = build_unet((16, 16, 1), filters=(4, 8), output="softmax")
     out = net.predict_on_batch(np.random.default_rng(0).normal(size=(2, 16, 16, 1)).astype("float32"))
@@ -55,6 +91,7 @@ def test_unet_softmax_output_sums_to_one():
     ({"input_shape": (30, 30, 1)}, "divisible"),
     ({"output": "sigmoid"}, "output"),
     ({"depth": 9}, "depth"),
+    ({"norm": "layer"}, "norm"),
 ])
 def test_unet_config_errors(kwargs, match):
     with pytest.raises(ConfigError, match=match):

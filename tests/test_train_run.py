@@ -15,7 +15,9 @@ from storefixture import write_store
 # Keras' torch backend emits thousands of NumPy 2 "copy keyword" DeprecationWarnings.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-TINY = dict(filters=(8, 16, 32), batch_size=8, verbose=0)
+# The learning checks below run ~80 steps, where batch normalization learns faster than the
+# default instance normalization (test_default_instance_norm_model_learns checks that one).
+TINY = dict(filters=(8, 16, 32), batch_size=8, verbose=0, norm="batch")
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +95,40 @@ def test_model_trained_from_a_streamed_store_learns_every_class(tmp_path):
         assert result.best_dice[name] > 0.4, result.best_dice
 
 
+def test_default_instance_norm_model_learns(shards, tmp_path):
+    """The default network (instance normalization, Adam 3e-3) learns every class in 80 steps."""
+    tiny = {**TINY, "norm": "instance"}
+    result = train(shards, tmp_path / "run", epochs=8, steps_per_epoch=10, **tiny)
+    assert result.best_dice["mean"] > 0.3 and result.best_dice["lv"] > 0.5, result.best_dice
+
+
 def test_training_without_validation_finishes(shards, tmp_path):
     """``--val-fraction 0`` trains on every case; nothing to validate must not crash (#14.10)."""
     assert main([str(shards), str(tmp_path / "run"), "--epochs", "2", "--steps-per-epoch", "2",
                  "--filters", "8", "16", "--val-fraction", "0", "--collapse-patience", "0"]) == 0
     rows = read_history(tmp_path / "run")
     assert len(rows) == 2 and (tmp_path / "run" / "best.keras").exists()
+    # the defaults, as resolved, are on record: instance normalization at its learning rate
+    config = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert config["norm"] == "instance" and config["lr"] == pytest.approx(3e-3)
+    net = keras.saving.load_model(tmp_path / "run" / "best.keras")
+    assert any(type(layer).__name__ == "GroupNormalization" and layer.name.endswith("_in1") for layer in net.layers)
+
+
+@pytest.mark.parametrize("flags, norm, lr", [(["--norm", "batch"], "batch", 1e-3),
+                                             (["--no-batch-norm"], "none", 1e-3),
+                                             (["--lr", "5e-4"], "instance", 5e-4)])
+def test_train_cli_norm_and_learning_rate(shards, tmp_path, flags, norm, lr):
+    """--norm picks the normalization; the learning rate follows it unless given."""
+    assert main([str(shards), str(tmp_path / "run"), "--epochs", "1", "--steps-per-epoch", "1",
+                 "--filters", "8", "16", *flags]) == 0
+    config = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    net = keras.saving.load_model(tmp_path / "run" / "last.keras")
+    kinds = {type(layer).__name__ for layer in net.layers if layer.name != "input_norm"}
+    assert config["norm"] == norm or config["batch_norm"] is False
+    assert config["lr"] == pytest.approx(lr)
+    assert ("BatchNormalization" in kinds) == (norm == "batch")
+    assert ("GroupNormalization" in kinds) == (norm == "instance")
 
 
 def _users_own_net(h, w):
