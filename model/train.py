@@ -199,7 +199,8 @@ def default_lr(norm: str = "instance", own_model: bool = False) -> float:
     Adam at 3e-3 for the instance-normalized U-Net: instance normalization starts
     slower than batch normalization, and on the 20-minute site-shift benchmark
     (Dec 7, 2 cores, 9 epochs) 3e-3 gave site A 0.949 and site B 0.844 (worst
-    frame 0.610) against 0.945 and 0.809 (0.520) at 1e-3.  1e-3 for a
+    frame 0.610) against 0.945 and 0.809 (0.520) at 1e-3 and 0.943 and 0.819
+    (0.574) at 5e-3.  1e-3 for a
     batch-normalized or unnormalized U-Net and for a network of your own (the
     rate those were measured at).
 
