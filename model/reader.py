@@ -196,7 +196,9 @@ class ShardStore:
             _check_labels(self._labels, str(self.path), self.num_classes)
         self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._lock = threading.Lock()
-        log.info("store %s: %d slices %s, %s", self.path, self.n_slices, self.slice_shape,
+        padding = int(np.count_nonzero(self.case_index < 0))  # rows that keep groups shard-aligned
+        log.info("store %s: %d slices %s (+%d padding rows), %s", self.path, self.n_slices - padding,
+                 self.slice_shape, padding,
                  "in memory" if self.in_memory else f"streamed ({self.shard_len} slices/shard)")
 
     def _read_weights(self, root: Any) -> np.ndarray:
