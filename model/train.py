@@ -45,7 +45,7 @@ from model.reader import split_patients
 from model.reader import DEFAULT_MEMORY_BUDGET, DEFAULT_POOL_SHARDS
 from model.losses import make_loss
 from model.metrics import ValidationDice
-from model.unet import build_unet
+from model.unet import build_unet, resolve_norm
 
 __all__ = ["train", "TrainResult", "TimeLimit", "read_history", "plot_curves", "default_lr"]
 
@@ -426,9 +426,10 @@ def train(store_path: str | Path, run_dir: str | Path, *, epochs: int = 50,
     start = time.monotonic()
     if lr_schedule not in LR_SCHEDULES:
         raise ConfigError(f"unknown lr_schedule {lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+    norm = resolve_norm(norm, batch_norm)
     if lr is None:
-        lr = default_lr(norm if batch_norm is None else ("batch" if batch_norm else "none"), model is not None)
-    config = {k: v for k, v in locals().items() if k != "start"}  # lr as resolved
+        lr = default_lr(norm, model is not None)
+    config = {k: v for k, v in locals().items() if k != "start"}  # norm and lr as resolved
     if isinstance(augment, AugmentConfig):
         config["augment"] = asdict(augment)
     if model is not None and not isinstance(model, (str, Path)):  # JSON: describe, don't embed
@@ -447,7 +448,7 @@ def train(store_path: str | Path, run_dir: str | Path, *, epochs: int = 50,
     loss_fn = make_loss(loss, _class_weights(class_weights, store), from_logits=from_logits,
                         num_classes=store.num_classes)
     build = dict(input_shape=(*store.slice_shape, 1), num_classes=store.num_classes,
-                 filters=tuple(filters), batch_norm=batch_norm, norm=norm, output=output)
+                 filters=tuple(filters), norm=norm, output=output)
     net, initial_epoch, best = _model_and_epoch(run_dir, resume, build,
                                                 loss_fn, _make_optimizer(optimizer, lr), user_net)
     train_ds = SliceDataset(store, train_idx, batch_size, seed=seed,

@@ -29,7 +29,7 @@ from keras import layers, ops
 
 from cmrprep.plan import ConfigError
 
-__all__ = ["build_unet", "ChannelSoftmax", "NORMS", "OUTPUTS", "UPSAMPLING"]
+__all__ = ["build_unet", "resolve_norm", "ChannelSoftmax", "NORMS", "OUTPUTS", "UPSAMPLING"]
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,12 @@ def _upsample(x, n_filters: int, mode: str, name: str):
                          kernel_initializer="he_normal", name=f"{name}_upconv")(x)
 
 
-def _resolve_norm(norm: str, batch_norm: bool | None) -> str:
-    """``norm``, or what the older ``batch_norm`` switch asks for when given."""
+def resolve_norm(norm: str, batch_norm: bool | None) -> str:
+    """``norm``, or what the older ``batch_norm`` switch asks for when given.
+
+    >>> resolve_norm("instance", None), resolve_norm("instance", False)
+    ('instance', 'none')
+    """
     if batch_norm is None:
         return norm
     return "batch" if batch_norm else "none"
@@ -171,7 +175,7 @@ def build_unet(input_shape: Sequence[int | None] = (128, 128, 1), num_classes: i
         Maps ``(B, H, W, channels)`` float32 to ``(B, H, W, num_classes)``.
     """
     levels = _resolve_filters(filters, filter_scale, depth)
-    norm = _resolve_norm(norm, batch_norm)
+    norm = resolve_norm(norm, batch_norm)
     if norm not in NORMS:
         raise ConfigError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
     _check_input(input_shape, len(levels), num_classes, output, upsampling)
