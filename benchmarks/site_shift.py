@@ -3,6 +3,7 @@
     python benchmarks/site_shift.py [--train-cases 40] [--test-cases 10] [--minutes 20] [--workdir DIR]
                                     [--run RUN_DIR] [--train-site B] [--each-change]
                                     [--flatten-contrast P] [--lr-schedule poly|constant]
+                                    [--augment NAME=VALUE ...]
 
 1. Synthesize ``--train-cases`` site-A patients (``pipelines.synthesize``), build the store.
 2. Train the default model for ``--minutes`` (``pipelines.train`` defaults, i.e. with the
@@ -22,6 +23,10 @@ site B for the same training budget, which tells a shift apart from data that is
 
 ``--flatten-contrast P`` trains with flattened tissue contrast in that share of the poor
 acquisitions (``pipelines.train --flatten-contrast``; off by default).
+
+``--augment NAME=VALUE`` (repeatable) sets one field of :class:`model.augment.AugmentConfig` for
+the training, e.g. ``--augment p_partial_volume=0.5 --augment partial_volume=0.2,0.5`` (a
+comma gives a tuple): an augmentation variant measured without editing the defaults.
 
 ``--each-change`` also scores site B's changes one at a time (``synthesize --site B
 --site-changes C``, the same patients and draws as the site-B test set): which of them
@@ -76,6 +81,26 @@ def score_site(run: Path, work: Path, site: str, cases: int, seed: int, changes:
             "predict_s": round(seconds, 1)}
 
 
+def augment_config(flatten: float, fields: list[str]):
+    """``True`` (the trainer's defaults) or an :class:`~model.augment.AugmentConfig` with ``fields`` set."""
+    from dataclasses import fields as dc_fields
+
+    from model.augment import AugmentConfig
+
+    if not flatten and not fields:
+        return True
+    types = {f.name: f.default for f in dc_fields(AugmentConfig)}
+    values: dict = {"p_flatten": flatten} if flatten else {}
+    for item in fields:
+        name, sep, text = item.partition("=")
+        if not sep or name not in types:
+            raise SystemExit(f"--augment {item!r}: expected NAME=VALUE with NAME one of {sorted(types)}")
+        kind = type(types[name])
+        values[name] = (tuple(float(v) for v in text.split(",")) if kind is tuple
+                        else text if kind is str else float(text))
+    return AugmentConfig(**values)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train-cases", type=int, default=40)
@@ -95,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the U-Net's normalisation after each convolution (default instance, as the trainer)")
     p.add_argument("--lr-schedule", choices=("poly", "constant"), default="poly",
                    help="the trainer's learning-rate schedule (default poly, as pipelines.train)")
+    p.add_argument("--augment", action="append", default=[], metavar="NAME=VALUE",
+                   help="set one AugmentConfig field for the training (repeatable; a comma gives a tuple)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from pipelines.backend import use_cli_default_backend
@@ -114,11 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         build(BuildConfig(raw, work / "shards", workers=2, progress=False))
         shutil.rmtree(run, ignore_errors=True)
         t0 = time.perf_counter()
-        augment = True
-        if a.flatten_contrast:
-            from model.augment import AugmentConfig
-
-            augment = AugmentConfig(p_flatten=a.flatten_contrast)
+        augment = augment_config(a.flatten_contrast, a.augment)
         result = train(work / "shards", run, epochs=1000, max_minutes=a.minutes, seed=a.seed, verbose=0,
                        augment=augment, lr=a.lr,
                        lr_schedule=a.lr_schedule, norm=a.norm)
