@@ -43,13 +43,6 @@ Intensity augmentation covers what changes between scanners and sites (issue
   0.462) against 0.718 (0.126), but site A 0.936 against 0.952 -- the budget goes
   to the harder slices.  Turn it on (``AugmentConfig(p_flatten=1.0)``) when the
   target site's contrast is known to be weak and in-domain accuracy matters less;
-* **random intensity network** (:func:`random_intensity_network`, ``p_gin``): the
-  slice passed through a randomly initialised shallow convolutional network (4
-  layers of 1x1 or 3x3 kernels, 2 channels, leaky ReLU) and blended with the
-  original by a random weight -- a random non-linear, locally varying intensity
-  and texture mapping after GIN (Ouyang et al., "Causality-inspired single-source
-  domain generalization for medical image segmentation", IEEE TMI 2022), so the
-  network learns shapes and edges rather than one sequence's grey levels;
 * **partial volume** of a thicker slice (:func:`partial_volume`): the slice
   blended with a slightly scaled copy of itself, as a neighbouring slice's
   structures bleed into a thick one (an in-plane approximation);
@@ -93,7 +86,7 @@ import numpy as np
 from cmrprep.plan import ConfigError
 
 __all__ = ["Augmenter", "AugmentConfig", "bias_field", "coil_falloff", "partial_volume", "class_contrast",
-           "flatten_contrast", "random_intensity_network"]
+           "flatten_contrast"]
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +111,6 @@ class AugmentConfig:
     p_class_contrast: float = 0.5
     flatten: tuple[float, float] = (0.15, 0.6)  # fraction of the class differences kept
     p_flatten: float = 0.0  # share of poor acquisitions with flattened tissue contrast (off)
-    p_gin: float = 0.0  # share of slices through a random intensity network
-    gin_layers: int = 4
-    gin_channels: int = 2
     bias_strength: float = 0.6
     p_bias: float = 0.5
     coil_length: tuple[float, float] = (0.5, 1.5)  # fall-off length, in image widths
@@ -176,47 +166,6 @@ def partial_volume(unit: np.ndarray, rng: np.random.Generator, weight: tuple[flo
     other = cv2.warpAffine(unit, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     a = np.float32(rng.uniform(*weight))
     return ((1 - a) * unit + a * other).astype(np.float32)
-
-
-def random_intensity_network(unit: np.ndarray, rng: np.random.Generator, layers: int = 4,
-                             channels: int = 2) -> np.ndarray:
-    """The slice through a random shallow conv network, blended with itself, in [0, 1] (GIN).
-
-    Each layer draws its kernel size (1 or 3), weights and biases from a standard
-    normal; all but the last apply a leaky ReLU (slope 0.01).  The input is the
-    slice z-scored; the output is ``a * net(x) + (1 - a) * x`` with ``a`` drawn from
-    [0, 1), mapped to [0, 1] by its own minimum and maximum.  The geometry (and so
-    the label) is untouched.
-
-    >>> x = np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16)
-    >>> out = random_intensity_network(x, np.random.default_rng(0))
-    >>> out.shape, out.dtype, bool(out.min() >= 0 and out.max() <= 1)
-    ((16, 16), dtype('float32'), True)
-    >>> bool(np.array_equal(out, random_intensity_network(x, np.random.default_rng(0))))
-    True
-    """
-    std = float(unit.std())
-    if std < 1e-6:
-        return unit
-    x = ((unit - unit.mean()) / std).astype(np.float32)[None]
-    first = x[0]
-    for layer in range(layers):
-        last = layer == layers - 1
-        cout, cin = (1 if last else channels), x.shape[0]
-        k = int(rng.choice((1, 3)))
-        w = rng.standard_normal((cout, cin, k, k)).astype(np.float32)
-        b = rng.standard_normal(cout).astype(np.float32)
-        y = np.empty((cout, *x.shape[1:]), np.float32)
-        for o in range(cout):
-            acc = sum(cv2.filter2D(x[c], -1, w[o, c], borderType=cv2.BORDER_REFLECT) for c in range(cin)) + b[o]
-            y[o] = acc if last else np.where(acc > 0, acc, np.float32(0.01) * acc)
-        x = y
-    a = np.float32(rng.uniform(0.0, 1.0))
-    mixed = a * x[0] + (1 - a) * first
-    lo, hi = float(mixed.min()), float(mixed.max())
-    if not np.isfinite(lo) or not np.isfinite(hi) or hi - lo < 1e-6:
-        return unit
-    return ((mixed - lo) / (hi - lo)).astype(np.float32)
 
 
 def _scale_classes(unit: np.ndarray, label: np.ndarray, gains: np.ndarray) -> np.ndarray:
@@ -327,9 +276,8 @@ class Augmenter:
         self.config = config or AugmentConfig()
         if self.config.restore not in ("inverse", "zscore"):
             raise ConfigError(f"restore must be 'inverse' or 'zscore', got {self.config.restore!r}")
-        for name in ("p_flatten", "p_gin"):
-            if not 0.0 <= getattr(self.config, name) <= 1.0:
-                raise ConfigError(f"{name} must be a share between 0 and 1, got {getattr(self.config, name)}")
+        if not 0.0 <= self.config.p_flatten <= 1.0:
+            raise ConfigError(f"p_flatten must be a share between 0 and 1, got {self.config.p_flatten}")
         lo, hi = self.config.z_range
         if not lo < hi:
             raise ConfigError(f"z_range must be (low, high) with low < high, got {(lo, hi)}")
@@ -390,10 +338,6 @@ class Augmenter:
         the flattened tissue contrast with probability ``p_flatten`` (its own stream, so
         ``p_flatten=0`` leaves every other draw as it was)."""
         cfg = self.config
-        if cfg.p_gin > 0:  # its own stream: p_gin=0 leaves every other draw as it was
-            gin = np.random.default_rng(np.random.SeedSequence([seed, 15]))
-            if gin.random() < cfg.p_gin:
-                unit = random_intensity_network(unit, gin, cfg.gin_layers, cfg.gin_channels)
         rng = np.random.default_rng(np.random.SeedSequence([seed, 12]))
         draws = rng.random(4)
         if poor or draws[3] < cfg.p_class_contrast:
