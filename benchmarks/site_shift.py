@@ -3,7 +3,7 @@
     python benchmarks/site_shift.py [--train-cases 40] [--test-cases 10] [--minutes 20] [--workdir DIR]
                                     [--run RUN_DIR] [--train-site B] [--each-change]
                                     [--flatten-contrast P] [--lr-schedule poly|constant]
-                                    [--augment NAME=VALUE ...]
+                                    [--augment NAME=VALUE ...] [--batch-size N]
 
 1. Synthesize ``--train-cases`` site-A patients (``pipelines.synthesize``), build the store.
 2. Train the default model for ``--minutes`` (``pipelines.train`` defaults, i.e. with the
@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the U-Net's normalisation after each convolution (default instance, as the trainer)")
     p.add_argument("--lr-schedule", choices=("poly", "constant"), default="poly",
                    help="the trainer's learning-rate schedule (default poly, as pipelines.train)")
+    p.add_argument("--batch-size", type=int, default=16, help="slices per training step (default 16, as train)")
     p.add_argument("--augment", action="append", default=[], metavar="NAME=VALUE",
                    help="set one AugmentConfig field for the training (repeatable; a comma gives a tuple)")
     a = p.parse_args(argv)
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         augment = augment_config(a.flatten_contrast, a.augment)
         result = train(work / "shards", run, epochs=1000, max_minutes=a.minutes, seed=a.seed, verbose=0,
-                       augment=augment, lr=a.lr,
+                       augment=augment, lr=a.lr, batch_size=a.batch_size,
                        lr_schedule=a.lr_schedule, norm=a.norm)
         print(f"trained {result.epochs_completed} epochs in {time.perf_counter() - t0:.0f} s; "
               f"validation Dice {result.best_dice}")
