@@ -39,9 +39,9 @@ Intensity augmentation covers what changes between scanners and sites (issue
   difference is 0.4-0.6 background standard deviations after normalisation
   (2.2-2.9 at site A), which the per-class gains above reach in under 5 % of
   augmented slices (16 % with ``p_flatten=1``).  Measured with ``p_flatten=1``
-  (``benchmarks/site_shift.py``, 20 minutes, 9 epochs): site B 0.755 (worst frame
-  0.462) against 0.718 (0.126), but site A 0.936 against 0.952 -- the budget goes
-  to the harder slices.  Turn it on (``AugmentConfig(p_flatten=1.0)``) when the
+  (``benchmarks/site_shift.py``, 20 minutes, instance normalization): site B 0.847
+  (worst frame 0.697) against 0.844 (0.610), but site A 0.942 against 0.949 -- the
+  budget goes to the harder slices.  Turn it on (``AugmentConfig(p_flatten=1.0)``) when the
   target site's contrast is known to be weak and in-domain accuracy matters less;
 * **partial volume** of a thicker slice (:func:`partial_volume`): the slice
   blended with a slightly scaled copy of itself, as a neighbouring slice's
