@@ -96,8 +96,12 @@ def augment_config(flatten: float, fields: list[str]):
         if not sep or name not in types:
             raise SystemExit(f"--augment {item!r}: expected NAME=VALUE with NAME one of {sorted(types)}")
         kind = type(types[name])
-        values[name] = (tuple(float(v) for v in text.split(",")) if kind is tuple
-                        else text if kind is str else float(text))
+        try:
+            values[name] = (tuple(float(v) for v in text.split(",")) if kind is tuple
+                            else text if kind is str else float(text))
+        except ValueError:
+            raise SystemExit(f"--augment {item!r}: {text!r} is not a number (a comma-separated pair "
+                             "for a range)") from None
     return AugmentConfig(**values)
 
 
