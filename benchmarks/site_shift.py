@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the U-Net's normalisation after each convolution (default instance, as the trainer)")
     p.add_argument("--lr-schedule", choices=("poly", "constant"), default="poly",
                    help="the trainer's learning-rate schedule (default poly, as pipelines.train)")
-    p.add_argument("--batch-size", type=int, default=16, help="slices per training step (default 16, as train)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="slices per training step (default: train's, 8 for the instance-normalized U-Net)")
     p.add_argument("--augment", action="append", default=[], metavar="NAME=VALUE",
                    help="set one AugmentConfig field for the training (repeatable; a comma gives a tuple)")
     a = p.parse_args(argv)

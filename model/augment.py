@@ -39,7 +39,7 @@ Intensity augmentation covers what changes between scanners and sites (issue
   difference is 0.4-0.6 background standard deviations after normalisation
   (2.2-2.9 at site A), which the per-class gains above reach in under 5 % of
   augmented slices (16 % with ``p_flatten=1``).  Measured with ``p_flatten=1``
-  (``benchmarks/site_shift.py``, 20 minutes, instance normalization): site B 0.847
+  (``benchmarks/site_shift.py``, 20 minutes, instance normalization, batch 16): site B 0.847
   (worst frame 0.697) against 0.844 (0.610), but site A 0.942 against 0.949 -- the
   budget goes to the harder slices.  Turn it on (``AugmentConfig(p_flatten=1.0)``) when the
   target site's contrast is known to be weak and in-domain accuracy matters less;

@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="output folder of the run")
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="slices per step (default 8 with --norm instance, 16 otherwise)")
     p.add_argument("--loss", choices=("dice_ce", "ce", "dice"), default="dice_ce")
     p.add_argument("--lr", type=float, default=None,
                    help="initial learning rate (default 3e-3 with --norm instance, 1e-3 otherwise)")
