@@ -218,10 +218,10 @@ def default_batch_size(norm: str = "instance", own_model: bool = False) -> int:
     8 for the instance-normalized U-Net: instance normalization computes its
     statistics per slice, not per batch, so a smaller batch costs it nothing in
     normalization and gives twice the updates for the same slices.  On the
-    20-minute site-shift benchmark (Dec 7, 2 cores, two runs each) batch 8 gave
-    validation Dice 0.951 / 0.953 and site A 0.950 / 0.954 against 0.945 and
-    0.949 with 16; site B stayed inside its run-to-run spread (0.849 / 0.838
-    against 0.844).  16 for a batch-normalized or unnormalized U-Net (batch
+    20-minute site-shift benchmark (Dec 7, 2 cores; three runs with 8, one with
+    16) batch 8 gave validation Dice 0.951 / 0.953 / 0.955 and site A
+    0.950 / 0.954 / 0.955 against 0.945 and 0.949 with 16; site B stayed inside
+    its run-to-run spread (0.849 / 0.838 / 0.850 against 0.844).  16 for a batch-normalized or unnormalized U-Net (batch
     statistics need the larger batch; the demo's 4-minute run is measured
     with it) and for a network of your own.
 
@@ -455,7 +455,7 @@ def train(store_path: str | Path, run_dir: str | Path, *, epochs: int = 50,
         lr = default_lr(norm, model is not None)
     if batch_size is None:
         batch_size = default_batch_size(norm, model is not None)
-    config = {k: v for k, v in locals().items() if k != "start"}  # norm and lr as resolved
+    config = {k: v for k, v in locals().items() if k != "start"}  # norm, lr and batch size as resolved
     if isinstance(augment, AugmentConfig):
         config["augment"] = asdict(augment)
     if model is not None and not isinstance(model, (str, Path)):  # JSON: describe, don't embed
