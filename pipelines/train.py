@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="slices per step (default 8 with --norm instance, 16 otherwise)")
     p.add_argument("--loss", choices=("dice_ce", "ce", "dice"), default="dice_ce")
     p.add_argument("--lr", type=float, default=None,
-                   help="initial learning rate (default 3e-3 with --norm instance, 1e-3 otherwise)")
+                   help="initial learning rate (default with --norm instance 2e-3 at batch 8, 3e-3 at larger "
+                        "batches; 1e-3 otherwise)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps-per-epoch", type=int, default=None)
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of cases held out")
