@@ -3,7 +3,7 @@
     python benchmarks/site_shift.py [--train-cases 40] [--test-cases 10] [--minutes 20] [--workdir DIR]
                                     [--run RUN_DIR] [--train-site B] [--each-change]
                                     [--flatten-contrast P] [--lr-schedule poly|constant]
-                                    [--augment NAME=VALUE ...] [--batch-size N]
+                                    [--augment NAME=VALUE ...] [--batch-size N] [--filters F ...]
 
 1. Synthesize ``--train-cases`` site-A patients (``pipelines.synthesize``), build the store.
 2. Train the default model for ``--minutes`` (``pipelines.train`` defaults, i.e. with the
@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the trainer's learning-rate schedule (default poly, as pipelines.train)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="slices per training step (default: train's, 8 for the instance-normalized U-Net)")
+    p.add_argument("--filters", type=int, nargs="+", default=None,
+                   help="the U-Net's filters per level (default: train's, 16 32 64 128 256)")
     p.add_argument("--augment", action="append", default=[], metavar="NAME=VALUE",
                    help="set one AugmentConfig field for the training (repeatable; a comma gives a tuple)")
     a = p.parse_args(argv)
@@ -150,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         augment = augment_config(a.flatten_contrast, a.augment)
         result = train(work / "shards", run, epochs=1000, max_minutes=a.minutes, seed=a.seed, verbose=0,
                        augment=augment, lr=a.lr, batch_size=a.batch_size,
-                       lr_schedule=a.lr_schedule, norm=a.norm)
+                       lr_schedule=a.lr_schedule, norm=a.norm,
+                       **({"filters": tuple(a.filters)} if a.filters else {}))
         print(f"trained {result.epochs_completed} epochs in {time.perf_counter() - t0:.0f} s; "
               f"validation Dice {result.best_dice}")
     out = [score_site(run, work, site, a.test_cases, a.seed + 5000 + i) for i, site in enumerate("AB")]
