@@ -107,6 +107,8 @@ def augment_config(flatten: float, fields: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--class-weights", choices=("default", "store", "none"), default="default",
+                   help="cross-entropy class weights: the trainer's default, the store's scheme, or none")
     p.add_argument("--train-cases", type=int, default=40)
     p.add_argument("--test-cases", type=int, default=10)
     p.add_argument("--minutes", type=float, default=20.0)
@@ -153,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         result = train(work / "shards", run, epochs=1000, max_minutes=a.minutes, seed=a.seed, verbose=0,
                        augment=augment, lr=a.lr, batch_size=a.batch_size,
                        lr_schedule=a.lr_schedule, norm=a.norm,
+                       class_weights=None if a.class_weights == "none" else a.class_weights,
                        **({"filters": tuple(a.filters)} if a.filters else {}))
         print(f"trained {result.epochs_completed} epochs in {time.perf_counter() - t0:.0f} s; "
               f"validation Dice {result.best_dice}")

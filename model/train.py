@@ -13,7 +13,8 @@ A run directory receives::
     diagnosis.txt       only when the collapse guard stopped the run
 
 Defaults follow the fixes for "predicts only background": linear logits +
-``from_logits=True``, Dice + CE, instance normalization, Adam 2e-3 decayed
+``from_logits=True``, Dice + CE (unweighted for the U-Net, with the store's class
+weights for your own network, :func:`default_class_weights`), instance normalization, Adam 2e-3 decayed
 polynomially over the budget (:class:`PolyDecay`; 3e-3 with batches over 8, 1e-3
 for a batch-normalized or your own network, :func:`default_lr`), batches of 8 slices (16 for those,
 :func:`default_batch_size`), slices drawn by the store's sampling
@@ -248,6 +249,30 @@ def default_batch_size(norm: str = "instance", own_model: bool = False) -> int:
     return 8 if norm == "instance" and not own_model else 16
 
 
+def default_class_weights(norm: str = "instance", own_model: bool = False) -> str | None:
+    """The trainer's cross-entropy class weights for cmrprep's U-Net with ``norm``, or for your own network.
+
+    ``None`` (unweighted cross-entropy beside the Dice term, as nnU-Net) for
+    the instance-normalized U-Net: the Dice term already gives every class the
+    same say, and the store's weights (median frequency: background ~0.07,
+    each heart class ~1.2-1.4) pull every uncertain pixel toward the heart.
+    On the 20-minute site-shift benchmark (Dec 7, 2 cores, two runs each) it
+    gave validation Dice 0.962 / 0.963 and site A 0.964 / 0.967 against
+    0.953 / 0.956 and 0.958 / 0.957 with the store's weights, site B
+    0.846 / 0.855 (worst frame 0.653 / 0.673) against 0.857 / 0.850
+    (0.661 / 0.610), inside its run-to-run spread, and it learns faster at
+    first (validation Dice 0.82 / 0.86 after the first epoch against ~0.5).  ``"store"`` (the store's
+    ``class_weights`` attribute) for a batch-normalized or unnormalized U-Net
+    (the demo's 4-minute run is measured with it) and for a network of your
+    own, whose loss may have no Dice term.  The store measures and keeps its
+    class weights either way (``class_weights_all``).
+
+    >>> default_class_weights(), default_class_weights("batch"), default_class_weights(own_model=True)
+    (None, 'store', 'store')
+    """
+    return None if norm == "instance" and not own_model else "store"
+
+
 def _make_optimizer(name: str, lr: float) -> keras.optimizers.Optimizer:
     if name == "adam":
         return keras.optimizers.Adam(learning_rate=lr)
@@ -392,7 +417,7 @@ def train(store_path: str | Path, run_dir: str | Path, *, epochs: int = 50,
           augment: bool | AugmentConfig = True, optimizer: str = "adam",
           resume: bool = False, collapse_patience: int = 5, collapse_min_dice: float = 0.02,
           use_sampling: bool = True,
-          class_weights: Any = "store", output: str = "logits", from_logits: bool | None = None,
+          class_weights: Any = "default", output: str = "logits", from_logits: bool | None = None,
           memory_budget: int = DEFAULT_MEMORY_BUDGET, pool_shards: int | None = DEFAULT_POOL_SHARDS,
           workers: int = 1, verbose: int | None = None, model: Any = None,
           ) -> TrainResult:
@@ -441,8 +466,10 @@ def train(store_path: str | Path, run_dir: str | Path, *, epochs: int = 50,
     collapse_patience, collapse_min_dice
         Stop after this many epochs of validation mean foreground Dice below
         ``collapse_min_dice`` (or no foreground predicted); patience 0 disables.
-    class_weights : "store", None or sequence
-        CE class weights: the store's default scheme, none, or explicit.
+    class_weights : "default", "store", None or sequence
+        CE class weights: :func:`default_class_weights` (none for the
+        instance-normalized U-Net, the store's otherwise), the store's default
+        scheme, none, or explicit.
     from_logits : bool, optional
         Defaults to ``output == "logits"``; a mismatch is refused.
     memory_budget, pool_shards
@@ -473,6 +500,8 @@ def train(store_path: str | Path, run_dir: str | Path, *, epochs: int = 50,
         batch_size = default_batch_size(norm, model is not None)
     if lr is None:
         lr = default_lr(norm, model is not None, batch_size)
+    if isinstance(class_weights, str) and class_weights == "default":
+        class_weights = default_class_weights(norm, model is not None)
     config = {k: v for k, v in locals().items() if k != "start"}  # norm, lr and batch size as resolved
     if isinstance(augment, AugmentConfig):
         config["augment"] = asdict(augment)

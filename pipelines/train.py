@@ -53,7 +53,11 @@ def _parser() -> argparse.ArgumentParser:
                         "end of --epochs or --max-minutes, whichever comes first; constant: --lr throughout")
     p.add_argument("--output", choices=("logits", "softmax"), default="logits")
     p.add_argument("--no-sampling", action="store_true", help="uniform shuffling, ignore weights")
-    p.add_argument("--no-class-weights", action="store_true", help="unweighted cross-entropy")
+    p.add_argument("--class-weights", choices=("default", "store", "none"), default="default",
+                   help="cross-entropy class weights: default (none for cmrprep's instance-normalized "
+                        "U-Net, the store's for --norm batch/none and for --model), store, or none")
+    p.add_argument("--no-class-weights", action="store_true",
+                   help="the older switch for --class-weights none")
     p.add_argument("--collapse-patience", type=int, default=5, help="0 disables the guard")
     p.add_argument("--collapse-min-dice", type=float, default=0.02,
                    help="validation foreground Dice below this counts as collapsed")
@@ -112,7 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             optimizer=args.optimizer, resume=args.resume, collapse_patience=args.collapse_patience,
             collapse_min_dice=args.collapse_min_dice,
             use_sampling=not args.no_sampling, output=args.output,
-            class_weights=None if args.no_class_weights else "store", workers=args.workers,
+            class_weights=None if args.no_class_weights or args.class_weights == "none"
+            else args.class_weights, workers=args.workers,
             memory_budget=int(args.memory_budget_gib * 1024**3), pool_shards=args.pool_shards,
             model=args.model)
     except ConfigError as exc:

@@ -111,17 +111,19 @@ def test_training_without_validation_finishes(shards, tmp_path):
     # the defaults, as resolved, are on record: instance normalization at its learning rate and batch
     config = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert config["norm"] == "instance" and config["lr"] == pytest.approx(2e-3)
-    assert config["batch_size"] == 8
+    assert config["batch_size"] == 8 and config["class_weights"] is None  # unweighted CE + Dice
     net = keras.saving.load_model(tmp_path / "run" / "best.keras")
     assert any(type(layer).__name__ == "GroupNormalization" and layer.name.endswith("_in1") for layer in net.layers)
 
 
-@pytest.mark.parametrize("flags, norm, lr, batch", [(["--norm", "batch"], "batch", 1e-3, 16),
-                                                    (["--no-batch-norm"], "none", 1e-3, 16),
-                                                    (["--batch-size", "16"], "instance", 3e-3, 16),
-                                                    (["--lr", "5e-4", "--batch-size", "4"], "instance", 5e-4, 4)])
-def test_train_cli_norm_and_learning_rate(shards, tmp_path, flags, norm, lr, batch):
-    """--norm picks the normalization; the learning rate and batch size follow it unless given."""
+@pytest.mark.parametrize("flags, norm, lr, batch, weights", [
+    (["--norm", "batch"], "batch", 1e-3, 16, "store"),
+    (["--no-batch-norm"], "none", 1e-3, 16, "store"),
+    (["--batch-size", "16", "--class-weights", "store"], "instance", 3e-3, 16, "store"),
+    (["--lr", "5e-4", "--batch-size", "4"], "instance", 5e-4, 4, None),
+    (["--norm", "batch", "--no-class-weights"], "batch", 1e-3, 16, None)])
+def test_train_cli_norm_and_learning_rate(shards, tmp_path, flags, norm, lr, batch, weights):
+    """--norm picks the normalization; learning rate, batch size and class weights follow it unless given."""
     assert main([str(shards), str(tmp_path / "run"), "--epochs", "1", "--steps-per-epoch", "1",
                  "--filters", "8", "16", *flags]) == 0
     config = json.loads((tmp_path / "run" / "train_config.json").read_text())
@@ -129,6 +131,7 @@ def test_train_cli_norm_and_learning_rate(shards, tmp_path, flags, norm, lr, bat
     kinds = {type(layer).__name__ for layer in net.layers if layer.name != "input_norm"}
     assert config["norm"] == norm or config["batch_norm"] is False
     assert config["lr"] == pytest.approx(lr) and config["batch_size"] == batch
+    assert config["class_weights"] == weights
     assert ("BatchNormalization" in kinds) == (norm == "batch")
     assert ("GroupNormalization" in kinds) == (norm == "instance")
 
