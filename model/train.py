@@ -13,8 +13,9 @@ A run directory receives::
     diagnosis.txt       only when the collapse guard stopped the run
 
 Defaults follow the fixes for "predicts only background": linear logits +
-``from_logits=True``, Dice + CE (unweighted for the U-Net, with the store's class
-weights for your own network, :func:`default_class_weights`), instance normalization, Adam 2e-3 decayed
+``from_logits=True``, Dice + CE (unweighted for the instance-normalized U-Net, with the
+store's class weights for a batch-normalized or your own network,
+:func:`default_class_weights`), instance normalization, Adam 2e-3 decayed
 polynomially over the budget (:class:`PolyDecay`; 3e-3 with batches over 8, 1e-3
 for a batch-normalized or your own network, :func:`default_lr`), batches of 8 slices (16 for those,
 :func:`default_batch_size`), slices drawn by the store's sampling
