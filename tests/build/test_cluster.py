@@ -50,6 +50,31 @@ def test_local_cluster_map_equals_serial():
     assert left == 0
 
 
+def _amm_running(dask_scheduler=None) -> bool:
+    return dask_scheduler.extensions["amm"].running
+
+
+def _monitor_intervals(dask_worker=None) -> dict:
+    return {name: pc.callback_time for name, pc in dask_worker.periodic_callbacks.items()}
+
+
+@pytest.mark.timeout(120)
+def test_local_cluster_monitors_lightly_but_still_enforces_memory():
+    """The build's own cluster has no dashboard: host metrics every 10 s, no active memory
+    manager, no profiler; the memory monitor that enforces limits still runs twice a second."""
+    from pipelines.build.cluster import dask_client
+
+    with dask_client(2) as client:
+        amm = client.run_on_scheduler(_amm_running)
+        intervals = list(client.run(_monitor_intervals).values())
+        nanny = next(iter(client.cluster.workers.values())).periodic_callbacks
+    assert amm is False
+    for pcs in intervals:
+        assert pcs["monitor"] == 10_000 and pcs["memory_monitor"] == 500
+        assert "profile" not in pcs
+    assert nanny["memory_monitor"].callback_time == 500
+
+
 def _kill_worker_on_2(x: int) -> dict:
     """Item 2 kills the worker process running it (as a segfault or the nanny's memory limit would)."""
     import os
