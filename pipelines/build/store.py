@@ -13,8 +13,10 @@ is a function of the set of cases: an incremental build gives the same store
 as a fresh one.  Each group starts at a shard boundary; the tail of its last
 shard is padding (``case_index == -1``, weight 0, zero images and labels).  A
 new version hard-links the shard files of every group whose cases are
-unchanged from the previous version and writes only the other groups, so the
-cost of a build follows what changed, and versions share their data on disk.
+unchanged from the previous version and writes only the other groups, and of
+those only the shards from the first change on (the whole shards before it are
+linked too, :func:`unchanged_prefix`), so the cost of a build follows what
+changed, and versions share their data on disk.
 
 Writes are shard-aligned by construction: each group's shards are written by
 one :func:`write_group` call, through :func:`write_shards` (concurrent writes
@@ -328,7 +330,9 @@ def write_version(path: Path, previous: Path | None, staging: Path, cases: list[
     -------
     dict
         ``groups``, ``groups_linked`` (from ``previous``), ``groups_written`` (here or,
-        as a fragment, by the case tasks).
+        as a fragment, by the case tasks) and ``shards_kept``: shards of written groups
+        linked from ``previous`` because the group changed only after them
+        (:func:`unchanged_prefix`).
 
     This process writes the small arrays and the attributes; the groups'
     shards and records are written (or hard-linked) by
@@ -401,7 +405,9 @@ def write_version(path: Path, previous: Path | None, staging: Path, cases: list[
                                        int(table[:, 3].sum()), build_id))  # one write
     # a group linked from a fragment was written by its case task: it counts as written
     linked = sum(1 for it, r in zip(items, results) if r.get("linked") and not it[3]["link_from"])
-    return {"groups": len(items), "groups_linked": linked, "groups_written": len(items) - linked}
+    kept = sum(r.get("shards_kept", 0) for r in results)
+    return {"groups": len(items), "groups_linked": linked, "groups_written": len(items) - linked,
+            "shards_kept": kept}
 
 
 def write_group(version: Path, previous: Path | None, staging: Path,
@@ -411,9 +417,10 @@ def write_group(version: Path, previous: Path | None, staging: Path,
     A group whose key the previous version holds keeps its shard files and
     records (hard links: no data is copied or rewritten); so does a group
     written whole by its case task (``group["link_from"]``, a fragment, see
-    :func:`write_fragment`).  Any other group is assembled from its staged
-    cases, fragments and the previous version's slices of its reused cases,
-    then written shard by shard.
+    :func:`write_fragment`).  Any other group keeps the whole shards before its
+    first change (:func:`unchanged_prefix`, hard links too); the rest is
+    assembled from its staged cases, fragments and the previous version's
+    slices of its reused cases, then written shard by shard.
     """
     source = Path(group["link_from"]) if group.get("link_from") else previous
     if group["reuse_first_shard"] is not None and source is not None:
@@ -423,10 +430,10 @@ def write_group(version: Path, previous: Path | None, staging: Path,
         except FileNotFoundError:  # damaged previous version: rebuild the group from sources
             _unlink_group(version, group)
             log.warning("group %s: shard files missing from %s; rewriting it", group["key"], source)
-    _write_group(version, previous, staging, group)
+    kept = _write_group(version, previous, staging, group)
     sizes = [f.stat().st_size if f.is_file() else 0
              for f in shard_files(version, group["first_shard"], group["n_shards"], group["sep"])]
-    return {"ok": True, "linked": False, "key": group["key"], "sizes": sizes}
+    return {"ok": True, "linked": False, "key": group["key"], "sizes": sizes, "shards_kept": kept}
 
 
 def shard_path(version: Path, name: str, k: int, sep: str = ".") -> Path:
@@ -492,41 +499,114 @@ def _unlink_group(version: Path, group: dict[str, Any]) -> None:
     shutil.rmtree(version / "records" / group["key"], ignore_errors=True)
 
 
-def _write_group(version: Path, previous: Path | None, staging: Path, group: dict[str, Any]) -> None:
+def _write_group(version: Path, previous: Path | None, staging: Path, group: dict[str, Any]) -> int:
+    """Assemble and write a group; returns how many of its shards were linked unchanged."""
     target = zarr.open_array(str(version / "images"), mode="r")
     h, w = target.shape[1:]
     shard, n = group["shard"], group["n_shards"] * group["shard"]
-    images = np.zeros((n, h, w), dtype=target.dtype)
-    labels = np.zeros((n, h, w), dtype=np.uint8)
-    records, pos = [], 0
     old = _OldVersion(previous) if previous is not None else None
+    skip = _link_prefix(version, old, group) if old is not None else 0
+    images = np.zeros((n - skip, h, w), dtype=target.dtype)
+    labels = np.zeros((n - skip, h, w), dtype=np.uint8)
+
+    def place(pos: int, k: int, read: Callable[[int, int], tuple[np.ndarray, np.ndarray]]) -> None:
+        """Slices ``pos..pos+k`` of the group from ``read(a, b)`` (the item's slices a..b);
+        only those past the linked prefix are read."""
+        a = max(skip - pos, 0)
+        if a < k:
+            images[pos + a - skip:pos + k - skip], labels[pos + a - skip:pos + k - skip] = read(a, k)
+
+    records, pos = [], 0
     fragments: dict[str, _Fragment] = {}
     runs = _old_runs(group["cases"])
     for j, case in enumerate(group["cases"]):
         k = case["n_slices"]
         if j in runs:  # consecutive cases of the previous version: one read (chunks decoded once)
-            lo, run = case["old_first_slice"], runs[j]
-            images[pos:pos + run], labels[pos:pos + run] = old.slices(lo, lo + run)
+            lo = case["old_first_slice"]
+            place(pos, runs[j], lambda a, b, lo=lo: old.slices(lo + a, lo + b))
         if case["source"] == "fragment":  # processed in a group that the layout split up
             where = case["fragment"]["path"]
             frag = fragments.get(where) or fragments.setdefault(where, _Fragment(Path(where)))
             lo = case["fragment"]["first"]
-            images[pos:pos + k], labels[pos:pos + k] = frag.slices(lo, lo + k)
+            place(pos, k, lambda a, b, frag=frag, lo=lo: frag.slices(lo + a, lo + b))
             records.append(frag.record(case["fragment"]["key"], case["case_id"]))
         elif case["source"] == "staged":
             arrays = incremental.read_staged_arrays(staging, case["key"], ("images", "labels"))
             meta = incremental.read_staged_meta(staging, case["key"])
             if meta is None:
                 raise FileNotFoundError(f"staged case {case['case_id']} ({case['key']}) vanished")
-            images[pos:pos + k], labels[pos:pos + k] = arrays["images"], arrays["labels"]
+            place(pos, k, lambda a, b, arrays=arrays: (arrays["images"][a:b], arrays["labels"][a:b]))
             records.append(case_record(meta, case["hashes"]))
         else:  # read with its run
             records.append(old.record(case["old_group"], case["case_id"]))
         pos += k
     end = min(group["first_slice"] + n, group["n_total"])  # the store's last shard may be partial
     k = end - group["first_slice"]
-    write_shards(version, group["first_slice"], images[:k], labels[:k])
+    if k > skip:
+        write_shards(version, group["first_slice"] + skip, images[:k - skip], labels[:k - skip])
     _write_records(version, group["key"], records)
+    return skip // shard
+
+
+def unchanged_prefix(cases: list[dict[str, Any]], shard: int) -> tuple[int, int | None]:
+    """Leading slices of a rewritten group that are whole shards of the previous version.
+
+    A new case, or a removed one, changes a group from where it falls in; the
+    cases before it, when they started a shard-aligned run in the previous
+    version, still fill the same whole shards (a new case appended to a group
+    leaves all but its last shard or two as they were).  Returns the number of
+    such slices (a multiple of ``shard``) and the previous version's shard
+    they start at (``None`` when there are none).
+
+    Examples
+    --------
+    >>> store = lambda lo, n: {"source": "store", "old_first_slice": lo, "n_slices": n}
+    >>> new = {"source": "staged", "n_slices": 8}
+    >>> unchanged_prefix([store(128, 40), store(168, 30), new, store(198, 20)], 64)
+    (64, 2)
+    >>> unchanged_prefix([store(128, 40), store(168, 30), store(198, 70)], 64)  # run of 138
+    (128, 2)
+    >>> unchanged_prefix([new, store(128, 40)], 64), unchanged_prefix([store(130, 99)], 64)
+    ((0, None), (0, None))
+    """
+    if not cases or cases[0]["source"] != "store" or cases[0]["old_first_slice"] % shard:
+        return 0, None
+    base, pos = cases[0]["old_first_slice"], 0
+    for case in cases:
+        if case["source"] != "store" or case["old_first_slice"] != base + pos:
+            break
+        pos += case["n_slices"]
+    slices = pos // shard * shard
+    return slices, (base // shard if slices else None)
+
+
+def _link_prefix(version: Path, old: _OldVersion, group: dict[str, Any]) -> int:
+    """Hard-link the group's :func:`unchanged_prefix` shards from ``old``; their slices.
+
+    0 when a shard file is missing or has another size than recorded (the
+    previous version is damaged): the whole group is then written.
+    """
+    slices, old_first = unchanged_prefix(group["cases"], group["shard"])
+    if not slices:
+        return 0
+    n = slices // group["shard"]
+    pairs = []
+    for name in ("images", "labels"):
+        for s in range(n):
+            src = shard_path(old.path, name, old_first + s, old.sep)
+            size = old.shard_size(name, old_first + s)
+            if size == 0:  # all fill value: zarr stores no file, nor will the new version
+                continue
+            try:
+                if size is None or src.stat().st_size != size:
+                    return 0
+            except FileNotFoundError:
+                return 0
+            pairs.append((src, shard_path(version, name, group["first_shard"] + s, group["sep"])))
+    for src, dst in pairs:
+        dst.unlink(missing_ok=True)  # left by an attempt of this task that was cut short
+        os.link(src, dst)
+    return slices
 
 
 def _old_runs(cases: list[dict[str, Any]]) -> dict[int, int]:
@@ -695,6 +775,10 @@ class _OldVersion:
                     raise FileNotFoundError(f"store shard {f} is missing: the previous version is "
                                             "damaged; delete OUT/versions and OUT/store.zarr to rebuild")
         return np.asarray(self.images[lo:hi]), np.asarray(self.labels[lo:hi])
+
+    def shard_size(self, name: str, k: int) -> int | None:
+        """Bytes of shard ``k`` of ``name`` as recorded when it was written (``None``: unknown)."""
+        return self._sizes.get((name, k))
 
     def record(self, gkey: str, case_id: str) -> dict[str, Any]:
         if gkey not in self._records:

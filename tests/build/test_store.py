@@ -328,3 +328,51 @@ def test_a_group_fragment_is_linked_or_read_back(tmp_path, merged):
     for name in ("images", "labels", "case_index", "weights"):
         np.testing.assert_array_equal(a[name][...], b[name][...], err_msg=name)
     assert read_records(ref) == read_records(new)
+
+
+def test_a_changed_group_keeps_its_shards_before_the_change(raw, tmp_path):
+    """Adding (then removing) the case that sorts last changes only the end of its group: the
+    shards before it are hard links to the previous version's files, and the store equals a
+    fresh build of the same cases."""
+    probe = tmp_path / "probe"
+    build(BuildConfig(raw, probe, workers=0, progress=False, report=False))
+    plan = Plan.from_json((probe / "plan.json").read_text()).updated(group_cases=64, shard_slices=16)
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(plan.to_json())
+    part = tmp_path / "raw_part"
+    shutil.copytree(raw, part)
+    last = sorted(p.name for p in raw.iterdir() if p.is_dir())[-1]
+    shutil.rmtree(part / last)
+    out, cfg = tmp_path / "out", dict(plan_file=plan_file, workers=0, progress=False, report=False)
+    build(BuildConfig(part, out, **cfg))
+    six = (out / "store.zarr").resolve()
+    names = ("images", "labels", "weights", "case_index", "frame_index", "class_counts")
+    six_arrays = {n: zarr.open_group(str(six), mode="r")[n][...] for n in names}
+
+    def published():
+        events = [json.loads(x) for x in (out / "logs" / "build.jsonl").read_text().splitlines()]
+        return [e for e in events if e["event"] == "published"][-1]
+
+    def same_arrays(a, b):
+        a = zarr.open_group(str(a), mode="r")
+        b = zarr.open_group(str(b), mode="r") if not isinstance(b, dict) else b
+        for name in names:
+            np.testing.assert_array_equal(a[name][...], b[name][...], err_msg=name)
+
+    shutil.copytree(raw / last, part / last)
+    build(BuildConfig(part, out, **cfg))
+    seven = (out / "store.zarr").resolve()
+    event = published()
+    assert (event["groups"], event["groups_written"]) == (1, 1)  # one group, rewritten
+    assert event["shards_kept"] >= 2, event
+    kept = [seven / "images" / f"c.{k}.0.0" for k in range(event["shards_kept"])]
+    assert all(f.stat().st_ino == (six / "images" / f.name).stat().st_ino for f in kept)
+    tail = seven / "images" / f"c.{event['shards_kept']}.0.0"
+    assert tail.stat().st_nlink == 1  # the shard the new case falls in is written anew
+    build(BuildConfig(raw, tmp_path / "fresh", **cfg))
+    same_arrays(seven, tmp_path / "fresh" / "store.zarr")
+
+    shutil.rmtree(part / last)  # and back: the removal keeps the same prefix
+    build(BuildConfig(part, out, **cfg))
+    assert published()["shards_kept"] >= 2
+    same_arrays((out / "store.zarr").resolve(), six_arrays)
