@@ -81,16 +81,18 @@ def score_site(run: Path, work: Path, site: str, cases: int, seed: int, changes:
             "predict_s": round(seconds, 1)}
 
 
-def augment_config(flatten: float, fields: list[str]):
-    """``True`` (the trainer's defaults) or an :class:`~model.augment.AugmentConfig` with ``fields`` set."""
+def augment_config(flatten: float | None, fields: list[str], norm: str = "instance"):
+    """``True`` (the trainer's defaults) or its defaults for ``norm`` with ``p_flatten`` and ``fields`` set."""
     from dataclasses import fields as dc_fields
+    from dataclasses import replace
 
     from model.augment import AugmentConfig
+    from model.train import default_augment
 
-    if not flatten and not fields:
+    if flatten is None and not fields:
         return True
     types = {f.name: f.default for f in dc_fields(AugmentConfig)}
-    values: dict = {"p_flatten": flatten} if flatten else {}
+    values: dict = {"p_flatten": flatten} if flatten is not None else {}
     for item in fields:
         name, sep, text = item.partition("=")
         if not sep or name not in types:
@@ -102,7 +104,7 @@ def augment_config(flatten: float, fields: list[str]):
         except ValueError:
             raise SystemExit(f"--augment {item!r}: {text!r} is not a number (a comma-separated pair "
                              "for a range)") from None
-    return AugmentConfig(**values)
+    return replace(default_augment(norm), **values)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also score each of site B's changes alone (same patients as site B)")
     p.add_argument("--train-site", choices=("A", "B"), default="A",
                    help="site of the training patients (B: site B's in-domain ceiling)")
-    p.add_argument("--flatten-contrast", type=float, default=0.0, metavar="P",
-                   help="train with this share of poor acquisitions flattened (train --flatten-contrast)")
+    p.add_argument("--flatten-contrast", type=float, default=None, metavar="P",
+                   help="train with this share of poor acquisitions flattened (train --flatten-contrast; "
+                        "default: the trainer's)")
     p.add_argument("--lr", type=float, default=None, help="the trainer's initial learning rate (default: its own)")
     p.add_argument("--norm", choices=("instance", "batch", "none"), default="instance",
                    help="the U-Net's normalisation after each convolution (default instance, as the trainer)")
@@ -151,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         build(BuildConfig(raw, work / "shards", workers=2, progress=False))
         shutil.rmtree(run, ignore_errors=True)
         t0 = time.perf_counter()
-        augment = augment_config(a.flatten_contrast, a.augment)
+        augment = augment_config(a.flatten_contrast, a.augment, a.norm)
         result = train(work / "shards", run, epochs=1000, max_minutes=a.minutes, seed=a.seed, verbose=0,
                        augment=augment, lr=a.lr, batch_size=a.batch_size,
                        lr_schedule=a.lr_schedule, norm=a.norm,

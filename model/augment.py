@@ -31,8 +31,10 @@ Intensity augmentation covers what changes between scanners and sites (issue
   amplitude) and a **surface-coil fall-off** (:func:`coil_falloff`:
   ``1 / (1 + (d / L)^2)`` from a random point beside the image) -- non-linear,
   not only ramps; NumPy, since albumentations has neither;
-* **flattened tissue contrast** (:func:`flatten_contrast`, **off by default**,
-  ``p_flatten``: the share of poor acquisitions that get it): every foreground
+* **flattened tissue contrast** (:func:`flatten_contrast`, ``p_flatten``: the
+  share of poor acquisitions that get it; 0 in :class:`AugmentConfig`, 1 in the
+  trainer's default for its instance-normalized U-Net,
+  :func:`model.train.default_augment`): every foreground
   class's mean pulled toward one randomly chosen foreground class's mean, keeping
   only 15-60 % of the differences -- blood and myocardium nearly alike, as at a
   site with a weaker sequence.  On synthetic site B the blood-myocardium
@@ -45,8 +47,10 @@ Intensity augmentation covers what changes between scanners and sites (issue
   (0.725) against 0.850 (0.655), site A 0.950 against 0.955 (all at Adam 3e-3); at
   2e-3, today's default, site B 0.862 (0.699) and 0.854 (0.603) in two runs against
   0.857 / 0.850 without it, site A 0.957 / 0.952 against 0.958 / 0.957: inside the
-  run-to-run spread, so it stays off.  Turn it on (``AugmentConfig(p_flatten=1.0)``) when the
-  target site's contrast is known to be weak and in-domain accuracy matters less;
+  run-to-run spread.  With unweighted cross-entropy (the trainer's default since)
+  site B 0.872 / 0.864 (worst 0.728 / 0.725) against 0.846 / 0.855 (0.653 / 0.673),
+  site A 0.961 / 0.964 against 0.964 / 0.967, so the trainer turns it on for that
+  U-Net;
 * **partial volume** of a thicker slice (:func:`partial_volume`): the slice
   blended with a slightly scaled copy of itself, as a neighbouring slice's
   structures bleed into a thick one (an in-plane approximation);

@@ -63,10 +63,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="validation foreground Dice below this counts as collapsed")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.keras")
     p.add_argument("--no-augment", action="store_true")
-    p.add_argument("--flatten-contrast", type=float, default=0.0, metavar="P",
+    p.add_argument("--flatten-contrast", type=float, default=None, metavar="P",
                    help="share (0-1) of poor-acquisition samples whose blood-myocardium contrast is "
-                        "flattened: for a target site with weak contrast; costs in-domain accuracy "
-                        "at a short budget (default 0; see model.augment)")
+                        "flattened, as at a site with a weaker sequence (default: 1 for the "
+                        "instance-normalized U-Net, 0 otherwise; see model.train.default_augment)")
     p.add_argument("--workers", type=int, default=1, help="loader threads")
     p.add_argument("--memory-budget-gib", type=float, default=2.0,
                    help="hold the store in memory when images + labels fit in this many GiB, "
@@ -85,7 +85,7 @@ def _augment(args: argparse.Namespace):
     """``--no-augment`` / ``--flatten-contrast`` as ``train``'s ``augment``."""
     if args.no_augment:
         return False
-    if args.flatten_contrast:
+    if args.flatten_contrast is not None:
         from model.augment import AugmentConfig
 
         return AugmentConfig(p_flatten=args.flatten_contrast)

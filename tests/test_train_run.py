@@ -96,10 +96,13 @@ def test_model_trained_from_a_streamed_store_learns_every_class(tmp_path):
 
 
 def test_default_instance_norm_model_learns(shards, tmp_path):
-    """The default network (instance normalization, Adam 2e-3 at batch 8) learns every class in 80 steps."""
+    """The default network (instance normalization, Adam 2e-3 at batch 8, flattened contrast in the
+    poor-acquisition bundle) learns every class in 80 steps."""
     tiny = {**TINY, "norm": "instance"}
     result = train(shards, tmp_path / "run", epochs=8, steps_per_epoch=10, **tiny)
-    assert result.best_dice["mean"] > 0.3 and result.best_dice["lv"] > 0.5, result.best_dice
+    assert result.best_dice["mean"] > 0.3, result.best_dice
+    for name in ("rv", "myo", "lv"):
+        assert result.best_dice[name] > 0.4, result.best_dice
 
 
 def test_training_without_validation_finishes(shards, tmp_path):
@@ -112,18 +115,20 @@ def test_training_without_validation_finishes(shards, tmp_path):
     config = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert config["norm"] == "instance" and config["lr"] == pytest.approx(2e-3)
     assert config["batch_size"] == 8 and config["class_weights"] is None  # unweighted CE + Dice
+    assert config["augment"]["p_flatten"] == 1.0  # poor acquisitions get flattened contrast too
     net = keras.saving.load_model(tmp_path / "run" / "best.keras")
     assert any(type(layer).__name__ == "GroupNormalization" and layer.name.endswith("_in1") for layer in net.layers)
 
 
-@pytest.mark.parametrize("flags, norm, lr, batch, weights", [
-    (["--norm", "batch"], "batch", 1e-3, 16, "store"),
-    (["--no-batch-norm"], "none", 1e-3, 16, "store"),
-    (["--batch-size", "16", "--class-weights", "store"], "instance", 3e-3, 16, "store"),
-    (["--lr", "5e-4", "--batch-size", "4"], "instance", 5e-4, 4, None),
-    (["--norm", "batch", "--no-class-weights"], "batch", 1e-3, 16, None)])
-def test_train_cli_norm_and_learning_rate(shards, tmp_path, flags, norm, lr, batch, weights):
-    """--norm picks the normalization; learning rate, batch size and class weights follow it unless given."""
+@pytest.mark.parametrize("flags, norm, lr, batch, weights, flatten", [
+    (["--norm", "batch"], "batch", 1e-3, 16, "store", 0.0),
+    (["--no-batch-norm"], "none", 1e-3, 16, "store", 0.0),
+    (["--batch-size", "16", "--class-weights", "store"], "instance", 3e-3, 16, "store", 1.0),
+    (["--lr", "5e-4", "--batch-size", "4", "--flatten-contrast", "0"], "instance", 5e-4, 4, None, 0.0),
+    (["--norm", "batch", "--no-class-weights", "--flatten-contrast", "0.5"], "batch", 1e-3, 16, None, 0.5)])
+def test_train_cli_norm_and_learning_rate(shards, tmp_path, flags, norm, lr, batch, weights, flatten):
+    """--norm picks the normalization; learning rate, batch size, class weights and the flattened
+    contrast follow it unless given."""
     assert main([str(shards), str(tmp_path / "run"), "--epochs", "1", "--steps-per-epoch", "1",
                  "--filters", "8", "16", *flags]) == 0
     config = json.loads((tmp_path / "run" / "train_config.json").read_text())
@@ -132,6 +137,7 @@ def test_train_cli_norm_and_learning_rate(shards, tmp_path, flags, norm, lr, bat
     assert config["norm"] == norm or config["batch_norm"] is False
     assert config["lr"] == pytest.approx(lr) and config["batch_size"] == batch
     assert config["class_weights"] == weights
+    assert config["augment"]["p_flatten"] == flatten
     assert ("BatchNormalization" in kinds) == (norm == "batch")
     assert ("GroupNormalization" in kinds) == (norm == "instance")
 
