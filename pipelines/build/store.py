@@ -465,22 +465,38 @@ def shard_files(version: Path, first: int, n: int, sep: str = ".") -> list[Path]
             for k in range(first, first + n)]
 
 
+def _link_shards(old: list[Path], new: list[Path], sizes: Sequence[int | None] | None, what: str) -> None:
+    """Hard-link shard files ``old`` to ``new``, each checked against its recorded size first.
+
+    A size of 0 is a shard whose every chunk was the fill value (zarr stores no
+    file).  Raises ``FileNotFoundError`` (the previous version is damaged)
+    before linking anything when a size is unknown or a file is missing or of
+    another size.  A file already at ``new`` (an attempt of the same task cut
+    short) is replaced.
+    """
+    if sizes is None or len(sizes) != len(old):
+        raise FileNotFoundError(f"no recorded shard sizes for {what}")
+    pairs = []
+    for src, dst, size in zip(old, new, sizes):
+        if size == 0:
+            continue
+        try:
+            actual = src.stat().st_size
+        except FileNotFoundError:
+            raise FileNotFoundError(f"store shard {src} is missing") from None
+        if size is None or actual != size:  # cheap check against the record
+            raise FileNotFoundError(f"store shard {src} has another size than written")
+        pairs.append((src, dst))
+    for src, dst in pairs:
+        dst.unlink(missing_ok=True)
+        os.link(src, dst)
+
+
 def _link_group(version: Path, previous: Path, group: dict[str, Any]) -> None:
     old = shard_files(previous, group["reuse_first_shard"], group["n_shards"],
                       group["reuse_sep"])
     new = shard_files(version, group["first_shard"], group["n_shards"], group["sep"])
-    sizes = group["reuse_sizes"]
-    if sizes is None or len(sizes) != len(old):
-        raise FileNotFoundError(f"no recorded shard sizes for group {group['key']}")
-    for src, dst, size in zip(old, new, sizes):
-        if size == 0:  # every chunk was the fill value: zarr stores no file
-            continue
-        try:
-            os.link(src, dst)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"store shard {src} is missing") from None
-        if os.stat(dst).st_size != size:  # cheap check against the record
-            raise FileNotFoundError(f"store shard {src} has another size than written")
+    _link_shards(old, new, group["reuse_sizes"], f"group {group['key']}")
     rec_src = previous / "records" / group["key"]
     rec_dst = version / "records" / group["key"]
     rec_dst.mkdir(parents=True, exist_ok=True)
@@ -590,22 +606,15 @@ def _link_prefix(version: Path, old: _OldVersion, group: dict[str, Any]) -> int:
     if not slices:
         return 0
     n = slices // group["shard"]
-    pairs = []
-    for name in ("images", "labels"):
-        for s in range(n):
-            src = shard_path(old.path, name, old_first + s, old.sep)
-            size = old.shard_size(name, old_first + s)
-            if size == 0:  # all fill value: zarr stores no file, nor will the new version
-                continue
-            try:
-                if size is None or src.stat().st_size != size:
-                    return 0
-            except FileNotFoundError:
-                return 0
-            pairs.append((src, shard_path(version, name, group["first_shard"] + s, group["sep"])))
-    for src, dst in pairs:
-        dst.unlink(missing_ok=True)  # left by an attempt of this task that was cut short
-        os.link(src, dst)
+    new_files = shard_files(version, group["first_shard"], n, group["sep"])
+    sizes = [old.shard_size(name, old_first + s) for name in ("images", "labels") for s in range(n)]
+    try:
+        _link_shards(shard_files(old.path, old_first, n, old.sep), new_files, sizes,
+                     f"group {group['key']}")
+    except FileNotFoundError:
+        for f in new_files:  # links of an earlier attempt: writing into them would change `old`
+            f.unlink(missing_ok=True)
+        return 0
     return slices
 
 
