@@ -149,6 +149,27 @@ def _link_cases(dest: Path, cases: list[Path]) -> None:
             link.symlink_to(d.resolve())
 
 
+def _nightly(raw: Path, base: Path, night: Path, draws: list[list[Path]], workers: int,
+             cluster: tuple[str, list] | None = None, keep_last: bool = False) -> list[dict]:
+    """One nightly run per draw: ``base`` copied to ``night`` (hard links, as a nightly job finds
+    it), the draw's cases linked into ``raw``, the build run; the draw's cases are taken out
+    again afterwards (all but the last draw's with ``keep_last``, for the no-op re-run)."""
+    out = []
+    for d, new in enumerate(draws):
+        shutil.rmtree(night, ignore_errors=True)
+        shutil.copytree(base, night, symlinks=True, copy_function=os.link)
+        _link_cases(raw, new)
+        try:
+            out.append(run_build(raw, night, workers, cluster))
+        finally:
+            if not (keep_last and d + 1 == len(draws)):
+                for c in new:
+                    (raw / c.name).unlink()
+        where = " through --scheduler" if cluster else ""
+        print(f"adding {len(new)} cases{where}, draw {d + 1}: {out[-1]['seconds']:.1f} s", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the scale series and print the table (JSON beside the outputs)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -195,38 +216,20 @@ def main(argv: list[str] | None = None) -> int:
 
     shutil.rmtree(work / f"out{n}-scheduler", ignore_errors=True)
     cluster = start_cluster(a.workers, work / "scratch")
-    remote_nightly = []
     try:
         rows[f"full {n}, --scheduler"] = run_build(raw, work / f"out{n}-scheduler", a.workers, cluster)
         print(f"full build of {n} through --scheduler: {rows[f'full {n}, --scheduler']['seconds']:.1f} s",
               flush=True)
         # the same nightly draws through --scheduler: a scheduled job on a standing cluster, which
         # pays no cluster start and no worker imports
-        for d, new in enumerate(draws):
-            night = work / f"out{n}-scheduler-nightly"
-            shutil.rmtree(night, ignore_errors=True)
-            shutil.copytree(work / f"out{n}-scheduler", night, symlinks=True, copy_function=os.link)
-            _link_cases(raw, new)
-            try:
-                remote_nightly.append(run_build(raw, night, a.workers, cluster))
-            finally:
-                for c in new:
-                    (raw / c.name).unlink()
-            rows[f"add {a.add}, --scheduler, draw {d + 1}"] = remote_nightly[-1]
+        remote_nightly = _nightly(raw, work / f"out{n}-scheduler", work / f"out{n}-scheduler-nightly",
+                                  draws, a.workers, cluster)
+        rows.update({f"add {a.add}, --scheduler, draw {d + 1}": r for d, r in enumerate(remote_nightly)})
     finally:
         stop_cluster(cluster[1])
-    nightly = []
-    for d, new in enumerate(draws):
-        night = work / f"out{n}-nightly"
-        shutil.rmtree(night, ignore_errors=True)
-        shutil.copytree(out, night, symlinks=True, copy_function=os.link)
-        _link_cases(raw, new)
-        nightly.append(run_build(raw, night, a.workers))
-        rows[f"add {a.add}, draw {d + 1}"] = nightly[-1]
-        print(f"adding {a.add} cases, draw {d + 1}: {nightly[-1]['seconds']:.1f} s", flush=True)
-        if d + 1 < a.draws:
-            for c in new:
-                (raw / c.name).unlink()
+    night = work / f"out{n}-nightly"
+    nightly = _nightly(raw, out, night, draws, a.workers, keep_last=True)
+    rows.update({f"add {a.add}, draw {d + 1}": r for d, r in enumerate(nightly)})
     rows["no-op re-run"] = run_build(raw, night, a.workers)
     print(f"\n{'run':16s} {'cases':>6s} {'proc':>5s} {'s':>7s} {'ms/case':>8s} {'client MiB':>11s} "
           f"{'worker MiB':>11s} {'client CPU %':>13s} {'MiB written':>12s}")
