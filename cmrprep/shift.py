@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FEATURES", "MARGIN", "frame_features", "summarize", "compare"]
+__all__ = ["FEATURES", "MARGIN", "frame_features", "summarize", "merge", "compare"]
 
 #: Numeric features: (description, unit, format).
 FEATURES: dict[str, tuple[str, str, str]] = {
@@ -124,6 +124,35 @@ def summarize(features: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     if codes:
         ref["axcodes"] = codes
     return ref
+
+
+def merge(*references: Mapping[str, Any]) -> dict[str, Any]:
+    """One reference for the frames of several references (disjoint frame sets).
+
+    A reference is a reduction (count, per-feature ``[min, max]``, set of
+    orientations), so the frames added to a dataset extend its reference without
+    the earlier frames being read again: ``merge(summarize(a), summarize(b))``
+    equals ``summarize(a + b)``.  Removing frames has no such shortcut (a
+    minimum may leave with them): summarize what is left.
+
+    Examples
+    --------
+    >>> a = [{"inplane_mm": 1.2, "axcodes": "RAS"}, {"inplane_mm": 1.6, "axcodes": "RAS"}]
+    >>> b = [{"inplane_mm": 2.0, "slice_mm": 9.0, "axcodes": "LPS"}]
+    >>> merge(summarize(a), summarize(b)) == summarize(a + b)
+    True
+    >>> merge(summarize(a), summarize(b))
+    {'n_frames': 3, 'inplane_mm': [1.2, 2.0], 'slice_mm': [9.0, 9.0], 'axcodes': ['LPS', 'RAS']}
+    """
+    out: dict[str, Any] = {"n_frames": sum(int(r.get("n_frames", 0)) for r in references)}
+    for key in FEATURES:
+        ranges = [r[key] for r in references if r.get(key) is not None]
+        if ranges:
+            out[key] = [min(float(lo) for lo, _ in ranges), max(float(hi) for _, hi in ranges)]
+    codes = sorted({c for r in references for c in r.get("axcodes") or []})
+    if codes:
+        out["axcodes"] = codes
+    return out
 
 
 def _fmt(v: float, spec: str) -> str:

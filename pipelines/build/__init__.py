@@ -125,8 +125,9 @@ class _Build:
             result.seconds = time.perf_counter() - self.t0
             return result
         damaged = bool(self._damaged_groups) or index.unreadable
+        base_key = _current_key(current)
         unchanged = not todo and cases and not damaged and (
-            _build_key(phash, [keys[c.case_id] for c in cases]) == _current_key(current))
+            _build_key(phash, [keys[c.case_id] for c in cases]) == base_key)
         client = self._client() if not unchanged else None
         try:
             outcomes = self._process(cases, todo, keys, digests, index, plan, phash, client)
@@ -150,7 +151,7 @@ class _Build:
                 result.warnings.extend(entry.get("warnings") or [])
             build_key = _build_key(phash, [e["key"] for e in entries])
             result.n_slices = int(sum(e["n_slices"] for e in entries))
-            if build_key == _current_key(current) and not damaged:
+            if build_key == base_key and not damaged:
                 log.info("store is up to date (%d cases); nothing to publish", len(entries))
             else:
                 self._publish(entries, plan, build_key, current, index, client)
@@ -162,7 +163,7 @@ class _Build:
         if result.published and cfg.report:
             self._report(plan)
             self.runlog.event("report", seconds=round(time.perf_counter() - self.t0, 3))
-        self._fingerprint(entries, plan)
+        self._fingerprint(entries, plan, build_key, base_key, set(index.case_ids))
         result.seconds = time.perf_counter() - self.t0
         result.client_cpu_s = round(time.process_time() - self.cpu0, 3)
         result.client_main_thread_cpu_s = round(time.thread_time() - self.thread_cpu0, 3)
@@ -406,39 +407,63 @@ class _Build:
             log.warning("QC report failed (%s: %s); the store is published, the previous report kept",
                         type(exc).__name__, exc)
 
-    def _fingerprint(self, entries: list[dict[str, Any]], plan: Plan) -> None:
-        """``OUT/fingerprint.json``, updated for the cases processed now.
+    def _fingerprint(self, entries: list[dict[str, Any]], plan: Plan, build_key: str,
+                     base_key: str | None, old_ids: set[str]) -> None:
+        """``OUT/fingerprint.json``: the dataset's acquisition ranges, updated for what changed.
 
-        Besides the per-case fingerprints it holds ``shift_reference``
-        (:func:`cmrprep.shift.summarize` of every frame): the ranges a model trained
-        on this store compares new inputs with (copied into the training run).
-        The new cases' fingerprints arrive as JSON text and are written as they are.
+        It holds ``shift_reference`` (:func:`cmrprep.shift.summarize` of every
+        frame's shift features: the ranges a model trained on this store compares
+        new inputs with, copied into the training run), ``target_spacing``,
+        ``n_cases`` and the ``build_key`` of the store version it describes.  Each
+        case's own fingerprint (spacing, shape, intensity percentiles, class
+        voxel counts, shift features) is in its store record
+        (:func:`pipelines.build.store.read_records`), not here: this file stays
+        the same size however many cases the store holds.
+
+        When the run only added cases to the version the file describes, the new
+        cases' frames are merged into the reference (:func:`cmrprep.shift.merge`,
+        work proportional to the new cases); after a removal, a changed case, a
+        new plan or without a valid file, it is summarized again from every
+        record of the published version.
         """
-        from cmrprep.shift import summarize
+        from cmrprep.shift import merge, summarize
 
         path = self.out / "fingerprint.json"
         try:
-            previous = json.loads(path.read_text()).get("cases", {})
-        except (OSError, ValueError, AttributeError):
+            previous = json.loads(path.read_text())
+        except (OSError, ValueError):
+            previous = None
+        if not isinstance(previous, dict):
             previous = {}
-        texts, frames, records = [], [], None
-        for e in entries:  # store order: sorted case ids, as sort_keys would write them
-            text = e.get("fingerprint_json")
-            fp = json.loads(text) if text is not None else previous.get(e["case_id"])
-            if fp is None:  # fingerprint.json lost: the store's records have it
-                if records is None:
-                    from pipelines.build.store import read_records
+        if previous.get("build_key") == build_key and isinstance(previous.get("shift_reference"), dict):
+            return  # nothing changed since it was written
+        new = [e for e in entries if e["source"] != "store"]
+        additions_only = (base_key is not None and previous.get("build_key") == base_key
+                          and isinstance(previous.get("shift_reference"), dict)
+                          and not self.result.full_rebuild and not self.result.repaired
+                          and bool(old_ids)
+                          # every stored case is still there, and each one processed now is new
+                          and len(entries) == len(old_ids) + len(new)
+                          and not any(e["case_id"] in old_ids for e in new)
+                          and all(e.get("fingerprint_json") for e in new))
+        if additions_only:
+            frames = [f for e in new for f in _shift_frames(json.loads(e["fingerprint_json"]))]
+            reference = merge(previous["shift_reference"], summarize(frames))
+        else:
+            from pipelines.build.store import read_records
 
-                    records = {c["case_id"]: c for c in read_records(self.out / "store.zarr")[0]}
-                fp = records[e["case_id"]]["fingerprint"]
-            if text is None:
-                text = json.dumps(fp, sort_keys=True)
-            texts.append(f"{json.dumps(e['case_id'])}: {text}")
-            frames.extend(f["shift"] for f in (fp if isinstance(fp, list) else [fp])
-                          if isinstance(f, dict) and f.get("shift"))
-        rest = json.dumps({"shift_reference": summarize(frames), "target_spacing": plan.target_spacing},
-                          sort_keys=True)
-        incremental.atomic_write_text(path, '{"cases": {' + ", ".join(texts) + "}, " + rest[1:] + "\n")
+            records = read_records(self.out / "store.zarr")[0]
+            reference = summarize(f for r in records for f in _shift_frames(r.get("fingerprint")))
+        _write_json(path, {"build_key": build_key, "n_cases": len(entries),
+                           "shift_reference": reference, "target_spacing": plan.target_spacing,
+                           "per_case": "each case's fingerprint is in its store record "
+                                       "(pipelines.build.store.read_records)"})
+
+
+def _shift_frames(fingerprint: Any) -> list[dict[str, Any]]:
+    """The shift features of a case's fingerprint (a list of frames, or one frame)."""
+    frames = fingerprint if isinstance(fingerprint, list) else [fingerprint]
+    return [f["shift"] for f in frames if isinstance(f, dict) and f.get("shift")]
 
 
 def _units(cases: list[CaseSpec], todo: dict[str, tuple], mean_cases: int

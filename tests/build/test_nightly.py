@@ -379,3 +379,44 @@ def test_a_torn_staged_case_is_processed_again(pool, tmp_path, monkeypatch):
     res = build(BuildConfig(raw, out, workers=0, progress=False, report=False))
     assert res.published and len(res.processed) == 1 and not res.quarantined
     assert incremental.read_staged_meta(out / "staging", staged[0].stem) is None
+
+
+def _shift_reference(out: Path) -> dict:
+    return json.loads((out / "fingerprint.json").read_text())["shift_reference"]
+
+
+def _recomputed(out: Path) -> dict:
+    from cmrprep.shift import summarize
+    from pipelines.build.store import read_records
+
+    return summarize(f["shift"] for r in read_records(out / "store.zarr")[0] for f in r["fingerprint"])
+
+
+def test_fingerprint_reference_follows_additions_and_removals(pool, reference, tmp_path, monkeypatch):
+    """fingerprint.json stays one dataset summary: an added case is merged in without reading
+    the stored cases' records; a removal summarizes the records again."""
+    from pipelines.build import store
+
+    raw = _raw(pool, tmp_path / "raw", [1, 2, 3])
+    out = tmp_path / "out"
+    build(BuildConfig(raw, out, workers=0, progress=False))
+    first = json.loads((out / "fingerprint.json").read_text())
+    assert "cases" not in first and first["n_cases"] == 3 and first["shift_reference"]["n_frames"] == 6
+    _raw(pool, raw, [4])
+
+    def no_records(*args):
+        raise AssertionError("an addition should not read every stored record")
+
+    with monkeypatch.context() as m:
+        m.setattr(store, "read_records", no_records)
+        build(BuildConfig(raw, out, workers=0, progress=False))
+    merged = _shift_reference(out)
+    assert merged == _recomputed(out) == _shift_reference(reference["out"])
+    shutil.rmtree(raw / "patient001")
+    build(BuildConfig(raw, out, workers=0, progress=False))
+    assert _shift_reference(out) == _recomputed(out)
+    assert _shift_reference(out)["n_frames"] == 6
+    # an older file (per-case fingerprints, no build key) is replaced by the summary on the next run
+    (out / "fingerprint.json").write_text(json.dumps({"cases": {}, "shift_reference": {"n_frames": 0}}))
+    build(BuildConfig(raw, out, workers=0, progress=False))
+    assert _shift_reference(out) == _recomputed(out)
