@@ -420,11 +420,13 @@ class _Build:
         (:func:`pipelines.build.store.read_records`), not here: this file stays
         the same size however many cases the store holds.
 
-        When the run only added cases to the version the file describes, the new
-        cases' frames are merged into the reference (:func:`cmrprep.shift.merge`,
-        work proportional to the new cases); after a removal, a changed case, a
-        new plan or without a valid file, it is summarized again from every
-        record of the published version.
+        A first build (or a full rebuild) summarizes the frames its workers
+        returned.  When the run only added cases to the version the file
+        describes, the new cases' frames are merged into the reference
+        (:func:`cmrprep.shift.merge`, work proportional to the new cases);
+        after a removal, a changed case or without a valid file, it is
+        summarized again from every record of the published version, read one
+        group at a time.
         """
         from cmrprep.shift import merge, summarize
 
@@ -444,16 +446,17 @@ class _Build:
                           and bool(old_ids)
                           # every stored case is still there, and each one processed now is new
                           and len(entries) == len(old_ids) + len(new)
-                          and not any(e["case_id"] in old_ids for e in new)
-                          and all(e.get("fingerprint_json") for e in new))
-        if additions_only:
+                          and not any(e["case_id"] in old_ids for e in new))
+        if all(e.get("fingerprint_json") for e in new) and (additions_only or len(new) == len(entries)):
             frames = [f for e in new for f in _shift_frames(json.loads(e["fingerprint_json"]))]
-            reference = merge(previous["shift_reference"], summarize(frames))
-        else:
-            from pipelines.build.store import read_records
+            reference = summarize(frames)
+            if additions_only:
+                reference = merge(previous["shift_reference"], reference)
+        else:  # a removal or a changed case: every case's record, read one group at a time
+            from pipelines.build.store import iter_records
 
-            records = read_records(self.out / "store.zarr")[0]
-            reference = summarize(f for r in records for f in _shift_frames(r.get("fingerprint")))
+            reference = summarize(f for r in iter_records(self.out / "store.zarr")
+                                  for f in _shift_frames(r.get("fingerprint")))
         _write_json(path, {"build_key": build_key, "n_cases": len(entries),
                            "shift_reference": reference, "target_spacing": plan.target_spacing,
                            "per_case": "each case's fingerprint is in its store record "

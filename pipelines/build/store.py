@@ -33,7 +33,7 @@ import logging
 import os
 import platform
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import zarr
@@ -812,17 +812,22 @@ def read_records(store_path: str | Path) -> tuple[list[dict[str, Any]], list[dic
     Each case record has ``frames``: the indices of its frames in the returned
     ``frames`` list (the values of the ``frame_index`` array).
     """
+    cases, frames = [], []
+    for rec in iter_records(store_path):
+        first = len(frames)
+        frames.extend(rec["frames"])
+        cases.append({**{k: v for k, v in rec.items() if k != "frames"},
+                      "frames": list(range(first, len(frames)))})
+    return cases, frames
+
+
+def iter_records(store_path: str | Path) -> Iterator[dict[str, Any]]:
+    """The case records of a store version in store order, one group's file read at a time
+    (what the caller keeps of each is all that stays in memory)."""
     path = Path(store_path).resolve()
     meta = json.loads((path / "case_table" / "zarr.json").read_text())["attributes"]
-    cases, frames = [], []
     for gkey, *_ in meta["groups"]:
-        attrs = json.loads((path / "records" / gkey / "zarr.json").read_text())["attributes"]
-        for rec in attrs["cases"]:
-            first = len(frames)
-            frames.extend(rec["frames"])
-            cases.append({**{k: v for k, v in rec.items() if k != "frames"},
-                          "frames": list(range(first, len(frames)))})
-    return cases, frames
+        yield from json.loads((path / "records" / gkey / "zarr.json").read_text())["attributes"]["cases"]
 
 
 def provenance(plan: Plan, build_id: str) -> dict[str, Any]:
