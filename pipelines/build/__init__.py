@@ -94,7 +94,7 @@ class _Build:
         current = outdir.current_version(out)
         index = incremental.StoreIndex(current)
         self._damaged_groups = self._verify(index)
-        digest_index = incremental.DigestIndex(self.state / "digests.json")
+        digest_index = incremental.DigestIndex(self.state)
         headers, digests = incremental.survey(disc.cases, digest_index)
         if not headers:  # an empty or unmounted RAW, or every case unreadable: change nothing
             raise ConfigError(_nothing_usable(result.quarantined, self.raw))
@@ -179,22 +179,22 @@ class _Build:
     def _discover(self):
         """Find the cases; metadata files unchanged since the last build are not read again.
 
-        ``OUT/state/discovery.json`` keeps what discovery read (``Info.cfg``, the
-        M&Ms CSV, ``dataset.json``, DICOM headers) by the files' stat stamps
-        (:class:`~pipelines.ingest.readcache.ReadCache`): with the digest index,
-        an unchanged re-run opens no input file.
+        ``OUT/state/discovery-v<FORMAT>/`` keeps what discovery read
+        (``Info.cfg``, the M&Ms CSV, ``dataset.json``, DICOM headers) by the
+        files' stat stamps (:class:`~pipelines.ingest.readcache.ReadCache`, kept
+        as an :class:`~pipelines.build.incremental.JsonBuckets` map, so a run
+        rewrites only the entries that changed): with the digest index, an
+        unchanged re-run opens no input file.  The single ``discovery.json``
+        of earlier versions is removed (its reads are made once more).
         """
-        from pipelines.ingest.readcache import ReadCache
+        from pipelines.ingest.readcache import FORMAT, ReadCache
 
-        path = self.state / "discovery.json"
-        try:
-            cache = ReadCache.from_json(path.read_text())
-        except OSError:
-            cache = ReadCache()
+        buckets = incremental.JsonBuckets(self.state / f"discovery-v{FORMAT}")
+        cache = ReadCache(buckets.load())
         disc = self.cfg.discovery.discover(self.raw, read_cache=cache)
         if cache.changed and not self.cfg.dry_run:
-            self.state.mkdir(parents=True, exist_ok=True)
-            incremental.atomic_write_text(path, cache.to_json())
+            buckets.save(cache.entries)
+            (self.state / "discovery.json").unlink(missing_ok=True)
         log.debug("discovery: %d metadata reads reused, %d read", cache.hits, cache.misses)
         return disc
 

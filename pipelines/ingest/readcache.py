@@ -6,8 +6,8 @@ series.  At thousands of cases those reads are most of what an unchanged
 re-run of the build would read.  :class:`ReadCache` remembers each result with
 the :func:`file_stamp` of the file(s) it came from; while the stamp is the same
 the result is taken from the cache and the file is not opened (one ``stat``
-instead).  The build keeps it in ``OUT/state/discovery.json``, so a no-op
-re-run reads no input file; every other caller of
+instead).  The build keeps its :attr:`~ReadCache.entries` in
+``OUT/state/discovery-v1/``, so a no-op re-run reads no input file; every other caller of
 :func:`pipelines.ingest.discover` passes none and reads as before.
 
 Results must be JSON values (they are stored as JSON; no pickle).  A reader
@@ -113,6 +113,12 @@ class ReadCache:
     def changed(self) -> bool:
         """True when this run read a file or stopped using an entry (the stored cache is stale)."""
         return self.misses > 0 or len(self._used) != len(self._old)
+
+    @property
+    def entries(self) -> dict[str, list[Any]]:
+        """The entries used in this run, ``{kind + "\\0" + path: [stamps, value]}`` (files no
+        longer read drop out): what a later run's cache starts from."""
+        return self._used
 
     def to_json(self) -> str:
         """The entries used in this run (files no longer read drop out)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -14,11 +15,11 @@ def test_digest_index_knows_the_digests_of_files_with_their_recorded_stamp(tmp_p
     a, b = tmp_path / "a.nii", tmp_path / "b.nii"
     a.write_bytes(b"x" * 100)
     b.write_bytes(b"y" * 100)
-    index = incremental.DigestIndex(tmp_path / "digests.json")
+    index = incremental.DigestIndex(tmp_path / "state")
     for f, entry in incremental.stamped_digests([str(a), str(b)]).items():
         index.record(f, entry)
     index.save()
-    again = incremental.DigestIndex(tmp_path / "digests.json")
+    again = incremental.DigestIndex(tmp_path / "state")
     d = incremental.file_digest(a)
     assert again.known([str(a)]) == {str(a): d}
     st = b.stat()
@@ -28,7 +29,44 @@ def test_digest_index_knows_the_digests_of_files_with_their_recorded_stamp(tmp_p
 
 def test_index_written_with_another_algorithm_is_ignored(tmp_path):
     (tmp_path / "digests.json").write_text('{"algorithm": "md5", "files": {"x": [1, 2, "d"]}}')
-    assert incremental.DigestIndex(tmp_path / "digests.json").known(["x"]) == {}
+    assert incremental.DigestIndex(tmp_path).known(["x"]) == {}
+
+
+def test_single_file_index_of_earlier_versions_is_taken_over_and_removed(tmp_path):
+    a = tmp_path / "a.nii"
+    a.write_bytes(b"x" * 10)
+    entry = incremental.stamped_digests([str(a)])[str(a)]
+    legacy = tmp_path / "state" / "digests.json"
+    legacy.parent.mkdir()
+    legacy.write_text(json.dumps({"algorithm": incremental.ALGORITHM, "files": {str(a): entry}}))
+    index = incremental.DigestIndex(tmp_path / "state")
+    assert index.known([str(a)]) == {str(a): entry[-1]}
+    index.save()
+    assert not legacy.exists()
+    assert incremental.DigestIndex(tmp_path / "state").known([str(a)]) == {str(a): entry[-1]}
+
+
+def test_json_buckets_rewrite_only_the_files_whose_entries_changed(tmp_path):
+    folder = tmp_path / "map"
+    entries = {f"/raw/patient{i:04d}/image.nii.gz": [i, i * 7, "d" * 32] for i in range(2000)}
+    assert incremental.JsonBuckets(folder).save(entries) == incremental.N_BUCKETS
+    before = {p.name: p.stat().st_ino for p in folder.iterdir()}
+    state = incremental.JsonBuckets(folder)
+    assert state.load() == entries
+    entries["/raw/patient9999/image.nii.gz"] = [1, 2, "e" * 32]  # one new entry
+    del entries["/raw/patient0001/image.nii.gz"]  # one gone
+    changed = {incremental.bucket_of("/raw/patient9999/image.nii.gz"),
+               incremental.bucket_of("/raw/patient0001/image.nii.gz")}
+    assert state.save(entries) == len(changed)
+    after = {p.name: p.stat().st_ino for p in folder.iterdir()}
+    assert {n[:-5] for n in after if after[n] != before.get(n)} == changed  # replaced files
+    assert incremental.JsonBuckets(folder).load() == entries
+    # a damaged file counts as empty: its entries are written again, the rest stand
+    damaged = folder / f"{incremental.bucket_of('/raw/patient0002/image.nii.gz')}.json"
+    damaged.write_text("{not json")
+    again = incremental.JsonBuckets(folder)
+    assert "/raw/patient0002/image.nii.gz" not in again.load()
+    assert again.save(entries) == 1 and incremental.JsonBuckets(folder).load() == entries
 
 
 def test_staged_entry_is_valid_only_when_complete(tmp_path):

@@ -118,14 +118,14 @@ sys.addaudithook(_audit)  # every Python-level open() in this process (audit hoo
 
 def test_unchanged_rerun_opens_no_file_under_raw_and_an_edited_info_cfg_is_read(reference, tmp_path):
     """Nothing under RAW is opened by a no-op re-run: not an image, not an ``Info.cfg``
-    (discovery's read cache, ``OUT/state/discovery.json``); an edited ``Info.cfg`` is read
+    (discovery's read cache, ``OUT/state/discovery-v1/``); an edited ``Info.cfg`` is read
     again, and nothing else is."""
     global _OPENED
     out = tmp_path / "out"
     shutil.copytree(reference["out"], out, symlinks=True)
     raw = str(reference["raw"])
     build(BuildConfig(reference["raw"], out, workers=0, progress=False))  # stamps as RAW is now
-    assert (out / "state" / "discovery.json").is_file()
+    assert list((out / "state" / "discovery-v1").glob("*.json"))
     _OPENED = []
     try:
         res = build(BuildConfig(reference["raw"], out, workers=0, progress=False))
