@@ -85,9 +85,11 @@ class JsonBuckets:
     nightly run that adds five.  Spread over files by a hash of the key,
     :meth:`save` rewrites only the files whose entries changed (adding 5 cases
     to 1,600 rewrites ~20 files of ~4 KB instead of 1 MB).  Each file is
-    replaced atomically and every entry carries the stamps that validate it,
+    replaced by a rename and every entry carries the stamps that validate it,
     so a run killed between two files leaves a state that is at worst stale
     (entries computed again), never wrong; an unreadable file counts as empty.
+    The files are not flushed (``fsync``): the map is a cache, and a file
+    a power cut leaves torn reads as empty.
 
     Examples
     --------
@@ -139,7 +141,7 @@ class JsonBuckets:
             path = self.folder / f"{name}.json"
             if new:
                 self.folder.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(path, json.dumps(new, sort_keys=True))
+                _replace_text(path, json.dumps(new, sort_keys=True))
             else:
                 path.unlink(missing_ok=True)
             self._stored[name] = new
@@ -242,6 +244,15 @@ def plan_hash(plan_dict: dict[str, Any]) -> str:
     """Stable hash of a plan dict."""
     blob = json.dumps(plan_dict, sort_keys=True)
     return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write text aside and rename it into place, without ``fsync``: for the files of a
+    :class:`JsonBuckets` cache, where a file lost or torn by a power cut reads as empty
+    (its entries are computed again), never as wrong entries; a first build writes 512 of them."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
