@@ -1,7 +1,7 @@
 """The build at scale: full builds of growing size, a nightly run adding a few cases, a no-op.
 
     python benchmarks/build_scale.py [--sizes 100,400,1600] [--add 5] [--draws 3] [--workers 2]
-                                     [--pool DIR] [--workdir /tmp/cmrprep-scale]
+                                     [--pool DIR] [--workdir /tmp/cmrprep-scale] [--copies K]
 
 ``--pool`` is an ACDC-layout folder with at least ``max(sizes) + add * draws`` cases
 (synthesized there when missing: ~4 minutes per 1,000 cases).  ``draws`` sets of ``add``
@@ -20,6 +20,9 @@ more through ``--scheduler`` to a copy of the ``--scheduler`` store, on the clus
 built it: a nightly job on a standing cluster, which starts no cluster and whose workers
 have imported their libraries already (checked against the ``--scheduler`` full build; the
 local figure stays the headline).  Last, the build is run once more with nothing changed.
+With ``--copies K``, a store of K renamed, hard-linked copies of the largest size's cases is
+built and gets the same draws and a no-op run: a nightly run's cost per stored case, measured
+over a K times larger store (``--copies 4``: 6,400 cases, ~10 minutes more).
 
 Printed per run: wall time, time per case, peak resident memory of the client process (its
 own high-water mark, from ``build_report.json``) and of the largest worker process (sampled
@@ -170,6 +173,37 @@ def _nightly(raw: Path, base: Path, night: Path, draws: list[list[Path]], worker
     return out
 
 
+def _copies(k: int, cases: list[Path], draws: list[list[Path]], work: Path, workers: int,
+            rows: dict) -> tuple[int, float]:
+    """A store of ``k`` renamed, hard-linked copies of ``cases`` (``patient{j}NNNN``, the files
+    renamed with the folder): a full build, the same nightly draws and a no-op re-run.  Returns
+    its size and the nightly run's seconds per stored case beyond the largest regular size."""
+    n = len(cases)
+    raw, out = work / f"raw{k * n}x", work / f"out{k * n}x"
+    if not raw.is_dir() or len(list(raw.iterdir())) != k * n:
+        shutil.rmtree(raw, ignore_errors=True)
+        raw.mkdir(parents=True)
+        for j in range(1, k + 1):
+            for case in cases:
+                new = f"patient{j * 10000 + int(case.name[len('patient'):])}"
+                (raw / new).mkdir()
+                for f in case.resolve().iterdir():
+                    os.link(f, raw / new / f.name.replace(case.name, new))
+    shutil.rmtree(out, ignore_errors=True)
+    big = k * n
+    rows[f"full {big}"] = run_build(raw, out, workers)
+    print(f"full build of {big} ({k} copies): {rows[f'full {big}']['seconds']:.1f} s", flush=True)
+    night = _nightly(raw, out, work / f"out{big}x-nightly", draws, workers, keep_last=True)
+    rows.update({f"add {len(draws[0])} to {big}, draw {d + 1}": r for d, r in enumerate(night)})
+    rows[f"no-op {big}"] = run_build(raw, work / f"out{big}x-nightly", workers)
+    for c in draws[-1]:
+        (raw / c.name).unlink()
+    mean = sum(r["seconds"] for r in night) / len(night)
+    base = [r for name, r in rows.items() if name.startswith(f"add {len(draws[0])}, draw")]
+    slope = (mean - sum(r["seconds"] for r in base) / len(base)) / (big - n)
+    return big, mean, slope
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the scale series and print the table (JSON beside the outputs)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -180,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pool", type=Path, default=None)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/cmrprep-scale"))
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--copies", type=int, default=0, metavar="K",
+                   help="also build K renamed, hard-linked copies of the largest size's cases "
+                        "(K x N cases) and add the same draws to it: how a nightly run's cost grows "
+                        "with the store (K=4 at 1,600: 6,400 cases, ~10 minutes more)")
     a = p.parse_args(argv)
     sizes = sorted(int(s) for s in a.sizes.split(","))
     work = a.workdir
@@ -231,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     nightly = _nightly(raw, out, night, draws, a.workers, keep_last=True)
     rows.update({f"add {a.add}, draw {d + 1}": r for d, r in enumerate(nightly)})
     rows["no-op re-run"] = run_build(raw, night, a.workers)
+    for c in draws[-1]:
+        (raw / c.name).unlink()
+    large = _copies(a.copies, base[:n], draws, work, a.workers, rows) if a.copies > 1 else None
     print(f"\n{'run':16s} {'cases':>6s} {'proc':>5s} {'s':>7s} {'ms/case':>8s} {'client MiB':>11s} "
           f"{'worker MiB':>11s} {'client CPU %':>13s} {'MiB written':>12s}")
     for name, r in rows.items():
@@ -269,6 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, value, op, target in checks:
         ok = value <= target
         print(f"{'PASS' if ok else 'MISS'}  {name}: {value:.4f} (target {op} {target})")
+    if large is not None:
+        big, mean, slope = large
+        fixed = add["seconds"] - slope * n
+        print(f"\nat {big} cases: adding {a.add} takes {mean:.1f} s, {mean / rows[f'full {big}']['seconds']:.2%} "
+              f"of the full build; a nightly run is ~{fixed:.1f} s plus {1000 * slope:.2f} ms per stored "
+              f"case (~{fixed + slope * 1e5:.0f} s at 100,000 subjects)")
     per_case = full["seconds"] / n
     speedup_bound = 1 / remote_share if remote_share > 0 else float("inf")
     version = (work / f"out{n}" / "store.zarr").resolve()
