@@ -174,10 +174,11 @@ def _nightly(raw: Path, base: Path, night: Path, draws: list[list[Path]], worker
 
 
 def _copies(k: int, cases: list[Path], draws: list[list[Path]], work: Path, workers: int,
-            rows: dict) -> tuple[int, float]:
+            rows: dict) -> tuple[int, float, float]:
     """A store of ``k`` renamed, hard-linked copies of ``cases`` (``patient{j}NNNN``, the files
     renamed with the folder): a full build, the same nightly draws and a no-op re-run.  Returns
-    its size and the nightly run's seconds per stored case beyond the largest regular size."""
+    its size, its nightly runs' mean seconds and the seconds per stored case beyond the largest
+    regular size."""
     n = len(cases)
     raw, out = work / f"raw{k * n}x", work / f"out{k * n}x"
     if not raw.is_dir() or len(list(raw.iterdir())) != k * n:

@@ -437,11 +437,11 @@ class _Build:
             previous = None
         if not isinstance(previous, dict):
             previous = {}
-        if previous.get("build_key") == build_key and isinstance(previous.get("shift_reference"), dict):
+        known = isinstance(previous.get("shift_reference"), dict)
+        if known and previous.get("build_key") == build_key:
             return  # nothing changed since it was written
         new = [e for e in entries if e["source"] != "store"]
-        additions_only = (base_key is not None and previous.get("build_key") == base_key
-                          and isinstance(previous.get("shift_reference"), dict)
+        additions_only = (known and base_key is not None and previous.get("build_key") == base_key
                           and not self.result.full_rebuild and not self.result.repaired
                           and bool(old_ids)
                           # every stored case is still there, and each one processed now is new

@@ -141,7 +141,7 @@ class JsonBuckets:
             path = self.folder / f"{name}.json"
             if new:
                 self.folder.mkdir(parents=True, exist_ok=True)
-                _replace_text(path, json.dumps(new, sort_keys=True))
+                atomic_write_text(path, json.dumps(new, sort_keys=True), fsync=False)
             else:
                 path.unlink(missing_ok=True)
             self._stored[name] = new
@@ -246,22 +246,20 @@ def plan_hash(plan_dict: dict[str, Any]) -> str:
     return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
 
 
-def _replace_text(path: Path, text: str) -> None:
-    """Write text aside and rename it into place, without ``fsync``: for the files of a
-    :class:`JsonBuckets` cache, where a file lost or torn by a power cut reads as empty
-    (its entries are computed again), never as wrong entries; a first build writes 512 of them."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def atomic_write_text(path: Path, text: str, *, fsync: bool = True) -> None:
+    """Write text through a temporary file and rename it into place (atomic on POSIX).
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text through a temporary file, fsync and rename (atomic on POSIX)."""
+    ``fsync=False`` skips the flush before the rename: for the files of a
+    :class:`JsonBuckets` cache, where a file lost or torn by a power cut reads as
+    empty (its entries are computed again), never as wrong entries; a first build
+    writes 512 of them.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as fh:
         fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
+        if fsync:
+            fh.flush()
+            os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
