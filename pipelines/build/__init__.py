@@ -77,6 +77,7 @@ class _Build:
         self.result = BuildResult(out=self.out)
         self._stack, self._client_ = ExitStack(), None
         self._header_problems: list[dict[str, Any]] = []
+        self._shift = _ShiftFold()
 
     def run(self) -> BuildResult:
         from pipelines.build.report import remove_stale
@@ -147,6 +148,7 @@ class _Build:
                 raise ConfigError(_nothing_usable(result.quarantined, self.raw))
             result.n_cases = len(entries)  # the cases in the store (quarantined ones are listed apart)
             result.processed = [c.case_id for c in todo if c.case_id in done]
+            del outcomes, done  # the entries hold what publishing needs of each case
             for entry in entries:
                 result.warnings.extend(entry.get("warnings") or [])
             build_key = _build_key(phash, [e["key"] for e in entries])
@@ -271,6 +273,7 @@ class _Build:
         def note(res: dict) -> None:  # a failed task's cases are logged once their fate is known
             self.runlog.events("case", [{"case_id": case.get("case_id"), "ok": case.get("ok")}
                                         for case in res.get("cases", [])])
+            self._shift.add(res.get("cases", []))
 
         results = map_tasks(process_cases, [item(unit, whole) for unit, whole in units],
                             client=client, retries=self.cfg.retries, progress=self.cfg.progress,
@@ -349,16 +352,19 @@ class _Build:
         entries = []
         for case in cases:
             cid = case.case_id
-            hashes = incremental.known_digests(case.to_dict(), digests)
-            base = {"case_id": cid, "key": keys[cid], "hashes": hashes, "patient": case.patient_id}
+            base = {"case_id": cid, "key": keys[cid], "patient": case.patient_id}
             if cid in done or cid in staged:
                 src = done.get(cid) or staged[cid]
-                fp = src.get("fingerprint_json")
-                if fp is None and src.get("fingerprint") is not None:  # staged by an interrupted build
-                    fp = json.dumps(src["fingerprint"], sort_keys=True)
-                entries.append({**base, "source": "fragment" if src.get("fragment") else "staged",
-                                **{k: src[k] for k in SUMMARY_FIELDS}, "fingerprint_json": fp,
-                                "fragment": src.get("fragment")})
+                entry = {**base, "source": "fragment" if src.get("fragment") else "staged",
+                         **{k: src[k] for k in SUMMARY_FIELDS}, "fragment": src.get("fragment")}
+                if entry["source"] == "staged":  # its record is written at publishing
+                    entry["hashes"] = incremental.known_digests(case.to_dict(), digests)
+                if cid not in self._shift.case_ids:  # staged by an interrupted build
+                    fp = src.get("fingerprint_json")
+                    if fp is None and src.get("fingerprint") is not None:
+                        fp = json.dumps(src["fingerprint"], sort_keys=True)
+                    entry["fingerprint_json"] = fp
+                entries.append(entry)
             else:
                 entries.append({**base, "source": "store", **old.summary(cid)})
         return entries
@@ -420,13 +426,13 @@ class _Build:
         (:func:`pipelines.build.store.read_records`), not here: this file stays
         the same size however many cases the store holds.
 
-        A first build (or a full rebuild) summarizes the frames its workers
-        returned.  When the run only added cases to the version the file
-        describes, the new cases' frames are merged into the reference
-        (:func:`cmrprep.shift.merge`, work proportional to the new cases);
-        after a removal, a changed case or without a valid file, it is
-        summarized again from every record of the published version, read one
-        group at a time.
+        A first build (or a full rebuild) uses the reference folded from its
+        workers' results as they arrived (:class:`_ShiftFold`).  When the run
+        only added cases to the version the file describes, that reference of
+        the new cases is merged into the file's (:func:`cmrprep.shift.merge`,
+        work proportional to the new cases); after a removal, a changed case
+        or without a valid file, it is summarized again from every record of
+        the published version, read one group at a time.
         """
         from cmrprep.shift import merge, summarize
 
@@ -447,9 +453,16 @@ class _Build:
                           # every stored case is still there, and each one processed now is new
                           and len(entries) == len(old_ids) + len(new)
                           and not any(e["case_id"] in old_ids for e in new))
-        if all(e.get("fingerprint_json") for e in new) and (additions_only or len(new) == len(entries)):
-            frames = [f for e in new for f in _shift_frames(json.loads(e["fingerprint_json"]))]
-            reference = summarize(frames)
+        folded = self._shift
+        rest = [e for e in new if e["case_id"] not in folded.case_ids]  # staged earlier
+        exact = (folded.case_ids <= {e["case_id"] for e in new}
+                 and all(e.get("fingerprint_json") for e in rest))
+        if exact and (additions_only or len(new) == len(entries)):
+            parts = [folded.reference] if folded.reference is not None else []
+            if rest or not parts:
+                parts.append(summarize(f for e in rest
+                                       for f in _shift_frames(json.loads(e["fingerprint_json"]))))
+            reference = merge(*parts)
             if additions_only:
                 reference = merge(previous["shift_reference"], reference)
         else:  # a removal or a changed case: every case's record, read one group at a time
@@ -461,6 +474,45 @@ class _Build:
                            "shift_reference": reference, "target_spacing": plan.target_spacing,
                            "per_case": "each case's fingerprint is in its store record "
                                        "(pipelines.build.store.read_records)"})
+
+
+class _ShiftFold:
+    """The shift reference of the cases processed in this run, folded in as results arrive.
+
+    Each case's fingerprint (~1 KB of JSON) is read once, when its task's result
+    comes back, and dropped: the client keeps one reference and the ids folded
+    into it, not every new case's fingerprint until the end of the run.  The
+    fold is exact (:func:`cmrprep.shift.merge`), so it equals summarizing every
+    frame at the end.
+
+    Examples
+    --------
+    >>> fold = _ShiftFold()
+    >>> fold.add([{"case_id": "a", "ok": True,
+    ...            "fingerprint_json": '[{"shift": {"inplane_mm": 1.5}}]'},
+    ...           {"case_id": "b", "ok": False}])
+    >>> fold.reference, fold.case_ids
+    ({'n_frames': 1, 'inplane_mm': [1.5, 1.5]}, {'a'})
+    """
+
+    def __init__(self) -> None:
+        self.reference: dict[str, Any] | None = None
+        self.case_ids: set[str] = set()
+
+    def add(self, results: list[dict[str, Any]]) -> None:
+        """Fold the fingerprints of ``results`` (case results of one task) and drop them."""
+        from cmrprep.shift import merge, summarize
+
+        frames, ids = [], []
+        for res in results:
+            text = res.pop("fingerprint_json", None)
+            if res.get("ok") and text is not None:
+                frames.extend(_shift_frames(json.loads(text)))
+                ids.append(res["case_id"])
+        if ids:
+            part = summarize(frames)
+            self.reference = part if self.reference is None else merge(self.reference, part)
+            self.case_ids.update(ids)
 
 
 def _shift_frames(fingerprint: Any) -> list[dict[str, Any]]:

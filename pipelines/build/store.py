@@ -314,8 +314,9 @@ def write_version(path: Path, previous: Path | None, staging: Path, cases: list[
     staging : Path
         Folder of the cases staged by this or an interrupted build.
     cases : list of dict
-        Per case, in store order: ``case_id``, ``key``, ``source`` (``"staged"``
-        or ``"store"``), ``hashes`` (input digests), ``old_first_slice`` for
+        Per case, in store order: ``case_id``, ``key``, ``source`` (``"staged"``,
+        ``"fragment"`` or ``"store"``), ``hashes`` (input digests, for a staged
+        case: its record is written here), ``old_first_slice`` for
         cases in ``previous``, and the summary of
         :func:`pipelines.build.tasks.case_summary` plus ``warnings``.
     old_groups : dict, optional

@@ -266,6 +266,10 @@ def test_sigkill_then_rerun_equals_uninterrupted_build(reference, tmp_path, dela
     assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
     _assert_same(_snapshot(out), reference["snap"])
     assert not list((out / "versions").glob(".tmp-*"))
+    # the cases staged before the kill and those processed now make the same shift reference
+    shift = [json.loads((o / "fingerprint.json").read_text())["shift_reference"]
+             for o in (out, reference["out"])]
+    assert shift[0] == shift[1] and shift[0]["n_frames"] == 8
 
 
 def test_empty_raw_is_refused_and_changes_nothing(reference, tmp_path):
