@@ -362,8 +362,8 @@ class _Build:
                 if cid not in self._shift.case_ids:  # staged by an interrupted build
                     fp = src.get("fingerprint_json")
                     if fp is None and src.get("fingerprint") is not None:
-                        fp = json.dumps(src["fingerprint"], sort_keys=True)
-                    entry["fingerprint_json"] = fp
+                        fp = json.dumps(src["fingerprint"])
+                    self._shift.add([{"case_id": cid, "ok": True, "fingerprint_json": fp}])
                 entries.append(entry)
             else:
                 entries.append({**base, "source": "store", **old.summary(cid)})
@@ -427,7 +427,8 @@ class _Build:
         the same size however many cases the store holds.
 
         A first build (or a full rebuild) uses the reference folded from its
-        workers' results as they arrived (:class:`_ShiftFold`).  When the run
+        workers' results as they arrived and from the cases an interrupted
+        build had staged (:class:`_ShiftFold`).  When the run
         only added cases to the version the file describes, that reference of
         the new cases is merged into the file's (:func:`cmrprep.shift.merge`,
         work proportional to the new cases); after a removal, a changed case
@@ -453,16 +454,10 @@ class _Build:
                           # every stored case is still there, and each one processed now is new
                           and len(entries) == len(old_ids) + len(new)
                           and not any(e["case_id"] in old_ids for e in new))
-        folded = self._shift
-        rest = [e for e in new if e["case_id"] not in folded.case_ids]  # staged earlier
-        exact = (folded.case_ids <= {e["case_id"] for e in new}
-                 and all(e.get("fingerprint_json") for e in rest))
-        if exact and (additions_only or len(new) == len(entries)):
-            parts = [folded.reference] if folded.reference is not None else []
-            if rest or not parts:
-                parts.append(summarize(f for e in rest
-                                       for f in _shift_frames(json.loads(e["fingerprint_json"]))))
-            reference = merge(*parts)
+        folded = self._shift  # exactly the new cases, unless one had no fingerprint
+        if (folded.case_ids == {e["case_id"] for e in new}
+                and (additions_only or len(new) == len(entries))):
+            reference = folded.reference or summarize([])
             if additions_only:
                 reference = merge(previous["shift_reference"], reference)
         else:  # a removal or a changed case: every case's record, read one group at a time
