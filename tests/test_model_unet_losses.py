@@ -12,7 +12,7 @@ import keras
 from cmrprep.plan import ConfigError
 from model.losses import DiceCE, SoftDice, WeightedCrossEntropy, make_loss
 from model.metrics import DiceAccumulator, confusion_counts, dice_from_confusion, mean_dice
-from model.unet import build_unet
+from model.unet import build_unet, channels_last
 
 
 def _labels(shape=(2, 8, 8), seed=0):
@@ -22,8 +22,14 @@ def _labels(shape=(2, 8, 8), seed=0):
 def test_unet_shapes_and_logits_layer():
     net = build_unet((32, 32, 1), filters=(8, 16, 32))
     assert net.output_shape == (None, 32, 32, 4)
-    assert net.layers[-1].name == "logits"
-    assert net.layers[-1].activation.__name__ == "linear"
+    assert net.get_layer("logits").activation.__name__ == "linear"
+    # the tests run on PyTorch: channels-first inside, channels-last at both ends
+    assert net.get_layer("enc0_conv1").data_format == "channels_first"
+    assert [layer.name for layer in net.layers[-2:]] == ["logits", "to_channels_last"]
+    plain = build_unet((32, 32, 1), filters=(8, 16, 32), data_format="channels_last")
+    assert plain.layers[-1].name == "logits" and "to_channels_first" not in [l.name for l in plain.layers]
+    with pytest.raises(ConfigError, match="data_format"):
+        build_unet((32, 32, 1), filters=(8, 16), data_format="NCHW")
     deep = build_unet((32, 32, 1), filters=(8, 16, 32, 64), filter_scale=0.5, depth=3,
                       upsampling="transpose", batch_norm=True)
     assert deep.get_layer("bottleneck_conv1").filters == 16
@@ -157,3 +163,30 @@ def test_accumulator_pred_fg_and_ce():
     r = acc.result()
     assert r["pred_fg"] == 0.0 and r["ce"] == pytest.approx(math.log(4))
     assert all(np.isnan(r[k]) for k in ("dice_rv", "dice_myo", "dice_lv"))
+
+
+@pytest.mark.parametrize("norm,upsampling,output", [("instance", "upsample", "logits"),
+                                                    ("batch", "transpose", "softmax"),
+                                                    ("none", "upsample", "softmax")])
+def test_unet_layouts_compute_the_same_network(norm, upsampling, output):
+    """Channels-first inside (PyTorch's native layout) changes speed, not the function."""
+    x = np.random.default_rng(4).normal(size=(2, 32, 32, 1)).astype(np.float32)
+    first = build_unet((32, 32, 1), filters=(8, 16, 32), norm=norm, upsampling=upsampling,
+                       output=output, data_format="channels_first")
+    last = build_unet((32, 32, 1), filters=(8, 16, 32), norm=norm, upsampling=upsampling,
+                      output=output, data_format="channels_last")
+    last.set_weights(first.get_weights())  # the same shapes in either layout
+    ref = np.asarray(first.predict(x, verbose=0))
+    np.testing.assert_allclose(np.asarray(last.predict(x, verbose=0)), ref, atol=1e-5)
+    converted = channels_last(first)
+    assert converted.get_layer("dec0_conv2").data_format == "channels_last"
+    np.testing.assert_allclose(np.asarray(converted.predict(x, verbose=0)), ref, atol=1e-5)
+    assert channels_last(last) is last  # nothing to convert
+
+
+def test_channels_last_leaves_a_users_channels_first_model_alone():
+    """Only build_unet's own layout layers mark a network it may rewrite."""
+    inp = keras.Input((4, 16, 16))
+    out = keras.layers.Conv2D(2, 3, padding="same", data_format="channels_first")(inp)
+    net = keras.Model(inp, out)
+    assert channels_last(net) is net
