@@ -119,7 +119,7 @@ def test_local_cluster_is_private_tls_and_serves_no_http():
     from distributed import Client
     from distributed.security import Security
 
-    from pipelines.build.cluster import dask_client
+    from pipelines.build.cluster import dask_client, temporary_security
 
     with dask_client(2) as client:
         address = client.scheduler.address
@@ -133,7 +133,7 @@ def test_local_cluster_is_private_tls_and_serves_no_http():
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=3)
         port = address.rsplit(":", 1)[1]
         for addr, security in ((f"tcp://127.0.0.1:{port}", None), (address, None),
-                               (address, Security.temporary())):
+                               (address, Security.temporary()), (address, temporary_security())):
             with pytest.raises(Exception):
                 Client(addr, security=security, timeout="3s")
         assert client.submit(sum, [1, 2], pure=False).result() == 3  # the build's own client works
