@@ -135,24 +135,17 @@ def channels_last(net: keras.Model) -> keras.Model:
     if _TO_FIRST not in {layer.name for layer in net.layers}:
         return net  # channels-last already, or not a network of build_unet's: left as it is
     config = net.get_config()
-    changed = False
     for layer in config["layers"]:
         cfg = layer["config"]
+        layer.pop("build_config", None)  # channels-first shapes; each layer is built on its call
         if layer["class_name"] == "Permute" and cfg.get("name") in (_TO_FIRST, _TO_LAST):
             layer["class_name"], layer["module"], layer["registered_name"] = "Identity", "keras.layers", None
             layer["config"] = {k: cfg[k] for k in ("name", "trainable", "dtype") if k in cfg}
-            changed = True
         elif cfg.get("data_format") == "channels_first":
             cfg["data_format"] = "channels_last"
-            changed = True
         elif layer["class_name"] in ("GroupNormalization", "BatchNormalization", "Concatenate") \
                 and cfg.get("axis") == 1:
             cfg["axis"] = -1
-            changed = True
-    if not changed:
-        return net
-    for layer in config["layers"]:
-        layer.pop("build_config", None)  # channels-first shapes; each layer is built on its call
     same = keras.Model.from_config(config, custom_objects={"ChannelSoftmax": ChannelSoftmax})
     same.set_weights(net.get_weights())
     return same

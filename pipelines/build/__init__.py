@@ -360,10 +360,9 @@ class _Build:
                 if entry["source"] == "staged":  # its record is written at publishing
                     entry["hashes"] = incremental.known_digests(case.to_dict(), digests)
                 if cid not in self._shift.case_ids:  # staged by an interrupted build
-                    fp = src.get("fingerprint_json")
-                    if fp is None and src.get("fingerprint") is not None:
-                        fp = json.dumps(src["fingerprint"])
-                    self._shift.add([{"case_id": cid, "ok": True, "fingerprint_json": fp}])
+                    self._shift.add([{"case_id": cid, "ok": True,
+                                      "fingerprint_json": src.get("fingerprint_json"),
+                                      "fingerprint": src.get("fingerprint")}])
                 entries.append(entry)
             else:
                 entries.append({**base, "source": "store", **old.summary(cid)})
@@ -495,14 +494,19 @@ class _ShiftFold:
         self.case_ids: set[str] = set()
 
     def add(self, results: list[dict[str, Any]]) -> None:
-        """Fold the fingerprints of ``results`` (case results of one task) and drop them."""
+        """Fold the fingerprints of ``results`` (case results of one task) and drop them.
+
+        A result carries its fingerprint as JSON text (``fingerprint_json``, from a
+        worker) or parsed (``fingerprint``, a case staged by an interrupted build).
+        """
         from cmrprep.shift import merge, summarize
 
         frames, ids = [], []
         for res in results:
             text = res.pop("fingerprint_json", None)
-            if res.get("ok") and text is not None:
-                frames.extend(_shift_frames(json.loads(text)))
+            fingerprint = json.loads(text) if text is not None else res.get("fingerprint")
+            if res.get("ok") and fingerprint is not None:
+                frames.extend(_shift_frames(fingerprint))
                 ids.append(res["case_id"])
         if ids:
             part = summarize(frames)
